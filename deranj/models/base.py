@@ -1,0 +1,129 @@
+"""The model wrapper that training, scoring and decoding meet at (T5X's models.py).
+
+A batch is a dict of int32 arrays, T5X's encoder-decoder features:
+  encoder_input_tokens   [B, S]  prompt ids, 0 = PAD
+  decoder_input_tokens   [B, T]  targets shifted right, starting with 0
+  decoder_target_tokens  [B, T]  target ids, 0 = PAD
+  decoder_loss_weights   [B, T]  optional; defaults to decoder_target_tokens > 0
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deranj.models import losses
+from deranj.models import t5
+
+Array = jax.Array
+Params = Any
+Cache = Any
+Batch = Mapping[str, Array]
+
+
+def shift_right(targets: Array, start_id: int = 0) -> Array:
+  """[B, T] targets -> decoder inputs: start token, then targets[:, :-1]."""
+  start = jnp.full_like(targets[:, :1], start_id)
+  return jnp.concatenate([start, targets[:, :-1]], axis=1)
+
+
+def loss_weights(batch: Batch) -> Array:
+  weights = batch.get("decoder_loss_weights")
+  if weights is None:
+    weights = batch["decoder_target_tokens"] > 0
+  return weights.astype(jnp.float32)
+
+
+class EncoderDecoderModel:
+  """Loss, scores and a decoding cache around a `t5.Transformer`; the module is wrapped,
+  never subclassed."""
+
+  def __init__(self, module: t5.Transformer, *, z_loss: float = 0.0,
+               label_smoothing: float = 0.0):
+    self.module = module
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+
+  @property
+  def config(self) -> t5.T5Config:
+    return self.module.config
+
+  # --------------------------------------------------------------------------- params
+
+  def _abstract_variables(self, input_length: int, target_length: int):
+    enc = jnp.ones((1, input_length), jnp.int32)
+    dec = jnp.ones((1, target_length), jnp.int32)
+    return jax.eval_shape(lambda r: self.module.init(r, enc, dec), jax.random.PRNGKey(0))
+
+  def init_params(self, rng: Array, input_length: int = 8, target_length: int = 8) -> Params:
+    """Random parameters (plain arrays; logical axes come from `logical_axes`)."""
+    enc = jnp.ones((1, input_length), jnp.int32)
+    dec = jnp.ones((1, target_length), jnp.int32)
+    return nn.unbox(self.module.init(rng, enc, dec)["params"])
+
+  def logical_axes(self) -> Any:
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
+    return nn.get_partition_spec(self._abstract_variables(2, 2))["params"]
+
+  # --------------------------------------------------------------------------- training
+
+  def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """Teacher-forced logits [B, T, V]; dropout only when `dropout_rng` is given."""
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return self.module.apply(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        enable_dropout=dropout_rng is not None, rngs=rngs)
+
+  def loss_fn(self, params: Params, batch: Batch,
+              dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+    """Mean token cross-entropy over weighted (non-PAD) target tokens, and metrics."""
+    logits = self.logits(params, batch, dropout_rng)
+    targets = batch["decoder_target_tokens"]
+    weights = loss_weights(batch)
+    token_loss, z_term = losses.cross_entropy_with_logits(
+        logits, targets, z_loss=self.z_loss, label_smoothing=self.label_smoothing)
+    num_tokens = jnp.maximum(weights.sum(), 1.0)
+    loss = jnp.sum(token_loss * weights) / num_tokens
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    metrics = {
+        "loss": loss,
+        "z_loss": jnp.sum(z_term * weights) / num_tokens,
+        "accuracy": jnp.sum(correct * weights) / num_tokens,
+        "num_tokens": weights.sum(),
+    }
+    return loss, metrics
+
+  def score_batch(self, params: Params, batch: Batch) -> Array:
+    """Sum of target-token log-likelihoods per sequence, PAD masked: [B]."""
+    logits = self.logits(params, batch)
+    token_ll = losses.token_log_likelihood(logits, batch["decoder_target_tokens"])
+    return jnp.sum(token_ll * loss_weights(batch), axis=-1)
+
+  # --------------------------------------------------------------------------- decoding
+
+  def encode(self, params: Params, encoder_input_tokens: Array) -> Array:
+    return self.module.apply({"params": params}, encoder_input_tokens,
+                             method=t5.Transformer.encode)
+
+  def init_cache(self, params: Params, encoder_input_tokens: Array,
+                 max_decode_length: int) -> Cache:
+    """Runs the encoder once and returns a decoding cache for `max_decode_length` steps.
+
+    The cache holds, per decoder layer, the empty self-attention keys/values and the
+    cross-attention keys/values of the encoder output.
+    """
+    encoded = self.encode(params, encoder_input_tokens)
+    start = jnp.zeros((encoder_input_tokens.shape[0], 1), jnp.int32)
+    _, variables = self.module.apply(
+        {"params": params}, encoded, encoder_input_tokens, start, decode=True,
+        max_decode_length=max_decode_length, mutable=["cache"], method=t5.Transformer.decode)
+    return variables["cache"]
+
+  def decode_step(self, params: Params, cache: Cache, tokens: Array) -> tuple[Array, Cache]:
+    """One token per row [B] -> (next-token logits [B, V], updated cache)."""
+    logits, variables = self.module.apply(
+        {"params": params, "cache": cache}, None, None, tokens[:, None], decode=True,
+        mutable=["cache"], method=t5.Transformer.decode)
+    return logits[:, 0], variables["cache"]

@@ -1,0 +1,411 @@
+"""T5 encoder-decoder in Flax linen, T5X style.
+
+Covers T5 1.0 (ReLU MLP, output head tied to the input embedding with d_model**-0.5
+scaling) and T5 1.1 / FLAN-T5 (gated-GELU MLP, untied head). Relative position
+biases are computed once per stack (bidirectional in the encoder, causal in the
+decoder) and shared by its layers, as in T5.
+
+Shapes use B = batch, S = encoder length, T = decoder length, D = d_model,
+H = heads, K = d_kv, F = d_ff, V = vocab. Every parameter carries logical axis
+names (see `deranj.partitioning`) through `nn.with_logical_partitioning`.
+
+Incremental decoding (`decode=True`) keeps, per decoder layer, a self-attention
+cache `cached_key`/`cached_value` [B, L, H, K] with a `cache_index`, and the
+cross-attention keys and values [B, S, H, K] projected once from the encoder output.
+The first call with `decode=True` (under `mutable=['cache']`) creates the cache and
+fills the cross-attention part; later calls take one token [B, 1] each.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+# Logical axis names (the partitioning rules map them onto mesh axes).
+VOCAB, EMBED, MLP, HEADS, KV, RELPOS = "vocab", "embed", "mlp", "heads", "kv", "relpos_buckets"
+
+NEG_INF = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Global hyperparameters of a T5 network (field names follow Hugging Face's)."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_heads: int = 8
+  num_layers: int = 6
+  num_decoder_layers: Optional[int] = None  # None: same as num_layers.
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "relu"  # "relu" (T5 1.0) or "gated-gelu" (T5 1.1).
+  tie_word_embeddings: bool = True
+  dtype: DType = jnp.float32  # activations
+  param_dtype: DType = jnp.float32
+
+  def __post_init__(self):
+    if self.feed_forward_proj not in ("relu", "gated-gelu", "gelu", "gated-relu"):
+      raise ValueError(
+          f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected one of "
+          "'relu', 'gated-gelu', 'gelu', 'gated-relu'.")
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+  @property
+  def is_gated(self) -> bool:
+    return self.feed_forward_proj.startswith("gated-")
+
+  @property
+  def activation(self):
+    name = self.feed_forward_proj.split("-")[-1]
+    # T5 1.1 checkpoints use the tanh approximation ("gelu_new").
+    return jax.nn.relu if name == "relu" else functools.partial(jax.nn.gelu, approximate=True)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, config: T5Config):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, config.param_dtype)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_table(num_buckets: int, max_distance: int) -> np.ndarray:
+  """Bucket of each distance n in [0, max_distance], for one direction.
+
+  Computed on the host in float32 exactly as Mesh TensorFlow and Hugging Face do, so
+  bucket boundaries agree with released checkpoints bit for bit.
+  """
+  max_exact = num_buckets // 2
+  n = np.arange(max_distance + 1)
+  with np.errstate(divide="ignore"):
+    large = max_exact + (
+        np.log(n.astype(np.float32) / np.float32(max_exact)) /
+        np.float32(np.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+    )
+  large = np.where(n < max_exact, 0, large).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  return np.where(n < max_exact, n, large).astype(np.int32)
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+  """T5's bucketing of `key_position - query_position` (int array, any shape)."""
+  ret = 0
+  n = relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret = (n > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = -jnp.minimum(n, 0)
+  table = jnp.asarray(_bucket_table(num_buckets, max_distance))
+  return ret + table[jnp.minimum(n, max_distance)]
+
+
+class RelativePositionBiases(nn.Module):
+  """Learned per-head bias for each relative-position bucket.
+
+  Returns [1, H, Q, K] for query positions `q_pos` [Q] and key positions `k_pos` [K].
+  """
+  config: T5Config
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_pos: Array, k_pos: Array) -> Array:
+    cfg = self.config
+    rel = k_pos[None, :] - q_pos[:, None]  # [Q, K]
+    buckets = relative_position_bucket(
+        rel, bidirectional=self.bidirectional, num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance)
+    table = _param(self, "rel_embedding", nn.initializers.normal(1.0),
+                   (cfg.num_heads, cfg.relative_attention_num_buckets), (HEADS, RELPOS), cfg)
+    # [H, Q, K] -> [1, H, Q, K]
+    return jnp.take(table, buckets, axis=1).astype(cfg.dtype)[None]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class LayerNorm(nn.Module):
+  """T5's RMS norm: no mean subtraction, no bias, statistics in float32."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)).astype(cfg.dtype)
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (EMBED,), cfg)
+    return y * scale.astype(cfg.dtype)
+
+
+class Dense(nn.Module):
+  """x @ kernel over the last `len(in_axes)` axes; no bias (T5 has none)."""
+  features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  config: T5Config
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    in_shape = x.shape[-len(self.in_axes):]
+    fan_in = int(np.prod(in_shape))
+    init = nn.initializers.normal(self.init_scale * fan_in**-0.5)
+    kernel = _param(self, "kernel", init, (*in_shape, *self.features),
+                    (*self.in_axes, *self.out_axes), cfg)
+    contract = tuple(range(x.ndim - len(in_shape), x.ndim))
+    return jax.lax.dot_general(
+        x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+        ((contract, tuple(range(len(in_shape)))), ((), ())))
+
+
+class MlpBlock(nn.Module):
+  """Feed-forward block: ReLU (T5 1.0) or gated GELU (T5 1.1)."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    dense = functools.partial(Dense, in_axes=(EMBED,), out_axes=(MLP,), config=cfg)
+    if cfg.is_gated:
+      h = cfg.activation(dense((cfg.d_ff,), name="wi_0")(x)) * dense((cfg.d_ff,), name="wi_1")(x)
+    else:
+      h = cfg.activation(dense((cfg.d_ff,), name="wi")(x))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)  # [B, T, F]
+    return Dense((cfg.d_model,), (MLP,), (EMBED,), cfg, name="wo")(h)
+
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention without 1/sqrt(K) scaling (T5 folds it into init).
+
+  Modes:
+    self-attention, full: `kv=None`, `bias` [B|1, H, Q, Q] holds masks and positions.
+    self-attention, decode: one query [B, 1, D]; keys/values appended to the cache.
+    cross-attention: `kv` [B, S, D]; in decode mode projected once into the cache.
+  """
+  config: T5Config
+  cross: bool = False
+
+  def _proj(self, name: str) -> Dense:
+    cfg = self.config
+    return Dense((cfg.num_heads, cfg.d_kv), (EMBED,), (HEADS, KV), cfg, name=name)
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, kv: Optional[Array] = None, *,
+               decode: bool = False, decode_index: Optional[Array] = None,
+               cache_length: int = 0, deterministic: bool = True) -> Array:
+    cfg = self.config
+    query = self._proj("query")(x)  # [B, Q, H, K]
+    if self.cross:
+      key, value = self._cross_kv(kv, decode)  # [B, S, H, K]
+    else:
+      key, value = self._proj("key")(x), self._proj("value")(x)
+      if decode:
+        key, value = self._update_cache(key, value, decode_index, cache_length)
+
+    logits = jnp.einsum("bqhk,bshk->bhqs", query, key).astype(jnp.float32)
+    logits = logits + bias.astype(jnp.float32)  # [B, H, Q, S]
+    weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqs,bshk->bqhk", weights, value)  # [B, Q, H, K]
+    return Dense((cfg.d_model,), (HEADS, KV), (EMBED,), cfg, name="out")(out)
+
+  def _cross_kv(self, kv: Optional[Array], decode: bool):
+    if not decode:
+      return self._proj("key")(kv), self._proj("value")(kv)
+    if self.has_variable("cache", "cross_key"):
+      return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    # Cache creation: project the encoder output once.
+    key, value = self._proj("key")(kv), self._proj("value")(kv)
+    self.put_variable("cache", "cross_key", key)
+    self.put_variable("cache", "cross_value", value)
+    return key, value
+
+  def _update_cache(self, key: Array, value: Array, index: Optional[Array], cache_length: int):
+    """Writes this step's key/value [B, 1, H, K] at `index`; returns the cache [B, L, H, K].
+
+    On the creation call (`index` None) it makes an empty cache of `cache_length`.
+    """
+    b, _, h, k = key.shape
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, cache_length, h, k), key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, cache_length, h, k),
+                                 value.dtype)
+    if index is None:
+      return key, value  # creation call: its output is discarded
+    if key.shape[1] != 1:
+      raise ValueError(f"decode=True takes one token per step, got length {key.shape[1]}.")
+    cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key, index, axis=1)
+    cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, value, index,
+                                                             axis=1)
+    return cached_key.value, cached_value.value
+
+
+# ----------------------------------------------------------------------------- stacks
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    drop = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+    h = LayerNorm(cfg, name="pre_attention_layer_norm")(x)
+    x = x + drop(Attention(cfg, name="attention")(h, bias, deterministic=deterministic))
+    h = LayerNorm(cfg, name="pre_mlp_layer_norm")(x)
+    return x + drop(MlpBlock(cfg, name="mlp")(h, deterministic))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, y: Array, encoded: Optional[Array], self_bias: Array, cross_bias: Array,
+               deterministic: bool, decode: bool, decode_index: Optional[Array] = None,
+               cache_length: int = 0) -> Array:
+    cfg = self.config
+    drop = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+    h = LayerNorm(cfg, name="pre_self_attention_layer_norm")(y)
+    y = y + drop(Attention(cfg, name="self_attention")(
+        h, self_bias, decode=decode, decode_index=decode_index, cache_length=cache_length,
+        deterministic=deterministic))
+    h = LayerNorm(cfg, name="pre_cross_attention_layer_norm")(y)
+    y = y + drop(Attention(cfg, cross=True, name="encoder_decoder_attention")(
+        h, cross_bias, encoded, decode=decode, deterministic=deterministic))
+    h = LayerNorm(cfg, name="pre_mlp_layer_norm")(y)
+    return y + drop(MlpBlock(cfg, name="mlp")(h, deterministic))
+
+
+def _padding_bias(encoder_input_tokens: Array, dtype=jnp.float32) -> Array:
+  """[B, S] tokens -> [B, 1, 1, S] additive bias masking PAD (id 0) keys."""
+  return jnp.where(encoder_input_tokens > 0, 0.0, NEG_INF).astype(dtype)[:, None, None, :]
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  embedder: nn.Embed
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens: Array, deterministic: bool) -> Array:
+    """[B, S] int tokens -> [B, S, D] encodings."""
+    cfg = self.config
+    length = encoder_input_tokens.shape[1]
+    pos = jnp.arange(length)
+    bias = RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")(pos, pos)
+    bias = bias + _padding_bias(encoder_input_tokens)  # [B, H, S, S]
+    x = self.embedder(encoder_input_tokens.astype(jnp.int32)).astype(cfg.dtype)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    for i in range(cfg.num_layers):
+      x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic)
+    x = LayerNorm(cfg, name="encoder_norm")(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  embedder: nn.Embed
+
+  @nn.compact
+  def __call__(self, encoded: Optional[Array], encoder_input_tokens: Optional[Array],
+               decoder_input_tokens: Array, deterministic: bool, decode: bool,
+               max_decode_length: Optional[int] = None) -> Array:
+    """Returns logits [B, T, V] (float32) for decoder inputs [B, T]."""
+    cfg = self.config
+    relpos = RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")
+    index, cache_length = None, 0
+    if decode:
+      created = self.has_variable("cache", "cache_index")
+      if not created and max_decode_length is None:
+        raise ValueError("The first decode=True call creates the cache: pass max_decode_length.")
+      index_var = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      # The encoder mask is kept beside the cross-attention keys and values.
+      cross_bias = self.variable("cache", "encoder_bias", _padding_bias,
+                                 encoder_input_tokens).value
+      key_pos = self.variable("cache", "key_positions", jnp.arange, max_decode_length).value
+      if created:
+        index = index_var.value
+        # [1, H, 1, L]: this step's query against every cache slot, later slots masked.
+        self_bias = relpos(index[None], key_pos) + jnp.where(key_pos <= index, 0.0, NEG_INF)
+        index_var.value = index + 1
+      else:
+        cache_length = max_decode_length
+        self_bias = jnp.zeros((1, cfg.num_heads, 1, 1), cfg.dtype)
+    else:
+      pos = jnp.arange(decoder_input_tokens.shape[1])
+      causal = jnp.where(pos[None, :] <= pos[:, None], 0.0, NEG_INF)  # [T, T]
+      self_bias = relpos(pos, pos) + causal
+      cross_bias = _padding_bias(encoder_input_tokens)
+
+    y = self.embedder(decoder_input_tokens.astype(jnp.int32)).astype(cfg.dtype)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    for i in range(cfg.decoder_layers):
+      y = DecoderLayer(cfg, name=f"layers_{i}")(
+          y, encoded, self_bias, cross_bias, deterministic, decode, index, cache_length)
+    y = LayerNorm(cfg, name="decoder_norm")(y)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)  # [B, T, D]
+
+    if cfg.tie_word_embeddings:
+      logits = self.embedder.attend(y * cfg.d_model**-0.5)
+    else:
+      logits = Dense((cfg.vocab_size,), (EMBED,), (VOCAB,), cfg, name="logits_dense")(y)
+    return logits.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """T5 encoder-decoder.
+
+  `Transformer(config).apply({'params': p}, encoder_input_tokens, decoder_input_tokens)`
+  returns logits [B, T, V]. PAD is 0 in encoder inputs; decoder inputs start with 0
+  (T5's start token) and are causally masked.
+  """
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
+        name="token_embedder")
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens: Array, *, enable_dropout: bool = False) -> Array:
+    """[B, S] -> [B, S, D]."""
+    return self.encoder(encoder_input_tokens, deterministic=not enable_dropout)
+
+  def decode(self, encoded: Optional[Array], encoder_input_tokens: Optional[Array],
+             decoder_input_tokens: Array, *, enable_dropout: bool = False,
+             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+    """Decoder logits [B, T, V].
+
+    `decode=True` runs one token [B, 1] against the cache (mutable=['cache']). The
+    first such call creates the cache for `max_decode_length` steps and projects
+    `encoded` for cross-attention; its logits are meaningless. Later calls may pass
+    None for `encoded` and `encoder_input_tokens`.
+    """
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
+                        deterministic=not enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array, *,
+               enable_dropout: bool = False) -> Array:
+    encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       enable_dropout=enable_dropout)

@@ -107,14 +107,18 @@ class EncoderDecoderModel:
     return self.module.apply({"params": params}, encoder_input_tokens,
                              method=t5.Transformer.encode)
 
-  def init_cache(self, params: Params, encoder_input_tokens: Array,
-                 max_decode_length: int) -> Cache:
+  def init_cache(self, params: Params, encoder_input_tokens: Array, max_decode_length: int,
+                 num_decodes: int = 1) -> Cache:
     """Runs the encoder once and returns a decoding cache for `max_decode_length` steps.
 
     The cache holds, per decoder layer, the empty self-attention keys/values and the
-    cross-attention keys/values of the encoder output.
+    cross-attention keys/values of the encoder output. With `num_decodes` = N it serves
+    B * N rows, each prompt's N rows adjacent (row b * N + n).
     """
     encoded = self.encode(params, encoder_input_tokens)
+    if num_decodes > 1:
+      encoded = jnp.repeat(encoded, num_decodes, axis=0)
+      encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_decodes, axis=0)
     start = jnp.zeros((encoder_input_tokens.shape[0], 1), jnp.int32)
     _, variables = self.module.apply(
         {"params": params}, encoded, encoder_input_tokens, start, decode=True,

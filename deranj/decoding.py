@@ -1,0 +1,232 @@
+"""Sampling from a token-level mixture of autoregressive models (T5X's decoding.py style).
+
+DeRa (Liu et al. 2024, eq. 9) samples each token from
+
+    q_t = softmax(lam * h_aligned + (1 - lam) * h_ref),
+
+h being the two models' logits on the same prefix. More generally we mix M models
+with per-row weights w [B, M] (model 0 is the reference):  h = sum_m w_m h_m.
+
+The loop is one `lax.while_loop` over a pure function of `SamplingState`. Models are
+reached only through a `tokens_to_logits(tokens [B], caches) -> (logits [M, B, V],
+caches)` callback, so this module knows nothing of T5.
+
+Per sequence it accumulates, over emitted tokens (EOS included, nothing after it):
+  logq        log-probability under the distribution actually sampled from
+              (after temperature and top-k/top-p; 0 for greedy decoding);
+  logp        [B, M] each model's own log-probability of the sequence;
+  log_weight  sum_t log Z_t with Z_t = sum_v prod_m p_m,t(v)^w_m, the per-token
+              normalisers of the geometric mixture. At temperature 1 with no
+              filtering, exp(log_weight) is proportional to (exact mixture)/(q), the
+              importance weight used by sampling-importance-resampling;
+  kl_ref      sum_t KL(q_t || p_ref,t), exact over the vocabulary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from deranj.models import base as models_base
+
+Array = jax.Array
+NEG_INF = -1e10
+
+
+def dera_logits(ref_logits: Array, aligned_logits: Array, lam) -> Array:
+  """lam * aligned + (1 - lam) * ref; `lam` a scalar or one value per row [B].
+
+  Written this way, lam=0 returns the reference logits bit for bit and lam=1 the
+  aligned ones.
+  """
+  lam = jnp.asarray(lam, ref_logits.dtype)
+  if lam.ndim == 1:
+    lam = lam.reshape((-1,) + (1,) * (ref_logits.ndim - 1))
+  return lam * aligned_logits + (1 - lam) * ref_logits
+
+
+def mixture_logits(logits: Array, weights: Array) -> Array:
+  """sum_m weights[:, m] * logits[m]: [M, B, V], [B, M] -> [B, V].
+
+  With M = 2 and weights (1 - lam, lam) this equals `dera_logits` bit for bit.
+  """
+  mixed = weights[:, 0, None] * logits[0]
+  for m in range(1, logits.shape[0]):
+    mixed = mixed + weights[:, m, None] * logits[m]
+  return mixed
+
+
+def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Sets logits outside the top-k / top-p (nucleus) set to NEG_INF; [B, V] -> [B, V]."""
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum_probs = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+    cutoff_index = jnp.sum(cum_probs < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, NEG_INF, logits)
+  return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static settings of one compiled sampler."""
+  max_decode_len: int
+  eos_id: int = 1
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # 0 = full vocabulary
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.max_decode_len < 1:
+      raise ValueError(f"max_decode_len must be >= 1, got {self.max_decode_len}.")
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}.")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+@flax.struct.dataclass
+class SamplingState:
+  step: Array  # [] int32, next position to write
+  last_token: Array  # [B] int32, fed to the models at this step
+  tokens: Array  # [B, T] int32
+  ended: Array  # [B] bool
+  caches: Any  # one decoding cache per model
+  logq: Array  # [B]
+  logp: Array  # [B, M]
+  log_weight: Array  # [B]
+  kl_ref: Array  # [B]
+  lengths: Array  # [B] int32
+
+
+@flax.struct.dataclass
+class MixtureSamples:
+  tokens: Array  # [B, T], 0 after EOS
+  lengths: Array  # [B], tokens emitted, EOS included
+  logq: Array  # [B]
+  logp: Array  # [B, M]
+  log_weight: Array  # [B]
+  kl_ref: Array  # [B]
+
+
+TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]
+
+
+def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array, rng: Array,
+                   config: SamplingConfig) -> MixtureSamples:
+  """Samples one sequence per row from the per-token mixture of M models.
+
+  Args:
+    tokens_to_logits: (tokens [B], caches) -> (logits [M, B, V], caches).
+    caches: the models' decoding caches, batch B.
+    weights: [B, M] mixing weights; model 0 is the reference for `kl_ref`.
+    rng: PRNG key. Step t uses fold_in(rng, t), so a row's tokens depend only on its
+      own inputs and weights, the key and the batch shape.
+    config: static settings.
+  """
+  batch, num_models = weights.shape
+  greedy = config.temperature == 0
+  f32 = jnp.float32
+
+  def cond(state: SamplingState) -> Array:
+    return (state.step < config.max_decode_len) & ~jnp.all(state.ended)
+
+  def body(state: SamplingState) -> SamplingState:
+    logits, caches = tokens_to_logits(state.last_token, state.caches)  # [M, B, V]
+    logits = logits.astype(f32)
+    mixed = mixture_logits(logits, weights)  # [B, V]
+    model_logp = jax.nn.log_softmax(logits, axis=-1)  # [M, B, V]
+    # log Z_t of the geometric mixture prod_m p_m^w_m.
+    log_z = jax.nn.logsumexp(mixture_logits(model_logp, weights), axis=-1)  # [B]
+
+    if greedy:
+      token = jnp.argmax(mixed, axis=-1)
+      q_logp = jnp.where(jax.nn.one_hot(token, mixed.shape[-1], dtype=bool), 0.0, -jnp.inf)
+    else:
+      scaled = filter_logits(mixed / config.temperature, config.top_k, config.top_p)
+      token = jax.random.categorical(jax.random.fold_in(rng, state.step), scaled, axis=-1)
+      q_logp = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
+    token = token.astype(jnp.int32)
+    q = jnp.exp(q_logp)
+    kl = jnp.sum(jnp.where(q > 0, q * (q_logp - model_logp[0]), 0.0), axis=-1)
+
+    live = ~state.ended
+    token = jnp.where(live, token, 0)
+    take = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
+    add = lambda acc, x: acc + jnp.where(live, x, 0.0)
+    return SamplingState(
+        step=state.step + 1,
+        last_token=token,
+        tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, 1),
+        ended=state.ended | (token == config.eos_id),
+        caches=caches,
+        logq=add(state.logq, take(q_logp)),
+        logp=state.logp + jnp.where(live[:, None], jax.vmap(take)(model_logp).T, 0.0),
+        log_weight=add(state.log_weight, log_z),
+        kl_ref=add(state.kl_ref, kl),
+        lengths=state.lengths + live.astype(jnp.int32),
+    )
+
+  zeros = jnp.zeros((batch,), f32)
+  state = SamplingState(
+      step=jnp.array(0, jnp.int32),
+      last_token=jnp.zeros((batch,), jnp.int32),  # T5's start token
+      tokens=jnp.zeros((batch, config.max_decode_len), jnp.int32),
+      ended=jnp.zeros((batch,), bool),
+      caches=caches,
+      logq=zeros, logp=jnp.zeros((batch, num_models), f32), log_weight=zeros, kl_ref=zeros,
+      lengths=jnp.zeros((batch,), jnp.int32))
+  state = jax.lax.while_loop(cond, body, state)
+  return MixtureSamples(tokens=state.tokens, lengths=state.lengths, logq=state.logq,
+                        logp=state.logp, log_weight=state.log_weight, kl_ref=state.kl_ref)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def models_tokens_to_logits(models, params) -> TokensToLogits:
+  """The callback for deranj models: each decodes one step from its own cache."""
+
+  def fn(tokens: Array, caches):
+    outs = [m.decode_step(p, c, tokens) for m, p, c in zip(models, params, caches)]
+    return jnp.stack([o[0] for o in outs]), tuple(o[1] for o in outs)
+
+  return fn
+
+
+def init_caches(models, params, encoder_input_tokens: Array, max_decode_len: int,
+                num_decodes: int = 1):
+  """Each model encodes [B, S] once; caches are for B * num_decodes rows (row-major)."""
+  return tuple(m.init_cache(p, encoder_input_tokens, max_decode_len, num_decodes)
+               for m, p in zip(models, params))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "num_decodes"))
+def _sample_jit(model, params, encoder_input_tokens, rng, config, num_decodes):
+  caches = init_caches((model,), (params,), encoder_input_tokens, config.max_decode_len,
+                       num_decodes)
+  batch = encoder_input_tokens.shape[0] * num_decodes
+  weights = jnp.ones((batch, 1), jnp.float32)
+  return mixture_sample(models_tokens_to_logits((model,), (params,)), caches, weights, rng, config)
+
+
+def sample(model: models_base.EncoderDecoderModel, params, encoder_input_tokens: Array,
+           rng: Array, *, max_decode_len: int, eos_id: int = 1, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, num_decodes: int = 1) -> MixtureSamples:
+  """Samples from a single model with the same compiled loop as DeRa.
+
+  Returns `MixtureSamples` with M = 1 (`logp[:, 0]` is the model's log-probability).
+  """
+  config = SamplingConfig(max_decode_len, eos_id, float(temperature), int(top_k), float(top_p))
+  return _sample_jit(model, params, jnp.asarray(encoder_input_tokens, jnp.int32), rng,
+                     config=config, num_decodes=int(num_decodes))

@@ -140,7 +140,8 @@ def test_tldr_prompt_and_readers(tmp_path):
 
   del openai["info"]["post"]
   comparisons.write_text(json.dumps(flat) + "\n" + json.dumps(openai) + "\n")
-  with pytest.raises(files.DataError, match=re.escape(f"{comparisons}:2: record has no field 'post'")):
+  message = f"{comparisons}:2: record has no field 'post'"
+  with pytest.raises(files.DataError, match=re.escape(message)):
     tldr.read_comparisons(str(comparisons))
   sft.write_text(json.dumps({"subreddit": "cats", "title": "T", "post": "P"}) + "\n")
   with pytest.raises(files.DataError, match=re.escape(f"{sft}:1: record has no field 'summary'")):

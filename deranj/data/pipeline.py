@@ -9,6 +9,7 @@ The trainer's interface:
 
   for batch in pipeline.eval_batches(split.features, 64):  # each example once, in order
   split.texts["targets"]                   # untruncated reference strings, for ROUGE
+  pipeline.load(..., keep_texts=False)     # large training splits: features only
 
 `load` runs the seqio task (shuffle off), seqio's EncDecFeatureConverter (no packing)
 and stacks the result into numpy: T5X features `encoder_input_tokens`,
@@ -63,11 +64,13 @@ def _to_numpy(ds: tf.data.Dataset) -> dict[str, np.ndarray]:
 
 
 def load(task_name: str, split: str, lengths: Mapping[str, int], *,
-         max_examples: Optional[int] = None) -> Split:
+         max_examples: Optional[int] = None, keep_texts: bool = True) -> Split:
   """Tokenized, truncated, EOS-terminated, feature-converted examples of a task split.
 
   `lengths` = {"inputs": S, "targets": T}; for preference tasks T applies to both
   `chosen` and `rejected`. `max_examples` keeps the first that many, in file order.
+  `keep_texts=False` skips the strings (and the in-memory cache that collecting them
+  needs): use it for large training splits such as XSum's.
   """
   task = seqio.get_mixture_or_task(task_name)
   preference = _is_preference(task)
@@ -78,14 +81,13 @@ def load(task_name: str, split: str, lengths: Mapping[str, int], *,
                         use_cached=False)
   if max_examples is not None:
     ds = ds.take(max_examples)
-  ds = ds.cache()  # read twice below: once for texts, once for features
-
-  texts: dict[str, list[str]] = {f: [] for f in ("inputs", *target_features)}
-  for example in ds.as_numpy_iterator():
-    for f in texts:
-      texts[f].append(example[f + "_pretokenized"].decode("utf-8"))
-  if not texts["inputs"]:
-    raise ValueError(f"task {task_name!r} split {split!r} has no examples.")
+  texts: dict[str, list[str]] = {}
+  if keep_texts:
+    ds = ds.cache()  # read twice: once for texts, once for features
+    texts = {f: [] for f in ("inputs", *target_features)}
+    for example in ds.as_numpy_iterator():
+      for f in texts:
+        texts[f].append(example[f + "_pretokenized"].decode("utf-8"))
 
   converter = seqio.EncDecFeatureConverter(pack=False)
   lengths_in = {"inputs": lengths["inputs"], "targets": lengths["targets"]}
@@ -98,6 +100,8 @@ def load(task_name: str, split: str, lengths: Mapping[str, int], *,
       converted = _to_numpy(converter(one_side, lengths_in))
       features["encoder_input_tokens"] = converted["encoder_input_tokens"]
       features.update({f"{side}_{k}": converted[k] for k in DECODER_FEATURES})
+  if not features:
+    raise ValueError(f"task {task_name!r} split {split!r} has no examples.")
   return Split(features=features, texts=texts)
 
 

@@ -1,8 +1,10 @@
 """seqio tasks for deranj, registered on import.
 
 Summarisation tasks (features `inputs`, `targets`):
-  xsum            TFDS `xsum` (prepared under `xsum_data_dir.path`; TFDS builds it from
-                  `<data_dir>/downloads/manual/xsum-extracts-from-downloads.tar.gz`)
+  xsum            TFDS `xsum`, prepared under `xsum_data_dir.path`. If it is not, TFDS
+                  builds it from xsum-extracts-from-downloads.tar.gz in the manual dir
+                  (`xsum_manual_dir.path`, default `<data_dir>/downloads/manual`); that
+                  also fetches XSum's split list from GitHub once (needs network).
   tldr_sft        OpenAI TL;DR posts, `tldr_sft_dir.path/{train,valid,test}.jsonl`
   embedded_news   XSum-style pairs from the embedded corpora (deranj.data.corpora)
   synthetic_summ  the seeded generator (deranj.data.synthetic), sizes in `synthetic_summ_settings`
@@ -56,6 +58,13 @@ def xsum_data_dir(path: Optional[str] = None) -> Optional[str]:
 
 
 @gin.configurable
+def xsum_manual_dir(path: Optional[str] = None) -> Optional[str]:
+  """Where xsum-extracts-from-downloads.tar.gz is; None: <xsum data dir>/downloads/manual,
+  TFDS's default manual directory."""
+  return path
+
+
+@gin.configurable
 def tldr_sft_dir(path: Optional[str] = None) -> Optional[str]:
   return path
 
@@ -72,7 +81,7 @@ def preference_pairs_dir(path: Optional[str] = None) -> Optional[str]:
 
 @gin.configurable
 def synthetic_summ_settings(seed: int = 0, train_examples: int = 10_000,
-                   eval_examples: int = 500) -> tuple[int, dict[str, int]]:
+                            eval_examples: int = 500) -> tuple[int, dict[str, int]]:
   """Seed and examples per split of the `synthetic_summ` task."""
   return seed, {"train": train_examples, "validation": eval_examples, "test": eval_examples}
 
@@ -121,13 +130,15 @@ def _xsum_dataset(split: str, shuffle_files: bool = False,
   except AssertionError:  # TFDS's "could not find data": not prepared yet
     pass
   # As TFDS documents: the manual download goes in <data_dir>/downloads/manual.
-  manual_dir = os.path.join(data_dir, "downloads", "manual")
-  if not os.path.isfile(os.path.join(manual_dir, XSUM_MANUAL_FILE)):
+  manual_dir = xsum_manual_dir() or os.path.join(data_dir, "downloads", "manual")
+  archive = os.path.join(manual_dir, XSUM_MANUAL_FILE)
+  if not os.path.isfile(archive):
     raise files.DataError(
         f"xsum: no prepared TFDS dataset {XSUM_TFDS_NAME!r} under {data_dir!r}, and no "
-        f"{os.path.join(manual_dir, XSUM_MANUAL_FILE)!r} to build it from (see "
+        f"{archive!r} to build it from (see "
         "https://github.com/EdinburghNLP/XSum/tree/master/XSum-Dataset). Put the archive "
-        f"there, or point {setting} at a directory where xsum is prepared.")
+        f"there or set {_binding(xsum_manual_dir)}; or point {setting} at a directory "
+        "where xsum is prepared.")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)

@@ -132,15 +132,18 @@ def test_tldr_prompt_and_readers(tmp_path):
             "summaries": [{"text": " first", "policy": "a"}, {"text": " second", "policy": "b"}],
             "choice": 1, "worker": "w"}
   flat = {"subreddit": "dogs", "title": "T3", "post": "P3", "chosen": "yes", "rejected": "no"}
-  comparisons.write_text(json.dumps(openai) + "\n" + json.dumps(flat) + "\n")
+  formatted = {"prompt": "SUBREDDIT: r/x\nTITLE: t\nPOST: p\nTL;DR:", "chosen": " a",
+               "rejected": " b"}
+  comparisons.write_text("".join(json.dumps(r) + "\n" for r in (openai, flat, formatted)))
   pairs = tldr.read_comparisons(str(comparisons))
+  assert pairs[2] == preferences.PreferencePair(formatted["prompt"], "a", "b")
   assert pairs[0] == preferences.PreferencePair(
       "SUBREDDIT: r/dogs\nTITLE: T2\nPOST: P2\nTL;DR:", "second", "first")
   assert pairs[1].chosen == "yes" and pairs[1].rejected == "no"
 
   del openai["info"]["post"]
   comparisons.write_text(json.dumps(flat) + "\n" + json.dumps(openai) + "\n")
-  message = f"{comparisons}:2: record has no field 'post'"
+  message = f"{comparisons}:2: record has no field 'info.post'"
   with pytest.raises(files.DataError, match=re.escape(message)):
     tldr.read_comparisons(str(comparisons))
   sft.write_text(json.dumps({"subreddit": "cats", "title": "T", "post": "P"}) + "\n")

@@ -69,7 +69,7 @@ def get_field(record: Mapping[str, Any], field: str, *, path: str, line_number: 
     if not isinstance(value, Mapping) or key not in value:
       raise DataError(f"{path}:{line_number}: record has no field {field!r}.")
     value = value[key]
-  if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+  if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
     raise DataError(f"{path}:{line_number}: field {field!r} should be a {kind.__name__}, got "
                     f"{type(value).__name__}.")
   return value

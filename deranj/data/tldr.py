@@ -5,7 +5,8 @@ SFT files (`tldr_3_filtered/{train,valid,test}.jsonl`), one post per line:
 Comparison files, one labelled pair per line, in OpenAI's format
   {"info": {"subreddit": ..., "title": ..., "post": ...},
    "summaries": [{"text": ...}, {"text": ...}], "choice": 0 or 1, ...}
-or flat: {"subreddit": ..., "title": ..., "post": ..., "chosen": ..., "rejected": ...}.
+or flat: {"subreddit": ..., "title": ..., "post": ..., "chosen": ..., "rejected": ...},
+where a formatted "prompt" may stand in for subreddit/title/post.
 Other fields are ignored. Errors name the file and line.
 """
 from __future__ import annotations
@@ -25,9 +26,11 @@ def format_prompt(subreddit: str, title: str, post: str) -> str:
   return f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 
 
-def _prompt(post: Mapping[str, Any], path: str, line_number: int) -> str:
-  subreddit, title, text = (files.get_field(post, f, path=path, line_number=line_number)
-                            for f in POST_FIELDS)
+def _prompt(record: Mapping[str, Any], path: str, line_number: int, within: str = "") -> str:
+  """The prompt of the post in `record` (or in `record[within]`)."""
+  subreddit, title, text = (
+      files.get_field(record, within + f, path=path, line_number=line_number)
+      for f in POST_FIELDS)
   return format_prompt(subreddit.strip(), title.strip(), text.strip())
 
 
@@ -47,7 +50,7 @@ def read_comparisons(path: str) -> list[PreferencePair]:
   for line_number, record in files.read_jsonl(path):
     where = dict(path=path, line_number=line_number)
     if "summaries" in record or "info" in record:
-      info = files.get_field(record, "info", kind=dict, **where)
+      files.get_field(record, "info", kind=dict, **where)
       summaries = files.get_field(record, "summaries", kind=list, **where)
       choice = files.get_field(record, "choice", kind=int, **where)
       if len(summaries) != 2 or choice not in (0, 1):
@@ -57,10 +60,13 @@ def read_comparisons(path: str) -> list[PreferencePair]:
         raise files.DataError(f"{path}:{line_number}: each of 'summaries' should be an object "
                               "with a 'text' field.")
       texts = [files.get_field(s, "text", **where) for s in summaries]
-      pairs.append(PreferencePair(prompt=_prompt(info, **where), chosen=texts[choice].strip(),
+      pairs.append(PreferencePair(prompt=_prompt(record, **where, within="info."),
+                                  chosen=texts[choice].strip(),
                                   rejected=texts[1 - choice].strip()))
     else:
       chosen, rejected = (files.get_field(record, f, **where) for f in ("chosen", "rejected"))
-      pairs.append(PreferencePair(prompt=_prompt(record, **where), chosen=chosen.strip(),
-                                  rejected=rejected.strip()))
+      # A ready-made prompt (as in CarperAI's comparisons), else one built from the post.
+      prompt = (files.get_field(record, "prompt", **where).strip() if "prompt" in record
+                else _prompt(record, **where))
+      pairs.append(PreferencePair(prompt=prompt, chosen=chosen.strip(), rejected=rejected.strip()))
   return pairs

@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
     "sentencepiece",
+    # Its wheel carries the embedded corpora (gensim/test/test_data); pinned so the
+    # splits and the shipped tokenizer/checkpoint match the files they were built from.
+    "gensim==4.4.0",
     "rouge-score",
     "matplotlib",
     "safetensors",

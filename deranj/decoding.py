@@ -75,6 +75,18 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
   return logits
 
 
+def sample_from_probs(rng: Array, probs: Array) -> Array:
+  """One draw per row of [B, V] probabilities by inverting the CDF.
+
+  One uniform per row instead of Gumbel noise over the whole vocabulary: the same
+  distribution at a fraction of the random bits (which dominate on CPU at V = 32k).
+  """
+  cdf = jnp.cumsum(probs, axis=-1)
+  # u in (0, total]: a zero-probability token can never be the first with cdf >= u.
+  u = (1.0 - jax.random.uniform(rng, probs.shape[:-1] + (1,))) * cdf[..., -1:]
+  return jnp.sum(cdf < u, axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Static settings of one compiled sampler."""
@@ -152,12 +164,13 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array
     if greedy:
       token = jnp.argmax(mixed, axis=-1)
       q_logp = jnp.where(jax.nn.one_hot(token, mixed.shape[-1], dtype=bool), 0.0, -jnp.inf)
+      q = jnp.exp(q_logp)
     else:
       scaled = filter_logits(mixed / config.temperature, config.top_k, config.top_p)
-      token = jax.random.categorical(jax.random.fold_in(rng, state.step), scaled, axis=-1)
       q_logp = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
+      q = jnp.exp(q_logp)
+      token = sample_from_probs(jax.random.fold_in(rng, state.step), q)
     token = token.astype(jnp.int32)
-    q = jnp.exp(q_logp)
     kl = jnp.sum(jnp.where(q > 0, q * (q_logp - model_logp[0]), 0.0), axis=-1)
 
     live = ~state.ended

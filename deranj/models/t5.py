@@ -10,8 +10,8 @@ H = heads, K = d_kv, F = d_ff, V = vocab. Every parameter carries logical axis
 names (see `deranj.partitioning`) through `nn.with_logical_partitioning`.
 
 Incremental decoding (`decode=True`) keeps, per decoder layer, a self-attention
-cache `cached_key`/`cached_value` [B, L, H, K] with a `cache_index`, and the
-cross-attention keys and values [B, S, H, K] projected once from the encoder output.
+cache `cached_key`/`cached_value` [B, H, L, K] and the cross-attention keys and values
+[B, H, S, K] projected once from the encoder output; the decoder holds `cache_index`.
 The first call with `decode=True` (under `mutable=['cache']`) creates the cache and
 fills the cross-attention part; later calls take one token [B, 1] each.
 """
@@ -212,48 +212,54 @@ class Attention(nn.Module):
                decode: bool = False, decode_index: Optional[Array] = None,
                cache_length: int = 0, deterministic: bool = True) -> Array:
     cfg = self.config
-    query = self._proj("query")(x)  # [B, Q, H, K]
+    # Heads-major [B, H, len, K] throughout, so cached keys/values feed the batched
+    # matmuls without a transpose at every decoding step.
+    query = self._heads_major(self._proj("query")(x))  # [B, H, Q, K]
     if self.cross:
-      key, value = self._cross_kv(kv, decode)  # [B, S, H, K]
+      key, value = self._cross_kv(kv, decode)  # [B, H, S, K]
     else:
-      key, value = self._proj("key")(x), self._proj("value")(x)
+      key = self._heads_major(self._proj("key")(x))
+      value = self._heads_major(self._proj("value")(x))
       if decode:
         key, value = self._update_cache(key, value, decode_index, cache_length)
 
-    logits = jnp.einsum("bqhk,bshk->bhqs", query, key).astype(jnp.float32)
+    logits = jnp.einsum("bhqk,bhsk->bhqs", query, key).astype(jnp.float32)
     logits = logits + bias.astype(jnp.float32)  # [B, H, Q, S]
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqs,bshk->bqhk", weights, value)  # [B, Q, H, K]
+    out = jnp.einsum("bhqs,bhsk->bqhk", weights, value)  # [B, Q, H, K]
     return Dense((cfg.d_model,), (HEADS, KV), (EMBED,), cfg, name="out")(out)
 
+  @staticmethod
+  def _heads_major(x: Array) -> Array:
+    return jnp.swapaxes(x, 1, 2)  # [B, L, H, K] -> [B, H, L, K]
+
   def _cross_kv(self, kv: Optional[Array], decode: bool):
-    if not decode:
-      return self._proj("key")(kv), self._proj("value")(kv)
-    if self.has_variable("cache", "cross_key"):
+    if decode and self.has_variable("cache", "cross_key"):
       return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
-    # Cache creation: project the encoder output once.
-    key, value = self._proj("key")(kv), self._proj("value")(kv)
-    self.put_variable("cache", "cross_key", key)
-    self.put_variable("cache", "cross_value", value)
+    key = self._heads_major(self._proj("key")(kv))  # [B, H, S, K]
+    value = self._heads_major(self._proj("value")(kv))
+    if decode:  # cache creation: the encoder output is projected once
+      self.put_variable("cache", "cross_key", key)
+      self.put_variable("cache", "cross_value", value)
     return key, value
 
   def _update_cache(self, key: Array, value: Array, index: Optional[Array], cache_length: int):
-    """Writes this step's key/value [B, 1, H, K] at `index`; returns the cache [B, L, H, K].
+    """Writes this step's key/value [B, H, 1, K] at `index`; returns the cache [B, H, L, K].
 
     On the creation call (`index` None) it makes an empty cache of `cache_length`.
     """
-    b, _, h, k = key.shape
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, cache_length, h, k), key.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, cache_length, h, k),
+    b, h, _, k = key.shape
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, h, cache_length, k), key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, h, cache_length, k),
                                  value.dtype)
     if index is None:
       return key, value  # creation call: its output is discarded
-    if key.shape[1] != 1:
-      raise ValueError(f"decode=True takes one token per step, got length {key.shape[1]}.")
-    cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key, index, axis=1)
+    if key.shape[2] != 1:
+      raise ValueError(f"decode=True takes one token per step, got length {key.shape[2]}.")
+    cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key, index, axis=2)
     cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, value, index,
-                                                             axis=1)
+                                                             axis=2)
     return cached_key.value, cached_value.value
 
 

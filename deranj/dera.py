@@ -125,21 +125,26 @@ class Realigner:
 
   # --------------------------------------------------------------------------- weights
 
-  def _mix_weights(self, lam, batch: int) -> Array:
-    """User lam -> [batch, 1 + K] weights (reference first)."""
-    lam = _check_finite(lam)
-    k = self.num_aligned
-    if not self.many:
-      if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != batch):
-        raise ValueError(f"lam must be a scalar or have shape [{batch}] (one per prompt), "
-                         f"got shape {lam.shape}.")
-      lam = np.broadcast_to(lam.reshape(-1, 1), (batch, 1))
-    else:
-      if lam.shape not in ((k,), (batch, k)):
-        raise ValueError(f"with {k} aligned models lam must have shape [{k}] or [{batch}, {k}], "
-                         f"got {lam.shape}.")
-      lam = np.broadcast_to(lam, (batch, k))
-    lam = jnp.asarray(lam, jnp.float32)
+  def _mix_weights(self, lam, batch: int, num_decodes: int = 1) -> Array:
+    """User lam -> [batch * num_decodes, 1 + K] weights (reference first).
+
+    lam is given per prompt ([B], or [B, K]), per output row ([B*N], or [B*N, K]), or
+    once for all ([] or [K]).
+    """
+    given = _check_finite(lam)
+    k, rows = self.num_aligned, batch * num_decodes
+    lam = given if self.many else given[..., None]  # [..., K]
+    lead = lam.shape[:-1]
+    if lam.ndim < 1 or lam.shape[-1] != k or lead not in {(), (batch,), (rows,)}:
+      per = [f"[{batch}" ] + ([f"[{rows}"] if num_decodes > 1 else [])
+      shapes = ([f"[{k}]"] + [p + f", {k}]" for p in per]) if self.many else (
+          ["[] (a scalar)"] + [p + "]" for p in per])
+      raise ValueError(f"lam must have shape {' or '.join(shapes)} "
+                       f"({k} aligned model{'s' if k > 1 else ''}, {batch} prompts, "
+                       f"{num_decodes} decodes each), got {given.shape}.")
+    if lead == (batch,) and num_decodes > 1:
+      lam = np.repeat(lam, num_decodes, axis=0)
+    lam = jnp.asarray(np.broadcast_to(lam, (rows, k)), jnp.float32)
     return jnp.concatenate([1 - jnp.sum(lam, axis=1, keepdims=True), lam], axis=1)
 
   # --------------------------------------------------------------------------- sample
@@ -150,7 +155,9 @@ class Realigner:
 
     Args:
       encoder_input_tokens: [B, S] prompt ids, 0 = PAD.
-      lam: scalar or [B] (one aligned model); [K] or [B, K] (K aligned models).
+      lam: scalar, [B] (per prompt) or [B*N] (per output row) for one aligned model;
+        [K], [B, K] or [B*N, K] for K aligned models. A lam sweep over one batch is
+        `num_decodes=len(lams)` with `lam=np.tile(lams, B)`: each prompt is encoded once.
       rng: PRNG key.
       temperature: 0 is greedy. top_k: 0 keeps the full vocabulary. top_p: nucleus mass.
       num_decodes: N samples per prompt; outputs have B * N rows.
@@ -160,7 +167,7 @@ class Realigner:
       raise ValueError(f"encoder_input_tokens must be [batch, length], got {tokens.shape}.")
     config = decoding.SamplingConfig(self.max_decode_len, self.eos_id, float(temperature),
                                      int(top_k), float(top_p))
-    weights = self._mix_weights(lam, tokens.shape[0])
+    weights = self._mix_weights(lam, tokens.shape[0], int(num_decodes))
     if self.combine == "weights":
       if not np.all(np.asarray(weights[:, 1]) == np.asarray(weights[0, 1])):
         raise ValueError("combine='weights' takes one lam for the whole batch.")
@@ -173,7 +180,6 @@ class Realigner:
   def _sample_logit_mixed(self, params, tokens, weights, rng, config, num_decodes):
     caches = decoding.init_caches(self.models, params, tokens, config.max_decode_len,
                                   num_decodes)
-    weights = jnp.repeat(weights, num_decodes, axis=0)
     out = decoding.mixture_sample(decoding.models_tokens_to_logits(self.models, params),
                                   caches, weights, rng, config)
     logp_aligned = out.logp[:, 1:] if self.many else out.logp[:, 1]

@@ -158,11 +158,10 @@ def main():
     return lambda: decoding.sample(model, params, prompts_j, rng, max_decode_len=n,
                                    eos_id=NEVER).tokens.block_until_ready()
 
-  sweep_prompts = jnp.repeat(prompts_j, len(LAMS), axis=0)
-  sweep_lams = np.tile(np.asarray(LAMS, np.float32), b)
+  sweep_lams = np.tile(np.asarray(LAMS, np.float32), b)  # one lam per output row
 
-  def ours_sweep():
-    realigner.sample(sweep_prompts, sweep_lams, rng).tokens.block_until_ready()
+  def ours_sweep():  # each prompt encoded once, decoded at every lam
+    realigner.sample(prompts_j, sweep_lams, rng, num_decodes=len(LAMS)).tokens.block_until_ready()
 
   enc = torch.tensor(prompts)
   mask = enc != 0

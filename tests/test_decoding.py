@@ -130,6 +130,23 @@ def test_per_row_lam_equals_scalar_calls(pair):
     np.testing.assert_allclose(rows.logq[i], scalar.logq[i], rtol=0, atol=0)
 
 
+def test_sweep_as_num_decodes_equals_repeated_prompts(pair):
+  """lam per output row with num_decodes encodes each prompt once, same samples."""
+  ref, ref_p, al, al_p = pair
+  realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=8)
+  lams = np.array([0.0, 1.0, 4.0], np.float32)
+  per_row = np.tile(lams, len(PROMPTS))
+  rng = jax.random.PRNGKey(4)
+  sweep = realigner.sample(PROMPTS, per_row, rng, num_decodes=len(lams))
+  repeated = realigner.sample(jnp.repeat(PROMPTS, len(lams), axis=0), per_row, rng)
+  np.testing.assert_array_equal(sweep.tokens, repeated.tokens)
+  np.testing.assert_allclose(sweep.logq, repeated.logq, atol=1e-5)
+  # Per-prompt lam with num_decodes repeats each prompt's lam over its rows.
+  per_prompt = realigner.sample(PROMPTS, lams, rng, num_decodes=2)
+  again = realigner.sample(PROMPTS, np.repeat(lams, 2), rng, num_decodes=2)
+  np.testing.assert_array_equal(per_prompt.tokens, again.tokens)
+
+
 def test_lam_sweep_compiles_once(pair):
   ref, ref_p, al, al_p = pair
   realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=6)
@@ -258,7 +275,7 @@ def test_bad_inputs(pair):
   realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=4)
   with pytest.raises(ValueError, match="finite"):
     realigner.sample(PROMPTS, float("nan"), jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match=r"shape \[3\]"):
+  with pytest.raises(ValueError, match=r"shape \[\] \(a scalar\) or \[3\].*got \(2,\)"):
     realigner.sample(PROMPTS, np.zeros(2), jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="top_p"):
     realigner.sample(PROMPTS, 1.0, jax.random.PRNGKey(0), top_p=0.0)

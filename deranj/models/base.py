@@ -116,14 +116,17 @@ class EncoderDecoderModel:
     B * N rows, each prompt's N rows adjacent (row b * N + n).
     """
     encoded = self.encode(params, encoder_input_tokens)
-    if num_decodes > 1:
-      encoded = jnp.repeat(encoded, num_decodes, axis=0)
-      encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_decodes, axis=0)
     start = jnp.zeros((encoder_input_tokens.shape[0], 1), jnp.int32)
     _, variables = self.module.apply(
         {"params": params}, encoded, encoder_input_tokens, start, decode=True,
         max_decode_length=max_decode_length, mutable=["cache"], method=t5.Transformer.decode)
-    return variables["cache"]
+    cache = variables["cache"]
+    if num_decodes > 1:
+      # Batched leaves have rank >= 2 (keys, values, encoder mask); the step index and
+      # key positions are shared. Repeating after projection encodes each prompt once.
+      cache = jax.tree_util.tree_map(
+          lambda x: jnp.repeat(x, num_decodes, axis=0) if x.ndim >= 2 else x, cache)
+    return cache
 
   def decode_step(self, params: Params, cache: Cache, tokens: Array) -> tuple[Array, Cache]:
     """One token per row [B] -> (next-token logits [B, V], updated cache)."""

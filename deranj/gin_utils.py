@@ -48,13 +48,25 @@ def _one_line(error: Exception) -> str:
   return " | ".join(lines) or type(error).__name__
 
 
+def resolve_gin_file(name: str, roots: Sequence[str]) -> str:
+  """The absolute path of a gin file: as given, else under the first root that has it."""
+  candidates = [name] + [os.path.join(root, name) for root in roots]
+  for path in candidates:
+    if os.path.isfile(path):
+      return os.path.abspath(path)
+  raise GinConfigError(f"gin file {name!r} not found (looked in: {', '.join(['.'] + list(roots))}"
+                       "; set --gin_search_paths).")
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str] = (".",)) -> None:
   """Parses gin files and bindings; any failure becomes a one-line GinConfigError."""
-  for path in list(search_paths) + [_REPO_ROOT]:
-    gin.add_config_file_search_path(os.path.abspath(path))
+  roots = [os.path.abspath(p) for p in search_paths] + [_REPO_ROOT]
+  for root in roots:  # for gin's own `include` statements
+    gin.add_config_file_search_path(root)
+  resolved = [resolve_gin_file(f, roots) for f in files]
   try:
-    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
   except (ValueError, IOError, OSError, SyntaxError, NameError, TypeError) as e:
     raise GinConfigError(f"gin: {_one_line(e)}") from None
 

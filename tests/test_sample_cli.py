@@ -112,6 +112,8 @@ def test_gin_errors_are_one_line():
   with pytest.raises(gin_utils.GinConfigError, match="nonexistent") as e:
     gin_utils.parse_gin([], ["SampleConfig.nonexistent = 3"])
   assert "\n" not in str(e.value)
+  with pytest.raises(gin_utils.GinConfigError, match="nope.gin.*not found"):
+    gin_utils.parse_gin(["configs/nope.gin"], [])
   assert gin_utils.rewrite_gin_args(["prog", "--gin.A.b=1", "--x=2"]) == [
       "prog", "--gin_bindings=A.b = 1", "--x=2"]
 
@@ -120,7 +122,8 @@ def test_command_line(tmp_path, checkpoints):
   inp = _prompts(tmp_path / "in.jsonl", ["Storms hit the coast."])
   out = tmp_path / "out.jsonl"
   cmd = [sys.executable, "-m", "deranj.sample", "--lam=0,1", f"--input={inp}",
-         f"--output={out}", f"--gin.SampleConfig.reference_checkpoint='{checkpoints[0]}'",
+         f"--output={out}", "--gin_file=configs/sample/tiny.gin",
+         f"--gin.SampleConfig.reference_checkpoint='{checkpoints[0]}'",
          f"--gin.SampleConfig.aligned_checkpoint='{checkpoints[1]}'",
          "--gin.SampleConfig.max_decode_len=4"]
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
@@ -129,6 +132,11 @@ def test_command_line(tmp_path, checkpoints):
   assert len(out.read_text().splitlines()) == 2
   bad = subprocess.run(cmd[:3] + ["--gin.SampleConfig.bogus=1"], capture_output=True, text=True,
                        env=env, cwd=REPO, timeout=300)
+  # The shipped config alone runs (tiny as both models), from another directory too.
+  tiny = subprocess.run(cmd[:7] + ["--gin.SampleConfig.max_decode_len=4"], capture_output=True,
+                        text=True, env=env, cwd=str(tmp_path), timeout=300)
+  assert tiny.returncode == 0, tiny.stderr[-2000:]
+  assert "summarize" not in json.loads(out.read_text().splitlines()[0])["text"]
   assert bad.returncode != 0
   assert "deranj.sample: gin:" in bad.stderr and "bogus" in bad.stderr
   assert "Traceback" not in bad.stderr

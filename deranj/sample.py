@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from deranj import dera
 from deranj import gin_utils
+from deranj.data import files
 from deranj.models import loading
 
 _LAM = flags.DEFINE_string("lam", "1", "Comma-separated realignment strengths, e.g. 0,0.5,1,2.")
@@ -74,25 +74,13 @@ def parse_lams(text: str) -> list[float]:
 
 
 def read_prompts(path: str) -> list[str]:
-  if not path or not os.path.isfile(path):
-    raise SampleError(f"--input={path!r}: no such file.")
+  if not path:
+    raise SampleError("--input is required.")
   prompts = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SampleError(f"{path}:{number}: not valid JSON ({e.msg}).") from None
-      prompt = record.get("prompt") if isinstance(record, dict) else None
-      if not isinstance(prompt, str):
-        raise SampleError(f"{path}:{number}: expected an object with a 'prompt' string.")
-      if not prompt.strip():
-        raise SampleError(f"{path}:{number}: the prompt is empty.")
-      prompts.append(prompt)
-  if not prompts:
-    raise SampleError(f"{path}: no prompts.")
+  for number, record in files.read_jsonl(path, required=("prompt",)):
+    if not record["prompt"].strip():
+      raise SampleError(f"{path}:{number}: the prompt is empty.")
+    prompts.append(record["prompt"])
   return prompts
 
 
@@ -189,23 +177,8 @@ def run(config: SampleConfig, lams: list[float], input_path: str, output_path: s
     logging.info("sampled %d/%d prompts x %d lam (%.1f prompts/s, ETA %.0f s)", done,
                  len(prompts), len(lams), done / elapsed,
                  (len(prompts) - done) * elapsed / done)
-  _write_jsonl(output_path, records)
+  files.write_jsonl(output_path, records)  # all lines or none
   return len(records)
-
-
-def _write_jsonl(path: str, records: list[dict]) -> None:
-  """All lines or none: write a temporary file beside `path`, then rename."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      for record in records:
-        f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def main(argv: Sequence[str]) -> None:
@@ -214,7 +187,7 @@ def main(argv: Sequence[str]) -> None:
     gin_utils.parse_gin_flags()
     lams = parse_lams(_LAM.value)
     count = run(gin_utils.build(SampleConfig), lams, _INPUT.value, _OUTPUT.value, _SEED.value)
-  except (SampleError, gin_utils.GinConfigError) as e:
+  except (SampleError, files.DataError, gin_utils.GinConfigError) as e:
     sys.exit(f"deranj.sample: {e}")
   print(f"wrote {count} samples to {_OUTPUT.value}")
 

@@ -10,6 +10,7 @@ import pytest
 
 from deranj import gin_utils
 from deranj import sample
+from deranj.data import files
 from deranj.data import tokenizer
 from deranj.models import base
 from deranj.models import loading
@@ -94,7 +95,7 @@ def test_bad_inputs_are_clear(tmp_path, checkpoints):
   with pytest.raises(sample.SampleError, match=r"e.jsonl:2: the prompt is empty"):
     sample.run(_config(checkpoints), [1.0], empty, str(tmp_path / "o.jsonl"), 0)
   (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
-  with pytest.raises(sample.SampleError, match=r"bad.jsonl:2: expected an object"):
+  with pytest.raises(files.DataError, match=r"bad.jsonl:2: record has no field 'prompt'"):
     sample.run(_config(checkpoints), [1.0], str(tmp_path / "bad.jsonl"), str(tmp_path / "o"), 0)
   long = _prompts(tmp_path / "long.jsonl", ["word " * 40])
   with pytest.raises(sample.SampleError, match="max_input_length=16"):

@@ -32,6 +32,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from deranj.data import shuffle
 from deranj.data import tasks  # noqa: F401  (registers the tasks)
 
 DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
@@ -128,15 +129,9 @@ class BatchStream:
     self.batch_size = batch_size
     self.seed = seed
     self.num_examples = next(iter(sizes.values()))
-    self._permutations: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
-      if len(self._permutations) > 4:
-        self._permutations.clear()
-      self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-          self.num_examples)
-    return self._permutations[epoch]
+    return shuffle.epoch_permutation(self.seed, epoch, self.num_examples)
 
   def indices_at(self, step: int) -> np.ndarray:
     """Row indices of batch `step` [B]."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from deranj.data import shuffle
+
 EOS_ID = 1
 
 
@@ -108,15 +110,9 @@ class SpanCorruptionBatches:
     self.inputs_length, self.targets_length = inputs_length, targets_length
     self.vocab_size, self.seed = vocab_size, seed
     self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
-    self._permutations: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
-      if len(self._permutations) > 4:
-        self._permutations.clear()
-      self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-          len(self.chunks))
-    return self._permutations[epoch]
+    return shuffle.epoch_permutation(self.seed, epoch, len(self.chunks))
 
   def example(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([self.seed, epoch, index, 1])

@@ -7,7 +7,8 @@ decoder) and shared by its layers, as in T5.
 
 Shapes use B = batch, S = encoder length, T = decoder length, D = d_model,
 H = heads, K = d_kv, F = d_ff, V = vocab. Every parameter carries logical axis
-names (see `deranj.partitioning`) through `nn.with_logical_partitioning`.
+names (mapped onto a device mesh by partitioning rules) through
+`nn.with_logical_partitioning`.
 
 Incremental decoding (`decode=True`) keeps, per decoder layer, a self-attention
 cache `cached_key`/`cached_value` [B, H, L, K] and the cross-attention keys and values

@@ -16,7 +16,7 @@ Several aligned models (paper App. B): pass lists of models and params; `lam` is
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Union
 
 import flax
 import jax

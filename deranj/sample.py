@@ -12,7 +12,6 @@ per-sequence numbers of `deranj.dera.RealignedSamples`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys

@@ -25,7 +25,6 @@ import optax  # noqa: E402
 from deranj import dera  # noqa: E402
 from deranj.data import pipeline  # noqa: E402
 from deranj.data import tokenizer  # noqa: E402
-from deranj.models import base  # noqa: E402
 from deranj.models import loading  # noqa: E402
 
 LENGTHS = {"inputs": 128, "targets": 48}  # the tiny T5 was pretrained on 128-token inputs

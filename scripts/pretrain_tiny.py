@@ -21,7 +21,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import flax.serialization  # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

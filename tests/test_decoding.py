@@ -100,8 +100,7 @@ def test_first_token_frequencies_match_mixed_softmax(pair):
   prompt = PROMPTS[:1]
   start = {"encoder_input_tokens": prompt, "decoder_input_tokens": jnp.zeros((1, 1), jnp.int32)}
   h = decoding.dera_logits(ref.logits(ref_p, start)[0, 0], al.logits(al_p, start)[0, 0], lam)
-  probs = np.asarray(jax.nn.softmax(h.astype(jnp.float64) if False else h), np.float64)
-  probs /= probs.sum()
+  probs = np.exp(_np_log_softmax(h))
   n = 20000
   out = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=1).sample(
       prompt, lam, jax.random.PRNGKey(0), num_decodes=n)
@@ -112,8 +111,7 @@ def test_first_token_frequencies_match_mixed_softmax(pair):
   assert stats.chisquare(observed, expected).pvalue > 1e-3
   # The wrong lam is rejected by the same test.
   h_wrong = decoding.dera_logits(ref.logits(ref_p, start)[0, 0], al.logits(al_p, start)[0, 0], 1.0)
-  p_wrong = np.asarray(jax.nn.softmax(h_wrong), np.float64)
-  p_wrong /= p_wrong.sum()
+  p_wrong = np.exp(_np_log_softmax(h_wrong))
   expected_wrong = np.append(p_wrong[keep], p_wrong[~keep].sum()) * n
   assert stats.chisquare(observed, expected_wrong).pvalue < 1e-6
 

@@ -1,5 +1,4 @@
 """The Flax T5: shapes, logical axes, incremental decoding, dtypes."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

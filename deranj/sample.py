@@ -28,6 +28,7 @@ import numpy as np
 from deranj import dera
 from deranj import gin_utils
 from deranj.data import files
+from deranj.data import tokenizer
 from deranj.models import loading
 
 _LAM = flags.DEFINE_string("lam", "1", "Comma-separated realignment strengths, e.g. 0,0.5,1,2.")
@@ -89,7 +90,6 @@ class Tokenizer:
   def __init__(self, spm_model: Optional[str], eos_id: int):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     if spm_model is None:
-      from deranj.data import tokenizer  # pylint: disable=g-import-not-at-top
       spm_model = tokenizer.model_path()
     if not os.path.isfile(spm_model):
       raise SampleError(f"SampleConfig.spm_model={spm_model!r}: no such file.")
@@ -100,13 +100,7 @@ class Tokenizer:
     return self.sp.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
-    kept = []
-    for i in ids:
-      if int(i) == self.eos_id:
-        break
-      if int(i) != 0:
-        kept.append(int(i))
-    return self.sp.decode(kept)
+    return self.sp.decode(tokenizer.response_ids(ids, self.eos_id))
 
 
 def encode_prompts(prompts: list[str], tok: Tokenizer, config: SampleConfig) -> np.ndarray:

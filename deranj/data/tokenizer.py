@@ -54,16 +54,21 @@ def encode(text: str) -> list[int]:
   return processor().encode(text)
 
 
-def decode(ids: Iterable[int]) -> str:
-  """Ids -> text, stopping at the first EOS and skipping PAD (as seqio decodes)."""
+def response_ids(ids: Iterable[int], eos_id: int = EOS_ID) -> list[int]:
+  """The ids before the first EOS, PAD dropped (what seqio decodes)."""
   kept = []
   for i in ids:
     i = int(i)
-    if i == EOS_ID:
+    if i == eos_id:
       break
     if i != PAD_ID:
       kept.append(i)
-  return processor().decode(kept)
+  return kept
+
+
+def decode(ids: Iterable[int]) -> str:
+  """Ids -> text, stopping at the first EOS and skipping PAD (as seqio decodes)."""
+  return processor().decode(response_ids(ids))
 
 
 @functools.lru_cache(maxsize=None)

@@ -52,20 +52,23 @@ class EncoderDecoderModel:
 
   # --------------------------------------------------------------------------- params
 
-  def _abstract_variables(self, input_length: int, target_length: int):
-    enc = jnp.ones((1, input_length), jnp.int32)
-    dec = jnp.ones((1, target_length), jnp.int32)
-    return jax.eval_shape(lambda r: self.module.init(r, enc, dec), jax.random.PRNGKey(0))
+  def _init_variables(self, rng: Array):
+    tokens = jnp.ones((1, 2), jnp.int32)  # parameter shapes do not depend on lengths
+    return self.module.init(rng, tokens, tokens)
 
-  def init_params(self, rng: Array, input_length: int = 8, target_length: int = 8) -> Params:
+  def init_params(self, rng: Array) -> Params:
     """Random parameters (plain arrays; logical axes come from `logical_axes`)."""
-    enc = jnp.ones((1, input_length), jnp.int32)
-    dec = jnp.ones((1, target_length), jnp.int32)
-    return nn.unbox(self.module.init(rng, enc, dec)["params"])
+    return nn.unbox(self._init_variables(rng)["params"])
 
   def logical_axes(self) -> Any:
     """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
-    return nn.get_partition_spec(self._abstract_variables(2, 2))["params"]
+    variables = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
+    return nn.get_partition_spec(variables)["params"]
+
+  def param_shapes(self) -> Any:
+    """The parameter tree with each leaf's shape as a tuple (no arrays are made)."""
+    abstract = jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
+    return jax.tree_util.tree_map(lambda x: tuple(x.shape), abstract)
 
   # --------------------------------------------------------------------------- training
 

@@ -241,3 +241,19 @@ def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = 
 
 
 TASK_NAMES = register_tasks()
+
+
+@gin.configurable
+def t5_spm_model(path: Optional[str] = None) -> Optional[str]:
+  """A released T5's SentencePiece model (its spiece.model), for the `_t5` tasks."""
+  return path
+
+
+def register_t5_tasks() -> list[str]:
+  """With `t5_spm_model.path` bound: the tasks again under names ending in `_t5`
+  (e.g. `xsum_t5`), tokenized with that model, as a released T5 checkpoint needs."""
+  path = t5_spm_model()
+  if not path:
+    return []
+  files.require_file(path, what="T5 SentencePiece model", setting="t5_spm_model.path")
+  return register_tasks(seqio.SentencePieceVocabulary(path), suffix="_t5")

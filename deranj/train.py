@@ -1,0 +1,65 @@
+r"""Train a model: `python -m deranj.train --gin_file=... [--gin.NAME=value ...]`.
+
+    python -m deranj.train --gin_file=configs/runs/sft.gin \
+        --gin_file=configs/presets/tiny.gin --gin.MODEL_DIR="'/tmp/sft'"
+
+MODEL_DIR, the objective, model, task and optimizer all come from gin (see
+`deranj.training.trainer.train`). Running the same command again resumes from the latest
+checkpoint in MODEL_DIR; a finished run returns at once.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import logging  # noqa: E402
+import gin  # noqa: E402
+
+from deranj import gin_utils  # noqa: E402
+from deranj import partitioning  # noqa: E402  (registers MeshConfig)
+from deranj.data import files  # noqa: E402
+from deranj.models import loading  # noqa: E402
+from deranj.training import checkpoints  # noqa: E402
+from deranj.training import objectives  # noqa: E402,F401  (registers SFT)
+from deranj.training import optimizers  # noqa: E402,F401
+from deranj.training import trainer  # noqa: E402
+
+# Errors that are the user's to fix: one line, no traceback.
+_USER_ERRORS = (gin_utils.GinConfigError, trainer.TrainingError, checkpoints.CheckpointError,
+                objectives.ObjectiveError, optimizers.OptimizerConfigError,
+                trainer.TrainingDivergedError, partitioning.PartitioningError,
+                files.DataError, loading.ModelLoadError)
+
+
+def _is_gin_value_error(error: Exception) -> bool:
+  """A bad value in a gin binding: gin names the configurable it was passed to."""
+  return "In call to configurable" in str(error)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {argv[1:]}; settings go through gin "
+                     "(--gin_file=..., --gin.NAME=value).")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    gin_utils.parse_gin_flags()
+    gin_utils.build(trainer.train)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, _USER_ERRORS) and not _is_gin_value_error(e):
+      raise
+    missing_macro = re.search(r"configurable 'macro' .* in scope '([\w.]+)'", str(e))
+    if missing_macro:
+      name = missing_macro.group(1)
+      message = f"gin macro {name} is not set; pass --gin.{name}=... or bind it in a gin file."
+    else:
+      message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  gin_utils.run(main)

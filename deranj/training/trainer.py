@@ -1,0 +1,227 @@
+"""The training loop: one loop, many objectives, everything from gin (T5X's train.py).
+
+    train.model_dir = %MODEL_DIR
+    train.objective = @SFT()
+    SFT.model = @build_model()
+    build_model.config = @T5Config()
+
+A run resumes from the latest checkpoint in MODEL_DIR. Batch k and the step's rng depend
+on (seed, k) alone, so a resumed run takes exactly the steps an uninterrupted one would.
+A non-finite loss stops the run, naming the step, before anything after the last good
+checkpoint is saved.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from deranj.data import pipeline
+from deranj.data import tasks
+from deranj.models import base as models_base
+from deranj.models import t5
+from deranj.training import checkpoints
+from deranj.training import metrics as metrics_lib
+from deranj.training import objectives
+from deranj.training import optimizers
+
+gin.external_configurable(t5.T5Config, name="T5Config")
+
+
+class TrainingError(ValueError):
+  """A training setting that cannot work; the message names the gin binding."""
+
+
+class TrainingDivergedError(FloatingPointError):
+  """A non-finite loss or gradient; the message names the step and the last checkpoint."""
+
+
+@gin.configurable
+def build_model(config: t5.T5Config = gin.REQUIRED, *, z_loss: float = 1e-4,
+                label_smoothing: float = 0.0) -> models_base.EncoderDecoderModel:
+  return models_base.EncoderDecoderModel(t5.Transformer(config), z_loss=z_loss,
+                                         label_smoothing=label_smoothing)
+
+
+def _check_settings(**settings) -> None:
+  for name in ("num_steps", "batch_size", "log_every", "checkpoint_every", "num_microbatches"):
+    if settings[name] < 1:
+      raise TrainingError(f"train.{name} must be >= 1, got {settings[name]}.")
+  if settings["batch_size"] % settings["num_microbatches"]:
+    raise TrainingError(f"train.batch_size={settings['batch_size']} is not divisible by "
+                        f"train.num_microbatches={settings['num_microbatches']}.")
+
+
+def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+  keys = pending[-1][1].keys()
+  return {k: float(np.mean([m[k] for _, m in pending])) for k in keys}
+
+
+def _first_bad_step(pending: list[tuple[int, dict]]) -> Optional[tuple[int, str]]:
+  for step, metrics in pending:
+    for key in ("loss", "grad_norm"):
+      if key in metrics and not math.isfinite(float(metrics[key])):
+        return step, f"{key} is {float(metrics[key])}"
+  return None
+
+
+@gin.configurable(denylist=["stream"])
+def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gin.REQUIRED,
+          task: str = gin.REQUIRED, num_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED, inputs_length: int = 512, targets_length: int = 64,
+          init_checkpoint: Optional[str] = None, seed: int = 0, num_microbatches: int = 1,
+          log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: Optional[int] = 3,
+          eval_every: int = 0, eval_split: Optional[str] = "validation",
+          eval_examples: Optional[int] = 256, eval_batch_size: Optional[int] = None,
+          max_train_examples: Optional[int] = None, partitioner: Any = None,
+          stream=None) -> dict[str, Any]:
+  """Trains `objective` on `task` for `num_steps` steps in `model_dir`.
+
+  `eval_every` = 0 evaluates at the end only; `eval_split` = None never. Returns the last
+  logged train metrics and the final evaluation.
+  """
+  _check_settings(num_steps=num_steps, batch_size=batch_size, log_every=log_every,
+                  checkpoint_every=checkpoint_every, num_microbatches=num_microbatches)
+  if partitioner is None:
+    from deranj import partitioning  # pylint: disable=g-import-not-at-top
+    partitioner = partitioning.Partitioner()
+  model_dir = os.path.abspath(model_dir)
+  os.makedirs(model_dir, exist_ok=True)
+  log = metrics_lib.MetricsLogger(model_dir, num_steps, stream=stream)
+  log.line(f"[setup] {objective.name} on {task!r} in {model_dir}")
+
+  # Data: batch k is a function of (seed, k).
+  lengths = {"inputs": inputs_length, "targets": targets_length}
+  tasks.register_t5_tasks()
+  train_split = pipeline.load(task, "train", lengths, keep_texts=False,
+                              max_examples=max_train_examples)
+  objective.check_features(train_split.features, f"task {task!r}")
+  stream_ = pipeline.BatchStream(train_split.features, batch_size, seed)
+  eval_data = None
+  if eval_split:
+    split = pipeline.load(task, eval_split, lengths, max_examples=eval_examples)
+    vocabulary = next(iter(seqio.get_mixture_or_task(task).output_features.values())).vocabulary
+    eval_data = objectives.EvalData(split.features, split.texts,
+                                    lambda ids: vocabulary.decode([int(i) for i in ids]))
+
+  # Params: INIT_CHECKPOINT (or random) -> the objective's trainable and frozen trees.
+  init_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+  model = objective.model
+  base_params = None
+  if init_checkpoint:
+    base_params = checkpoints.load_init_params(init_checkpoint, model.param_shapes())
+    log.line(f"[setup] initialised from {init_checkpoint}")
+  elif objective.frozen_logical_axes():
+    raise TrainingError(f"the {objective.name} objective needs train.init_checkpoint (the "
+                        "SFT model that is also its frozen reference).")
+  else:
+    base_params = model.init_params(init_rng)
+  params = objective.init_params(init_rng, base_params)
+  frozen = objective.frozen_params(base_params)
+  del base_params
+  params = partitioner.shard_params(params, objective.param_logical_axes())
+  if frozen:
+    frozen = partitioner.shard_params(frozen, objective.frozen_logical_axes())
+
+  schedule = optimizers.learning_rate_schedule(num_steps)
+  optimizer = optimizers.make_optimizer(schedule)
+  state = objectives.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=jax.jit(optimizer.init)(params))
+  # One fixed placement for every state leaf, in and out of the step: params as the
+  # rules say, optimizer moments as propagated from them, scalars replicated. Without
+  # it the second step would see new shardings and compile again.
+  state_shardings = jax.tree_util.tree_map(
+      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+      else partitioner.replicated, state)
+  state = jax.device_put(state, state_shardings)
+  ckpt = checkpoints.Checkpointer(model_dir, save_every=checkpoint_every,
+                                  keep=keep_checkpoints)
+  for path in ckpt.set_aside:
+    log.line(f"[setup] {path}: an unfinished checkpoint, set aside")
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, state)
+    log.line(f"[setup] resumed from {ckpt.directory}/{latest}")
+  start = int(state.step)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  log.line(f"[setup] {num_params / 1e6:.2f}M trainable parameters, steps {start}..{num_steps}, "
+           f"batch {batch_size}, mesh {dict(partitioner.mesh.shape)}")
+
+  step_fn = jax.jit(functools.partial(objective.train_step, optimizer=optimizer,
+                                      num_microbatches=num_microbatches),
+                    out_shardings=(state_shardings, partitioner.replicated), donate_argnums=0)
+  last_saved = latest
+  pending: list[tuple[int, dict]] = []
+  logged: dict[str, float] = {}
+
+  def flush(step: int) -> None:
+    nonlocal pending, logged
+    if not pending:
+      return
+    pending = jax.device_get(pending)
+    bad = _first_bad_step(pending)
+    if bad is not None:
+      where = (f"the last good checkpoint is {ckpt.directory}/{last_saved}" if last_saved
+               is not None else "no checkpoint was saved")
+      raise TrainingDivergedError(f"step {bad[0]}: {bad[1]}; training stopped ({where}).")
+    logged = _mean_metrics(pending)
+    log.write_train(step, logged, float(schedule(step)))
+    pending = []
+
+  eval_metrics: dict[str, float] = {}
+
+  def evaluate(step: int) -> None:
+    nonlocal eval_metrics
+    if eval_data is None:
+      return
+    t0 = time.time()
+    eval_metrics = objective.evaluate(state.params, frozen, eval_data,
+                                      jax.random.fold_in(eval_rng, step),
+                                      eval_batch_size or batch_size)
+    log.write_eval(step, {**eval_metrics, "eval_seconds": time.time() - t0})
+
+  try:
+    for step in range(start, num_steps):
+      batch = partitioner.shard_batch(stream_.batch_at(step))
+      state, step_metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
+      pending.append((step + 1, step_metrics))
+      done = step + 1
+      if step == start:
+        jax.block_until_ready(state.step)
+        log.start(step + 1)  # rates exclude the compiling step
+        _write_operative_config(model_dir)
+      if done % log_every == 0 or done == num_steps:
+        flush(done)
+      if done % checkpoint_every == 0 or done == num_steps:
+        flush(done)
+        ckpt.save(done, state, force=done == num_steps)
+        last_saved = done
+      if eval_every and done % eval_every == 0 and done != num_steps:
+        evaluate(done)
+    if latest is None or latest < num_steps or not checkpoints.is_finished(model_dir):
+      evaluate(num_steps)
+      objective.export(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR), state.params,
+                       objective=objective.name, steps=num_steps,
+                       init_checkpoint=init_checkpoint, task=task)
+      _write_operative_config(model_dir)
+      log.line(f"[done] model in {model_dir}/{checkpoints.MODEL_EXPORT_DIR}")
+  finally:
+    ckpt.close()
+    log.close()
+  return {"train": logged, "eval": eval_metrics, "state": state}
+
+
+def _write_operative_config(model_dir: str) -> None:
+  path = os.path.join(model_dir, "config.gin")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(gin.operative_config_str())
+  os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Alignment training: objectives (PPO, policy gradient, DPO, reward model) and losses."""

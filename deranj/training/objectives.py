@@ -7,6 +7,7 @@ what one step computes. Its pieces:
   frozen_params(base_params)      arrays the step reads but never updates (a reference
                                   model); passed to the jitted step as an argument, not
                                   baked into it, and never checkpointed
+  prepare_features(features, frozen, batch_size)  once, before the loop
   loss(params, frozen, batch, rng) -> (loss, metrics)
   train_step(state, frozen, batch, rng, optimizer, num_microbatches) -> (state, metrics)
                                   default: gradient of `loss`, accumulated over
@@ -135,6 +136,13 @@ class Objective:
     from deranj.models import loading  # pylint: disable=g-import-not-at-top
     loading.save_model(directory, self.model.config,
                        jax.device_get(self.policy_params(params)), **metadata)
+
+  def prepare_features(self, features: Mapping[str, np.ndarray], frozen: Params,
+                       batch_size: int) -> Mapping[str, np.ndarray]:
+    """Called once on the training split before the loop; may add columns computed from
+    the frozen params (e.g. DPO's reference log-probabilities). Default: unchanged."""
+    del frozen, batch_size
+    return features
 
   def check_features(self, features: Mapping[str, Any], where: str) -> None:
     missing = [f for f in self.required_features if f not in features]

@@ -104,7 +104,6 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
   train_split = pipeline.load(task, "train", lengths, keep_texts=False,
                               max_examples=max_train_examples)
   objective.check_features(train_split.features, f"task {task!r}")
-  stream_ = pipeline.BatchStream(train_split.features, batch_size, seed)
   eval_data = None
   if eval_split:
     split = pipeline.load(task, eval_split, lengths, max_examples=eval_examples)
@@ -130,6 +129,11 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
   params = partitioner.shard_params(params, objective.param_logical_axes())
   if frozen:
     frozen = partitioner.shard_params(frozen, objective.frozen_logical_axes())
+
+  train_features = objective.prepare_features(train_split.features, frozen,
+                                              eval_batch_size or batch_size)
+  stream_ = pipeline.BatchStream(train_features, batch_size, seed)
+  del train_split
 
   schedule = optimizers.learning_rate_schedule(num_steps)
   optimizer = optimizers.make_optimizer(schedule)

@@ -17,7 +17,6 @@ from typing import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import logging  # noqa: E402
-import gin  # noqa: E402
 
 from deranj import gin_utils  # noqa: E402
 from deranj import partitioning  # noqa: E402  (registers MeshConfig)
@@ -36,8 +35,11 @@ _USER_ERRORS = (gin_utils.GinConfigError, trainer.TrainingError, checkpoints.Che
 
 
 def _is_gin_value_error(error: Exception) -> bool:
-  """A bad value in a gin binding: gin names the configurable it was passed to."""
-  return "In call to configurable" in str(error)
+  """A bad value in a gin binding: raised while gin built a configurable the binding
+  was passed to (gin names it). Errors from inside the training loop itself keep their
+  traceback."""
+  built = re.search(r"In call to configurable '([\w.]+)'", str(error))
+  return bool(built) and built.group(1) != "train"
 
 
 def main(argv: Sequence[str]) -> None:

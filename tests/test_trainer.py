@@ -16,14 +16,15 @@ import numpy as np
 import optax
 import pytest
 
-from deranj import gin_utils
+import gin_runs
+
 from deranj.models import loading
 from deranj.training import checkpoints
 from deranj.training import objectives
 from deranj.training import optimizers
 from deranj.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = gin_runs.REPO
 SMOKE = ["configs/runs/sft.gin", "configs/presets/smoke.gin"]
 # 16 steps, a checkpoint every 4, no evaluation: the resume tests' run.
 RESUME_BINDINGS = ["SFT_STEPS = 16", "CHECKPOINT_EVERY = 4", "LOG_EVERY = 4",
@@ -31,14 +32,7 @@ RESUME_BINDINGS = ["SFT_STEPS = 16", "CHECKPOINT_EVERY = 4", "LOG_EVERY = 4",
 
 
 def gin_train(model_dir, bindings=()):
-  gin.clear_config()
-  gin_utils.parse_gin(SMOKE, [f"MODEL_DIR = '{model_dir}'", *bindings])
-  out = io.StringIO()
-  try:
-    result = trainer.train(stream=out)
-  finally:
-    gin.clear_config()
-  return result, out.getvalue()
+  return gin_runs.gin_train(SMOKE, model_dir, bindings)
 
 
 def train_command(model_dir):
@@ -48,8 +42,7 @@ def train_command(model_dir):
   return args
 
 
-def exported_params(model_dir):
-  return loading.load_model(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR))[1]
+exported_params = gin_runs.exported_params
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +77,7 @@ def test_smoke_run_lowers_the_loss(tmp_path):
   result, text = gin_train(tmp_path, ["SFT_STEPS = 30", "LOG_EVERY = 10",
                                       "CHECKPOINT_EVERY = 30", "train.max_train_examples = 4",
                                       "train.eval_split = None"])
-  losses = [float(l.split("loss ")[1].split()[0]) for l in text.splitlines()
-            if l.startswith("[train]")]
+  losses = gin_runs.logged(text, "loss")
   assert losses[-1] < 0.5 * losses[0], losses
 
 

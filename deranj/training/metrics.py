@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 from clu import metric_writers
 
 # Shown first on the progress line, in this order; the rest only go to TensorBoard.
-_HEADLINE = ("loss", "accuracy", "reward", "objective/scores", "objective/kl",
+_HEADLINE = ("loss", "accuracy", "objective/scores", "objective/kl", "response/length",
              "rewards/margins", "rewards/accuracies")
 
 
@@ -65,7 +65,7 @@ class MetricsLogger:
       scalars["steps_per_second"] = rate
     if "train" in self._writers:
       self._writers["train"].write_scalars(step, scalars)
-    shown = [k for k in _HEADLINE if k in metrics][:4]
+    shown = [k for k in _HEADLINE if k in metrics][:5]
     parts = [f"[train] step {step}/{self.num_steps}"]
     parts += [f"{k} {_format_value(metrics[k])}" for k in shown]
     parts.append(f"lr {learning_rate:.2e}")

@@ -39,6 +39,11 @@ Batch = Mapping[str, Array]
 Metrics = dict[str, Array]
 
 
+# Metrics whose key starts with this count NaN/inf an objective found (in a rollout
+# buffer, in reward-model outputs); the trainer stops the run when any is > 0.
+NONFINITE_PREFIX = "nonfinite/"
+
+
 class ObjectiveError(ValueError):
   """A task or setting the objective cannot train on; the message says which."""
 

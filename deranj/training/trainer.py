@@ -67,6 +67,11 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
 
 def _first_bad_step(pending: list[tuple[int, dict]]) -> Optional[tuple[int, str]]:
   for step, metrics in pending:
+    # The objective's own counts first (rollouts, rewards): they name the source.
+    for key, value in metrics.items():
+      if key.startswith(objectives.NONFINITE_PREFIX) and float(value) > 0:
+        what = key[len(objectives.NONFINITE_PREFIX):]
+        return step, f"{int(value)} non-finite values in the {what} ({key})"
     for key in ("loss", "grad_norm"):
       if key in metrics and not math.isfinite(float(metrics[key])):
         return step, f"{key} is {float(metrics[key])}"
@@ -129,6 +134,8 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
   params = partitioner.shard_params(params, objective.param_logical_axes())
   if frozen:
     frozen = partitioner.shard_params(frozen, objective.frozen_logical_axes())
+    # Own buffers: the trainable params (donated each step) may start as the same arrays.
+    frozen = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))(frozen)
 
   train_features = objective.prepare_features(train_split.features, frozen,
                                               eval_batch_size or batch_size)

@@ -1,0 +1,126 @@
+"""What the on-policy objectives (PPO, policy gradient) share: sampling responses from the
+current policy with deranj's sampler, scoring them, and per-token log-probabilities.
+
+Rewards are objects with frozen params, so a learned reward model's weights enter the
+jitted step as arguments (sharded like any params), not as constants:
+
+    reward = LengthReward(l_min=40, l_max=50)       # paper eq. 10
+    reward = LearnedReward('/runs/reward_model')    # a trained RewardModelObjective run
+    scores = reward(reward.params(), prompts, responses)   # [B]
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import gin
+import jax
+import jax.numpy as jnp
+
+from deranj import decoding
+from deranj import rewards
+from deranj.models import base as models_base
+from deranj.models import losses as model_losses
+from deranj.training import losses
+
+Array = jax.Array
+Params = Any
+
+
+@gin.configurable
+class LengthReward:
+  """0 when the response has l_min..l_max tokens (EOS excluded), else -1 (eq. 10)."""
+
+  def __init__(self, l_min: int = 40, l_max: int = 50, eos_id: int = 1):
+    if not 0 <= l_min <= l_max:
+      raise ValueError(f"LengthReward: need 0 <= l_min <= l_max, got {l_min}, {l_max}.")
+    self.l_min, self.l_max, self.eos_id = l_min, l_max, eos_id
+
+  def params(self) -> Params:
+    return {}
+
+  def logical_axes(self) -> Any:
+    return {}
+
+  def __call__(self, params: Params, prompts: Array, responses: Array) -> Array:
+    del params, prompts
+    return rewards.length_reward(rewards.response_lengths(responses, self.eos_id),
+                                 self.l_min, self.l_max)
+
+
+@gin.configurable
+class LearnedReward:
+  """The reward model exported by a `reward_model` run (its MODEL_DIR or model/ dir)."""
+
+  def __init__(self, checkpoint: str = gin.REQUIRED):
+    from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
+    self.model, self._params = reward_model.load_reward_model(checkpoint)
+    self.checkpoint = checkpoint
+
+  def params(self) -> Params:
+    return self._params
+
+  def logical_axes(self) -> Any:
+    return self.model.logical_axes()
+
+  def __call__(self, params: Params, prompts: Array, responses: Array) -> Array:
+    return self.model.rewards(params, prompts, responses)
+
+
+@flax.struct.dataclass
+class Rollout:
+  """Sampled responses as teacher-forcing features ([B, T] each, B = prompts x samples)."""
+  encoder_input_tokens: Array  # prompts, each repeated for its samples
+  decoder_input_tokens: Array  # responses shifted right
+  decoder_target_tokens: Array  # responses, 0 after EOS
+  mask: Array  # float32, 1 on response tokens (EOS included)
+
+  def batch(self) -> dict[str, Array]:
+    return {"encoder_input_tokens": self.encoder_input_tokens,
+            "decoder_input_tokens": self.decoder_input_tokens,
+            "decoder_target_tokens": self.decoder_target_tokens,
+            "decoder_loss_weights": self.mask}
+
+
+def sample_rollout(model: models_base.EncoderDecoderModel, params: Params, prompts: Array,
+                   rng: Array, *, max_decode_len: int, num_samples: int = 1,
+                   temperature: float = 1.0, eos_id: int = 1) -> Rollout:
+  """Samples `num_samples` responses per prompt (full vocabulary); jit-friendly."""
+  out = decoding.sample(model, jax.lax.stop_gradient(params), prompts, rng,
+                        max_decode_len=max_decode_len, eos_id=eos_id, temperature=temperature,
+                        num_decodes=num_samples)
+  tokens = out.tokens
+  return Rollout(encoder_input_tokens=jnp.repeat(prompts, num_samples, axis=0),
+                 decoder_input_tokens=models_base.shift_right(tokens),
+                 decoder_target_tokens=tokens,
+                 mask=(tokens > 0).astype(jnp.float32))
+
+
+def token_logprobs(model: models_base.EncoderDecoderModel, params: Params,
+                   rollout: Rollout) -> tuple[Array, Array]:
+  """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V])."""
+  logits = model.logits(params, rollout.batch())
+  logp = model_losses.token_log_likelihood(logits, rollout.decoder_target_tokens)
+  return logp * rollout.mask, logits
+
+
+def count_nonfinite(*arrays: Array) -> Array:
+  return sum(jnp.sum(~jnp.isfinite(a)) for a in arrays).astype(jnp.float32)
+
+
+def sequence_entropy(logits: Array, mask: Array) -> Array:
+  """Sum over response tokens of the per-token entropy: [B]."""
+  return jnp.sum(losses.entropy_from_logits(logits) * mask, axis=-1)
+
+
+def reward_frozen(ref_params: Params, reward) -> dict[str, Params]:
+  return {"ref": ref_params, "reward": reward.params()}
+
+
+def reward_frozen_axes(model: models_base.EncoderDecoderModel, reward) -> dict[str, Any]:
+  return {"ref": model.logical_axes(), "reward": reward.logical_axes()}
+
+
+def response_length_metrics(rollout: Rollout, eos_id: int = 1) -> dict[str, Array]:
+  lengths = rewards.response_lengths(rollout.decoder_target_tokens, eos_id)
+  return {"response/length": jnp.mean(lengths.astype(jnp.float32))}

@@ -1,0 +1,107 @@
+"""PPO and policy gradient through the trainer on the smoke preset."""
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gin_runs
+from deranj.models import loading
+from deranj.training import ppo
+from deranj.training import rollouts
+from deranj.training import trainer
+
+PRESET = "configs/presets/smoke.gin"
+PPO = ["configs/runs/ppo_length.gin", PRESET]
+PG = ["configs/runs/pg_reward.gin", PRESET]
+QUIET = ["train.eval_split = None"]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+  """A short SFT run: enough for the policy to end responses with EOS at varied lengths."""
+  model_dir = str(tmp_path_factory.mktemp("sft"))
+  gin_runs.gin_train(["configs/runs/sft.gin", PRESET], model_dir,
+                     ["SFT_STEPS = 150", "SFT_BATCH_SIZE = 8", "LOG_EVERY = 50",
+                      "CHECKPOINT_EVERY = 150", *QUIET])
+  return model_dir
+
+
+def test_ppo_raises_the_length_reward(sft_dir, tmp_path):
+  _, text = gin_runs.gin_train(PPO, tmp_path, [
+      f"INIT_CHECKPOINT = '{sft_dir}'", "PPO_STEPS = 50", "LOG_EVERY = 10",
+      "CHECKPOINT_EVERY = 50", *QUIET])
+  scores = gin_runs.logged(text, "objective/scores")
+  assert len(scores) == 5
+  # Rewards are 0 or -1: the mean over 80 responses rises by > 0.1 from the first ten
+  # steps to the last ten.
+  assert scores[-1] > scores[0] + 0.1, scores
+
+
+def test_ppo_logs_trl_metric_names(tmp_path):
+  result, _ = gin_runs.gin_train(PPO, tmp_path, ["PPO_STEPS = 2", "LOG_EVERY = 2", *QUIET])
+  for key in ("objective/kl", "objective/entropy", "objective/scores",
+              "objective/rlhf_reward", "policy/clipfrac", "policy/approxkl", "loss/policy",
+              "loss/value"):
+    assert np.isfinite(result["train"][key]), key
+
+
+def test_ppo_resume_is_bit_identical(tmp_path):
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  bindings = ["LOG_EVERY = 1", "CHECKPOINT_EVERY = 2", *QUIET]
+  gin_runs.gin_train(PPO, straight, ["PPO_STEPS = 4", *bindings])
+  gin_runs.gin_train(PPO, split, ["PPO_STEPS = 2", *bindings])
+  os.system(f"rm -rf {split}/model")  # as if stopped after step 2
+  _, text = gin_runs.gin_train(PPO, split, ["PPO_STEPS = 4", *bindings])
+  assert "resumed from" in text
+  a, b = gin_runs.exported_params(straight), gin_runs.exported_params(split)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+class NanAfterReward(rollouts.LengthReward):
+  """A length reward that returns NaN for every response of 5+ tokens."""
+
+  def __call__(self, params, prompts, responses):
+    scores = super().__call__(params, prompts, responses)
+    return jnp.where((responses > 0).sum(-1) >= 5, jnp.nan, scores)
+
+
+def test_nan_reward_stops_the_run_naming_step_and_source(tmp_path):
+  gin.clear_config()
+  model, _ = loading.load_model("tiny", dropout_rate=0.0)
+  objective = ppo.PPO(model, NanAfterReward(8, 14), max_decode_len=8, num_epochs=1)
+  with pytest.raises(trainer.TrainingDivergedError,
+                     match=r"step 1: \d+ non-finite values in the reward"):
+    trainer.train(model_dir=str(tmp_path), objective=objective, task="embedded_news",
+                  num_steps=4, batch_size=4, inputs_length=32, targets_length=8,
+                  init_checkpoint="tiny", log_every=2, eval_split=None)
+
+
+@pytest.mark.slow
+def test_policy_gradient_raises_the_length_reward(sft_dir, tmp_path):
+  _, text = gin_runs.gin_train(PG, tmp_path, [
+      f"INIT_CHECKPOINT = '{sft_dir}'", "PolicyGradient.reward = @LengthReward()",
+      "PG_STEPS = 40", "LOG_EVERY = 10", "CHECKPOINT_EVERY = 40", *QUIET])
+  scores = gin_runs.logged(text, "objective/scores")
+  assert scores[-1] > scores[0] + 0.1, scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["ppo", "pg"])
+def test_smaller_beta_ends_further_from_the_reference_with_more_reward(sft_dir, tmp_path,
+                                                                       objective):
+  """The property the paper rests on, at three KL strengths."""
+  files = PPO if objective == "ppo" else PG
+  steps = "PPO_STEPS" if objective == "ppo" else "PG_STEPS"
+  extra = [] if objective == "ppo" else ["PolicyGradient.reward = @LengthReward()"]
+  final = {}
+  for beta in (0.01, 0.1, 1.0):
+    result, _ = gin_runs.gin_train(files, tmp_path / f"beta{beta}", [
+        f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {beta}", f"{steps} = 60",
+        "LOG_EVERY = 20", "CHECKPOINT_EVERY = 60", *extra, *QUIET])
+    final[beta] = result["train"]
+  print({b: (m["objective/kl"], m["objective/scores"]) for b, m in final.items()})
+  assert final[0.01]["objective/kl"] > final[0.1]["objective/kl"] > final[1.0]["objective/kl"]
+  assert final[0.01]["objective/scores"] > final[1.0]["objective/scores"]

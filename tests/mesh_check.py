@@ -22,6 +22,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -29,6 +30,8 @@ from deranj import dera
 from deranj import partitioning
 from deranj.models import base
 from deranj.models import t5
+from deranj.training import objectives
+from deranj.training import optimizers
 
 # Sharded sizes (vocab, heads, d_ff) are divisible by model=4.
 SFT_CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
@@ -87,22 +90,21 @@ def sft(name: str) -> dict:
   axes = model.logical_axes()
   params = part.shard_params(_host_params(SFT_CFG, 0), axes)
   batch = part.shard_batch(_batch(0))
-  optimizer = optax.adamw(1e-2, weight_decay=0.01)
-  opt_state = jax.jit(optimizer.init)(params)  # its sharding follows the params'
-
-  @jax.jit
-  def step(params, opt_state, batch):
-    (loss, _), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  # The trainer's own step: SFT objective, AdamW with clipping, TrainState.
+  optimizer = optimizers.make_optimizer(optax.constant_schedule(1e-2), name="adamw",
+                                        weight_decay=0.01, clip_norm=1.0)
+  state = objectives.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=jax.jit(optimizer.init)(params))
+  step = jax.jit(functools.partial(objectives.SFT(model).train_step, optimizer=optimizer))
 
   losses = []
-  for _ in range(STEPS):
-    params, opt_state, loss = step(params, opt_state, batch)
-    losses.append(float(loss))
+  for i in range(STEPS):
+    state, metrics = step(state, {}, batch, jax.random.PRNGKey(i))
+    losses.append(float(metrics["loss"]))
+  params, opt_state = state.params, state.opt_state
   query = _get(params, QUERY)
   expected = _get(part.param_shardings(axes), QUERY)
-  mu = _get(opt_state[0].mu, QUERY)
+  mu = _get(opt_state[1][0].mu, QUERY)  # chain(clip, adamw)
   tokens = batch["encoder_input_tokens"]
   return {
       "losses": losses,

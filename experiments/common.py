@@ -1,0 +1,175 @@
+"""What the figure drivers share: gin-driven training runs that are skipped when finished,
+λ grids, sampling many models with one compilation, agreement numbers, JSON and PNG.
+
+A driver's work directory holds one MODEL_DIR per training run (`sft`, `<kind>_beta<β>`),
+then `figN.json` and `figN.png`. Re-running a driver skips every run whose final model
+is present, so an interrupted sweep picks up where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deranj import gin_utils  # noqa: E402
+from deranj.models import loading  # noqa: E402
+from deranj.training import checkpoints  # noqa: E402
+from deranj.training import trainer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET_FILES = {name: f"configs/presets/{name}.gin" for name in ("smoke", "tiny", "paper")}
+
+
+def log(text: str) -> None:
+  print(text, flush=True)
+
+
+class Timer:
+  """Wall seconds per named stage."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, stage: str):
+    start = time.time()
+    log(f"== {stage}")
+    try:
+      yield
+    finally:
+      self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - start, 2)
+
+
+def preset_macros(preset: str, names: Sequence[str]) -> dict[str, Any]:
+  """Values of gin macros (e.g. TASK, L_MIN) as the preset file sets them."""
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([PRESET_FILES[preset]], [])
+    return {name: gin.query_parameter(f"%{name}") for name in names}
+  finally:
+    gin.clear_config()
+
+
+def beta_name(beta: float) -> str:
+  return f"{beta:.4g}"
+
+
+def run_dir(workdir: str, kind: str, beta: Optional[float] = None) -> str:
+  name = kind if beta is None else f"{kind}_beta{beta_name(beta)}"
+  return os.path.join(workdir, name)
+
+
+def train_bindings(model_dir: str, bindings: Iterable[str]) -> list[str]:
+  return [f"MODEL_DIR = '{model_dir}'", *bindings]
+
+
+def train_command(run_gin: str, preset: str, model_dir: str, bindings: Iterable[str]) -> str:
+  """The `python -m deranj.train` command line of a run (what scripts/sweep.py prints)."""
+  args = ["python", "-m", "deranj.train", f"--gin_file={run_gin}",
+          f"--gin_file={PRESET_FILES[preset]}"]
+  for binding in train_bindings(model_dir, bindings):
+    name, value = (x.strip() for x in binding.split("=", 1))
+    if shlex.quote(value) != value and not any(c in value for c in '"$`\\'):
+      value = f'"{value}"'  # --gin.MODEL_DIR="'/runs/x'": the shell keeps the gin quotes
+    else:
+      value = shlex.quote(value)
+    args.append(f"--gin.{name}={value}")
+  return " ".join(args)
+
+
+def train(run_gin: str, preset: str, model_dir: str, bindings: Iterable[str] = ()) -> bool:
+  """Runs (or resumes) one training run in-process; False when it had already finished."""
+  if checkpoints.is_finished(model_dir):
+    log(f"   {model_dir}: finished earlier, skipped")
+    return False
+  log(f"   {train_command(run_gin, preset, model_dir, bindings)}")
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([run_gin, PRESET_FILES[preset]], train_bindings(model_dir, bindings))
+    trainer.train()
+  finally:
+    gin.clear_config()
+  return True
+
+
+def load_policy(model_dir: str):
+  """(model, params) of a finished run's exported policy."""
+  return loading.load_model(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR))
+
+
+def in_chunks(num_rows: int, chunk: int) -> list[tuple[int, int]]:
+  return [(s, min(s + chunk, num_rows)) for s in range(0, num_rows, chunk)]
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """`x` padded to `rows` rows by repeating its first row, so every chunk has one shape
+  (and the sampler compiles once)."""
+  if len(x) == rows:
+    return x
+  return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
+
+
+def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[float],
+              ) -> dict[str, Any]:
+  """How DeRa's metric tracks the retrained models' across λ (higher metric = better)."""
+  from deranj.evaluation import win_rates  # pylint: disable=g-import-not-at-top
+  dera, retrained = np.asarray(dera, float), np.asarray(retrained, float)
+  return {
+      "spearman": win_rates.spearman(dera, retrained),
+      "mean_abs_difference": win_rates.mean_abs_difference(dera, retrained),
+      "lam_picked_by_dera": float(lams[int(np.argmax(dera))]),
+      "lam_picked_by_retrained": float(lams[int(np.argmax(retrained))]),
+  }
+
+
+def write_json(path: str, data: Any) -> None:
+  """Atomic: the file appears complete or not at all."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(data, f, indent=2, default=_jsonable)
+  os.replace(tmp, path)
+
+
+def _jsonable(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f"not JSON-serialisable: {type(x)}")
+
+
+def save_figure(fig, path: str) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+  os.close(fd)
+  fig.savefig(tmp, dpi=120, bbox_inches="tight")
+  os.replace(tmp, path)
+
+
+def parse_lams(text: str) -> list[float]:
+  try:
+    lams = sorted({float(x) for x in text.split(",") if x.strip()})
+  except ValueError:
+    raise SystemExit(f"error: --lams={text!r}: expected comma-separated numbers.") from None
+  if not lams or any(not np.isfinite(x) or x <= 0 for x in lams):
+    raise SystemExit(f"error: --lams={text!r}: need positive finite values (retraining "
+                     "uses beta / lam).")
+  return lams
+
+
+def setup_path() -> None:
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  os.chdir(REPO)  # gin files are given relative to the repository

@@ -52,7 +52,7 @@ def win_rate(outcomes, confidence: float = 0.95) -> WinRate:
     return WinRate(rate, 0.0, 1.0, 1)
   z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
   half = z * float(x.std(ddof=1)) / np.sqrt(n)
-  return WinRate(rate, max(0.0, rate - half), min(1.0, rate + half), n)
+  return WinRate(rate, float(max(0.0, rate - half)), float(min(1.0, rate + half)), int(n))
 
 
 def pairwise_accuracy(logp_chosen, len_chosen, logp_rejected, len_rejected) -> float:

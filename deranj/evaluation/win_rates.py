@@ -1,0 +1,169 @@
+"""Win rates, pairwise accuracy (paper eq. 14) and the statistics the figures report."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Sequence, Union
+
+import numpy as np
+
+from deranj import dera
+
+
+@dataclasses.dataclass(frozen=True)
+class WinRate:
+  """Mean outcome of N judged pairs with a confidence interval [low, high]."""
+  rate: float
+  low: float
+  high: float
+  n: int
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _outcomes(outcomes) -> np.ndarray:
+  x = np.asarray(outcomes, np.float64)
+  if x.ndim != 1 or x.size == 0:
+    raise ValueError(f"outcomes must be a non-empty [N] array, got shape {x.shape}.")
+  if not np.all((x >= 0) & (x <= 1)):  # also refuses NaN
+    raise ValueError("outcomes must lie in [0, 1] (1 win, 0.5 tie, 0 loss).")
+  return x
+
+
+def win_rate(outcomes, confidence: float = 0.95) -> WinRate:
+  """Win rate of A and its normal-approximation (Wald) interval.
+
+  rate = mean(outcomes), ties counting half. The interval is
+  rate +- z * std / sqrt(N), with the sample std (ddof=1) of the outcomes, so ties
+  shrink it as they should, and z the normal quantile at (1 + confidence) / 2;
+  clipped to [0, 1]. Deterministic (no resampling). With N = 1 the std is undefined
+  and the interval is [0, 1]; when all outcomes agree it collapses to the rate.
+
+  Args:
+    outcomes: [N] outcomes for A in [0, 1].
+    confidence: two-sided coverage, in (0, 1).
+  """
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+  x = _outcomes(outcomes)
+  n, rate = x.size, float(x.mean())
+  if n == 1:
+    return WinRate(rate, 0.0, 1.0, 1)
+  z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+  half = z * float(x.std(ddof=1)) / np.sqrt(n)
+  return WinRate(rate, float(max(0.0, rate - half)), float(min(1.0, rate + half)), int(n))
+
+
+def pairwise_accuracy(logp_chosen, len_chosen, logp_rejected, len_rejected) -> float:
+  """Paper eq. 14: fraction of pairs with log pi(y_w|x)/|y_w| > log pi(y_l|x)/|y_l|.
+
+  Args:
+    logp_chosen, logp_rejected: [N] sequence log-probabilities.
+    len_chosen, len_rejected: [N] lengths in tokens (positive).
+  """
+  arrays = [np.asarray(v, np.float64) for v in (logp_chosen, len_chosen, logp_rejected,
+                                                len_rejected)]
+  if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1 or arrays[0].size == 0:
+    raise ValueError(f"expected four non-empty [N] arrays, got shapes "
+                     f"{[a.shape for a in arrays]}.")
+  lp_w, n_w, lp_l, n_l = arrays
+  if np.any(n_w <= 0) or np.any(n_l <= 0):
+    raise ValueError("lengths must be positive (count EOS in them).")
+  return float(np.mean(lp_w / n_w > lp_l / n_l))
+
+
+def _pad_to(tokens: np.ndarray, width: int) -> np.ndarray:
+  return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+
+
+def realigned_pairwise_accuracy(realigner: dera.Realigner, prompts, chosen, rejected,
+                                lams: Sequence[float], batch_size: int) -> dict[float, float]:
+  """Eq. 14 for the DeRa model at each lam, from `Realigner.score`.
+
+  Chosen and rejected responses of a batch are scored in one call ([2 * batch_size]
+  rows; the last batch is padded by repeating a row), so every lam and batch share one
+  compilation (lam is traced). Lengths count non-PAD target tokens, EOS included, the
+  tokens `score` sums over.
+
+  Args:
+    realigner: reference and aligned model(s).
+    prompts: [N, S] encoder inputs, 0 = PAD.
+    chosen, rejected: [N, T] preferred and dispreferred responses (tokens, EOS, PAD);
+      their widths may differ.
+    lams: values of lam (a float each for one aligned model).
+    batch_size: pairs per call.
+
+  Returns:
+    {lam: pairwise accuracy}, keys as floats in the order given.
+  """
+  prompts = np.asarray(prompts, np.int32)
+  chosen, rejected = np.asarray(chosen, np.int32), np.asarray(rejected, np.int32)
+  n = len(prompts)
+  if prompts.ndim != 2 or chosen.ndim != 2 or rejected.ndim != 2 or not (
+      n == len(chosen) == len(rejected)) or n == 0:
+    raise ValueError(f"expected prompts [N, S], chosen [N, T] and rejected [N, T'] with "
+                     f"N > 0, got {prompts.shape}, {chosen.shape} and {rejected.shape}.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  width = max(chosen.shape[1], rejected.shape[1])
+  chosen, rejected = _pad_to(chosen, width), _pad_to(rejected, width)
+  len_chosen, len_rejected = (chosen > 0).sum(axis=1), (rejected > 0).sum(axis=1)
+  result = {}
+  for lam in lams:
+    logp_w, logp_l = [], []
+    for start in range(0, n, batch_size):
+      rows = np.minimum(np.arange(start, start + batch_size), n - 1)
+      keep = min(batch_size, n - start)
+      scores = np.asarray(realigner.score(np.concatenate([prompts[rows], prompts[rows]]),
+                                          np.concatenate([chosen[rows], rejected[rows]]),
+                                          float(lam)))
+      logp_w.append(scores[:keep])
+      logp_l.append(scores[batch_size:batch_size + keep])
+    result[float(lam)] = pairwise_accuracy(np.concatenate(logp_w), len_chosen,
+                                           np.concatenate(logp_l), len_rejected)
+  return result
+
+
+def length_histogram(lengths, bins: Union[int, Sequence[float]] = 10) -> dict:
+  """Histogram of lengths as JSON-friendly lists (np.histogram's bins and edges).
+
+  Returns:
+    {"counts": [num_bins] ints, "edges": [num_bins + 1] floats, "n": total}.
+  """
+  x = np.asarray(lengths, np.float64).ravel()
+  counts, edges = np.histogram(x, bins=bins)
+  return {"counts": [int(c) for c in counts], "edges": [float(e) for e in edges],
+          "n": int(x.size)}
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+  """Ranks 1..N; tied values share the mean of their ranks."""
+  order = np.argsort(x, kind="stable")
+  sorted_x = x[order]
+  # Start index of each run of equal values, and each element's run.
+  starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+  run = np.cumsum(np.r_[True, sorted_x[1:] != sorted_x[:-1]]) - 1
+  ends = np.r_[starts[1:], x.size]  # exclusive
+  ranks = np.empty(x.size)
+  ranks[order] = (starts + ends + 1)[run] / 2.0  # mean of ranks starts+1 .. ends
+  return ranks
+
+
+def spearman(x, y) -> float:
+  """Spearman rank correlation with average ranks for ties; NaN if either is constant."""
+  x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+  if x.shape != y.shape or x.size < 2:
+    raise ValueError(f"expected two [N] arrays with N >= 2, got {x.shape} and {y.shape}.")
+  rx, ry = _average_ranks(x), _average_ranks(y)
+  rx, ry = rx - rx.mean(), ry - ry.mean()
+  denom = np.sqrt(np.sum(rx**2) * np.sum(ry**2))
+  return float(np.sum(rx * ry) / denom) if denom > 0 else float("nan")
+
+
+def mean_abs_difference(x, y) -> float:
+  """mean |x - y| over matching entries, e.g. DeRa vs retrained win rates per lam."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.shape != y.shape or x.size == 0:
+    raise ValueError(f"expected two non-empty arrays of one shape, got {x.shape} and {y.shape}.")
+  return float(np.mean(np.abs(x - y)))

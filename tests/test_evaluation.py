@@ -1,0 +1,218 @@
+"""Judges, win rates, pairwise accuracy (eq. 14) and the figures' statistics."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from deranj import dera
+from deranj import rewards
+from deranj.evaluation import judges
+from deranj.evaluation import win_rates
+from deranj.models import base
+from deranj.models import t5
+
+CFG = t5.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
+                  dropout_rate=0.0)
+
+
+def _random_params(model, seed):
+  """Params from NumPy (flax's random init is slow on a busy CPU)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, shape):
+    if jax.tree_util.keystr(path).endswith("['scale']"):  # RMS-norm gains
+      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return (rng.standard_normal(shape) * shape[0] ** -0.5).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, model.param_shapes(),
+                                          is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _responses(rng, n, width, min_len=1):
+  """[n, width] rows: random tokens in [2, vocab), EOS, then PAD."""
+  out = np.zeros((n, width), np.int32)
+  for i in range(n):
+    k = rng.integers(min_len, width)  # tokens before EOS
+    out[i, :k] = rng.integers(2, CFG.vocab_size, k)
+    out[i, k] = 1
+  return out
+
+
+# ----------------------------------------------------------------------------- judges
+
+REFERENCE = "the cat sat on the mat near the door"
+DOCUMENT = ("yesterday evening the small grey cat from next door walked in slowly and "
+            "after a while it sat on the mat near the door")
+
+
+def test_rouge_l_judge_prefers_summary_and_splits_ties():
+  lead = " ".join(DOCUMENT.split()[:9])  # truncated-document baseline
+  summary = "the grey cat sat on the mat by the door"
+  got = judges.rouge_l_judge([summary, lead, summary, "the cat", "the cat"],
+                             [lead, summary, summary, "the mat", "the cat"],
+                             [REFERENCE] * 5)
+  assert got.dtype == np.float64
+  # "the cat" and "the mat": same LCS, same length, an exact tie.
+  np.testing.assert_array_equal(got, [1.0, 0.0, 0.5, 0.5, 0.5])
+  with pytest.raises(ValueError, match="one of each"):
+    judges.rouge_l_judge([summary], [lead, lead], [REFERENCE])
+
+
+def test_reward_model_judge_matches_rewards():
+  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  rm = rewards.RewardModel(model)
+  params = _random_params(model, 0)
+  params = {"token_embedder": params["token_embedder"], "encoder": params["encoder"],
+            "head": {"kernel": np.random.default_rng(1).standard_normal((16, 1), np.float32),
+                     "bias": np.zeros((1,), np.float32)}}
+  rng = np.random.default_rng(2)
+  n = 11  # not a multiple of the batch size: the last batch is padded
+  prompts = _responses(rng, n, 6)
+  a, b = _responses(rng, n, 7), _responses(rng, n, 7)
+  b[:3] = a[:3]  # identical responses tie
+  judge = judges.RewardModelJudge(rm, params, batch_size=8)
+  got = judge(prompts, a, b)
+  direct = jax.jit(rm.rewards)
+  r_a = np.asarray(direct(params, jnp.asarray(prompts), jnp.asarray(a)))
+  r_b = np.asarray(direct(params, jnp.asarray(prompts), jnp.asarray(b)))
+  np.testing.assert_allclose(judge.rewards(prompts, a), r_a, rtol=1e-5, atol=1e-5)
+  expected = np.where(r_a > r_b, 1.0, np.where(r_a < r_b, 0.0, 0.5))
+  np.testing.assert_array_equal(got, expected)
+  assert np.all(got[:3] == 0.5) and set(got[3:]) <= {0.0, 1.0} and len(set(got[3:])) == 2
+  # One compilation for every batch (A and B, full and padded).
+  assert judge._rewards._cache_size() == 1
+  # Swapping is harmless for a judge without position bias.
+  swapped = judges.judge_with_position_swap(lambda x, y, p: judge(p, x, y), a, b, prompts,
+                                            rng=np.random.default_rng(3))
+  np.testing.assert_array_equal(swapped, got)
+
+
+def test_position_swap_debiases_a_first_position_judge():
+  n = 4000
+  always_first = lambda first, second, *extra: np.ones(len(first))
+  a, b = [f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)]
+  assert np.mean(always_first(a, b)) == 1.0  # fully biased without the swap
+  got = judges.judge_with_position_swap(always_first, a, b, rng=np.random.default_rng(0))
+  assert abs(got.mean() - 0.5) < 0.03
+  # Arrays: row i of the pair moves together; outcomes map back to A's view.
+  tokens_a, tokens_b = np.full((n, 3), 5), np.full((n, 3), 7)
+
+  def prefers_sevens(first, second, extra):
+    assert first.shape == (n, 3) and extra.shape == (n,)
+    return np.where(first[:, 0] == 7, 1.0, 0.0) + 0.0 * second[:, 0]
+
+  got = judges.judge_with_position_swap(prefers_sevens, tokens_a, tokens_b, np.arange(n),
+                                        rng=np.random.default_rng(1))
+  np.testing.assert_array_equal(got, np.zeros(n))
+  # A judge consistent in its content gives the same outcomes with or without swaps.
+  refs = [REFERENCE] * 4
+  texts_a = ["the cat sat", "a door", "the cat", "mat near the door"]
+  texts_b = ["a dog", "the cat sat on the mat", "the mat", "the cat sat on the mat"]
+  np.testing.assert_array_equal(
+      judges.judge_with_position_swap(judges.rouge_l_judge, texts_a, texts_b, refs,
+                                      rng=np.random.default_rng(2)),
+      judges.rouge_l_judge(texts_a, texts_b, refs))
+
+
+# ----------------------------------------------------------------------------- win rates
+
+def test_win_rate_interval_covers_narrows_and_counts_ties_half():
+  rng = np.random.default_rng(1)  # a seed whose first sample is not in the 5% tails
+  small = win_rates.win_rate(rng.random(400) < 0.7)
+  large = win_rates.win_rate(rng.random(6400) < 0.7)
+  for w in (small, large):
+    assert w.low < 0.7 < w.high and w.low <= w.rate <= w.high
+  assert large.high - large.low < 0.3 * (small.high - small.low)  # ~ 1/sqrt(16)
+  assert large.n == 6400 and set(large.to_dict()) == {"rate", "low", "high", "n"}
+  assert all(type(v) is float for v in (large.rate, large.low, large.high))
+  # Coverage of the 95% interval over many samples.
+  samples = rng.random((400, 300)) < 0.7
+  covered = [(lambda w: w.low <= 0.7 <= w.high)(win_rates.win_rate(s)) for s in samples]
+  assert 0.91 < np.mean(covered) < 0.99
+  # Deterministic, ties half, clipped.
+  assert win_rates.win_rate([1, 0.5, 0, 0.5]) == win_rates.win_rate([1, 0.5, 0, 0.5])
+  assert win_rates.win_rate([1, 0.5, 0, 0.5]).rate == 0.5
+  assert win_rates.win_rate([1, 1, 0.5, 0.5]).rate == 0.75
+  w = win_rates.win_rate([1.0] * 9 + [0.0])
+  assert w.high == 1.0 and w.low < 0.9
+  assert win_rates.win_rate([1.0]) == win_rates.WinRate(1.0, 0.0, 1.0, 1)
+  # The sample std: all ties give a zero-width interval at 0.5.
+  assert win_rates.win_rate([0.5] * 10).to_dict() == {"rate": 0.5, "low": 0.5, "high": 0.5,
+                                                       "n": 10}
+  with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+    win_rates.win_rate([1.0, 2.0])
+  with pytest.raises(ValueError, match="non-empty"):
+    win_rates.win_rate([])
+
+
+def test_pairwise_accuracy_matches_loop_and_normalises_by_length():
+  rng = np.random.default_rng(0)
+  n = 50
+  lp_w, lp_l = -rng.uniform(1, 30, n), -rng.uniform(1, 30, n)
+  len_w, len_l = rng.integers(1, 20, n), rng.integers(1, 20, n)
+  loop = np.mean([lp_w[i] / len_w[i] > lp_l[i] / len_l[i] for i in range(n)])
+  assert win_rates.pairwise_accuracy(lp_w, len_w, lp_l, len_l) == loop
+  # A long chosen response: lower total log-prob, higher per-token log-prob.
+  assert win_rates.pairwise_accuracy([-10.0], [10], [-6.0], [3]) == 1.0
+  assert win_rates.pairwise_accuracy([-10.0], [1], [-6.0], [1]) == 0.0
+  assert win_rates.pairwise_accuracy([-4.0], [2], [-2.0], [1]) == 0.0  # strict >
+  with pytest.raises(ValueError, match="positive"):
+    win_rates.pairwise_accuracy([-1.0], [0], [-1.0], [1])
+
+
+def test_realigned_pairwise_accuracy_endpoints_are_the_models_own():
+  ref = base.EncoderDecoderModel(t5.Transformer(CFG))
+  aligned = base.EncoderDecoderModel(t5.Transformer(CFG))
+  ref_params, al_params = _random_params(ref, 0), _random_params(aligned, 1)
+  realigner = dera.Realigner(ref, ref_params, aligned, al_params, max_decode_len=8)
+  rng = np.random.default_rng(0)
+  n = 40
+  prompts = _responses(rng, n, 6)
+  chosen, rejected = _responses(rng, n, 8), _responses(rng, n, 6)  # widths may differ
+  size_before = dera.Realigner._score._cache_size()
+  got = win_rates.realigned_pairwise_accuracy(realigner, prompts, chosen, rejected,
+                                              lams=[0.0, 1.0, 2.5], batch_size=16)
+  assert list(got) == [0.0, 1.0, 2.5]
+  assert dera.Realigner._score._cache_size() - size_before == 1  # all lams, all batches
+
+  score_batch = jax.jit(ref.score_batch)  # same architecture: one compilation
+  padded = np.pad(rejected, ((0, 0), (0, 2)))  # PAD does not change a score
+
+  def own(params):
+    def logp(targets):
+      targets = jnp.asarray(targets)
+      return np.asarray(score_batch(params, {"encoder_input_tokens": jnp.asarray(prompts),
+                                             "decoder_target_tokens": targets,
+                                             "decoder_input_tokens": base.shift_right(targets)}))
+    return win_rates.pairwise_accuracy(logp(chosen), (chosen > 0).sum(1),
+                                       logp(padded), (rejected > 0).sum(1))
+
+  expected_ref, expected_al = own(ref_params), own(al_params)
+  assert got[0.0] == expected_ref and got[1.0] == expected_al
+  assert expected_ref != expected_al  # the endpoints are distinguishable
+  assert all(0.0 <= v <= 1.0 for v in got.values())
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_spearman_matches_scipy_with_ties():
+  rng = np.random.default_rng(0)
+  for x, y in [(rng.standard_normal(30), rng.standard_normal(30)),
+               (rng.integers(0, 5, 40), rng.integers(0, 4, 40)),  # many ties
+               (np.arange(10), np.arange(10) ** 3),
+               ([3, 1, 2, 2], [1, 3, 2, 2])]:
+    np.testing.assert_allclose(win_rates.spearman(x, y), scipy.stats.spearmanr(x, y)[0],
+                               rtol=1e-12, atol=1e-12)
+  assert np.isnan(win_rates.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_length_histogram_and_mean_abs_difference():
+  hist = win_rates.length_histogram([1, 2, 2, 3, 10], bins=[0, 2, 4, 11])
+  assert hist == {"counts": [1, 3, 1], "edges": [0.0, 2.0, 4.0, 11.0], "n": 5}
+  hist = win_rates.length_histogram(np.arange(20), bins=4)
+  assert hist["counts"] == [5, 5, 5, 5] and len(hist["edges"]) == 5
+  assert all(type(c) is int for c in hist["counts"])
+  assert win_rates.mean_abs_difference([0.5, 0.6, 0.9], [0.4, 0.6, 1.0]) == pytest.approx(0.2 / 3)
+  with pytest.raises(ValueError):
+    win_rates.mean_abs_difference([1.0], [1.0, 2.0])

@@ -125,8 +125,10 @@ def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[
   """How DeRa's metric tracks the retrained models' across λ (higher metric = better)."""
   from deranj.evaluation import win_rates  # pylint: disable=g-import-not-at-top
   dera, retrained = np.asarray(dera, float), np.asarray(retrained, float)
+  rho = win_rates.spearman(dera, retrained)
   return {
-      "spearman": win_rates.spearman(dera, retrained),
+      # None when either side is constant across λ (no ranking to compare).
+      "spearman": None if not np.isfinite(rho) else rho,
       "mean_abs_difference": win_rates.mean_abs_difference(dera, retrained),
       "lam_picked_by_dera": float(lams[int(np.argmax(dera))]),
       "lam_picked_by_retrained": float(lams[int(np.argmax(retrained))]),
@@ -138,7 +140,7 @@ def write_json(path: str, data: Any) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
   with os.fdopen(fd, "w") as f:
-    json.dump(data, f, indent=2, default=_jsonable)
+    json.dump(data, f, indent=2, default=_jsonable, allow_nan=False)
   os.replace(tmp, path)
 
 

@@ -96,6 +96,7 @@ def plot(result: dict, path: str) -> None:
           label="DeRa + SIR (exact mixture)")
   ax.set_xscale("log")
   ax.set_xticks(lams, [f"{x:g}" for x in lams])
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel("λ (retrained at β/λ)")
   ax.set_ylabel("mean length reward")
   ax.set_title(f"(a) length reward, β = {result['beta']:g}")
@@ -203,7 +204,8 @@ def main():
                f"{r['dera_resampled']['length_reward']:.3f} | {r['dera']['mean_length']:.1f} | "
                f"{r['retrained']['mean_length']:.1f} |")
   agree = result["agreement"]["length_reward"]
-  common.log(f"\nSpearman ρ(DeRa, retrained) = {agree['spearman']:.3f}; mean |Δ| = "
+  rho = "n/a" if agree["spearman"] is None else f"{agree['spearman']:.3f}"
+  common.log(f"\nSpearman ρ(DeRa, retrained) = {rho}; mean |Δ| = "
              f"{agree['mean_abs_difference']:.3f}; wall {sum(timer.seconds.values()):.0f} s")
   common.log(f"figure: {os.path.join(workdir, 'fig2.png')}\n"
              f"numbers: {os.path.join(workdir, 'fig2.json')}")

@@ -155,7 +155,7 @@ def main():
   realigner = dera.Realigner(ref, ref_params, ref, aligned_params, max_decode_len=max_len)
   rng = jax.random.PRNGKey(args.seed)
 
-  with timer("dera_sweep"), profiling.count_compiles("dera_sweep") as compiles:
+  with timer("dera_sweep"), profiling.count_compiles("_sample") as compiles:
     dera_tokens, _ = sample_dera(realigner, prompts, lams, grid["samples"], grid["chunk"],
                                  jax.random.fold_in(rng, 0))
   with timer("dera_resampled"):

@@ -10,6 +10,9 @@ Summarisation tasks (features `inputs`, `targets`):
   synthetic_summ  the seeded generator (deranj.data.synthetic), sizes in `synthetic_summ_settings`
 Preference tasks (features `inputs`, `chosen`, `rejected`):
   tldr_preferences  OpenAI TL;DR comparisons, `tldr_preferences_dir.path/{split}.jsonl`
+  embedded_news_preferences  the embedded_news articles: the lead sentence (chosen)
+                    against a corrupted copy (rejected), as
+                    `embedded_news_preferences_settings` says (corpora.news_preference_pairs)
   preference_pairs  pairs the experiments write, `preference_pairs_dir.path/{split}.jsonl`
                     (more with `register_preference_pairs(name, directory)`)
 
@@ -84,6 +87,15 @@ def synthetic_summ_settings(seed: int = 0, train_examples: int = 10_000,
                             eval_examples: int = 500) -> tuple[int, dict[str, int]]:
   """Seed and examples per split of the `synthetic_summ` task."""
   return seed, {"train": train_examples, "validation": eval_examples, "test": eval_examples}
+
+
+@gin.configurable
+def embedded_news_preferences_settings(corruption: str = "reverse_letters",
+                                       seed: int = 0) -> tuple[str, int]:
+  """How the `embedded_news_preferences` task corrupts its rejected summaries:
+  'reverse_letters' or 'shuffle_words' (seeded by `seed`); see
+  `deranj.data.corpora.news_preference_pairs`."""
+  return corruption, seed
 
 
 def _binding(setting: Callable[..., object]) -> str:
@@ -175,6 +187,13 @@ def _embedded_news_dataset(split: str, shuffle_files: bool = False,
   return _summary_dataset(corpora.news_pairs(split))
 
 
+def _embedded_news_preferences_dataset(split: str, shuffle_files: bool = False,
+                                       seed: Optional[int] = None) -> tf.data.Dataset:
+  del shuffle_files, seed  # the corruption's seed is a setting of the task
+  corruption, corruption_seed = embedded_news_preferences_settings()
+  return _pair_dataset(corpora.news_preference_pairs(split, corruption, corruption_seed))
+
+
 def _synthetic_dataset(split: str, shuffle_files: bool = False,
                        seed: Optional[int] = None) -> tf.data.Dataset:
   del shuffle_files, seed  # the generator's seed is a setting of the task
@@ -232,6 +251,7 @@ def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = 
                    "embedded_news": _embedded_news_dataset,
                    "synthetic_summ": _synthetic_dataset}
   preference = {"tldr_preferences": _tldr_preferences_dataset,
+                "embedded_news_preferences": _embedded_news_preferences_dataset,
                 "preference_pairs": _preference_pairs_dataset}
   for name, fn in summarization.items():
     _add_task(name + suffix, fn, summarize_prompt, SUMMARIZATION_FEATURES, vocabulary)

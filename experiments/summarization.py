@@ -265,7 +265,7 @@ def plot(result: dict, path: str) -> None:
   beta_row = next(r for r in rows if r["lam"] == 1)
   styles = {"dera": ("s-", "DeRa", "C0"), "retrained": ("^--", "retrained", "C1"),
             "dera_resampled": ("o:", "DeRa + SIR (exact mixture)", "C2")}
-  fig, axes = plt.subplots(2, 4, figsize=(20, 8.4))
+  fig, axes = plt.subplots(2, 4, figsize=(20, 9.2))
 
   def curve(ax, method, get, **kwargs):
     values = [get(r[method]) for r in rows]

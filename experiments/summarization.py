@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deranj import decoding  # noqa: E402
 from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj import rewards  # noqa: E402
@@ -178,7 +179,6 @@ def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
 def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
   """[P * samples, T] tokens, prompt-major; fixed chunk shape, so one compile per model
   object however many parameter sets."""
-  from deranj import decoding  # pylint: disable=g-import-not-at-top
   rows = np.repeat(prompts, samples, axis=0)
   out = []
   for i, (start, stop) in enumerate(common.in_chunks(len(rows), chunk)):

@@ -1,0 +1,62 @@
+r"""Figure 3: DeRa at λ against policy-gradient models retrained at β/λ, on summarization
+judged by a gold reward model (paper Sec. 5.4, App. D.3).
+
+    python experiments/fig3_policy_gradient.py --preset tiny --workdir /tmp/deranj/figs
+
+Offline stand-in for human labels: the paper's reward model learns from human
+comparisons (Stiennon et al. 2020) and PaLM 2 judges the samples. Here a *gold* reward
+model, trained on GOLD_PREFERENCE_TASK with more pairs and steps, plays the humans: it
+labels pairs of SFT samples (DIR/pairs, the `preference_pairs` task) and judges the
+samples. A *proxy* reward model trained only on those labelled pairs is what the policy
+optimises, so the aligned models can over-optimise it, as against a learned human
+reward (Gao et al. 2023). ROUGE-L against the reference summaries is a second judge.
+
+Stages (each training run skipped when already finished; see experiments/summarization.py):
+  1. `sft`, 2. `gold_rm`, 3. `pairs/` (shared with Figure 7 in the same --workdir);
+  4. `proxy_rm`: configs/runs/reward_model.gin on the pairs for PROXY_RM_STEPS;
+  5. `pg_beta<β>`: policy gradient (configs/runs/pg_reward.gin, REWARD_MODEL = proxy_rm)
+     at β from SFT, and `pg_beta<β/λ>` for every λ ≠ 1 of the grid;
+  6. one DeRa sweep, retrained-model samples, importance-resampled DeRa, both judges,
+     eq. 14 pairwise accuracy; fig3.json and fig3.png (panels a, b, c as the paper's
+     Figure 3, d as its Figure 6).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import summarization  # noqa: E402
+
+KIND = "pg"
+RUN = "configs/runs/pg_reward.gin"
+
+
+def proxy_dir(ctx: summarization.Context) -> str:
+  return common.run_dir(ctx.workdir, "proxy_rm")
+
+
+def train_proxy(ctx: summarization.Context) -> bool:
+  """The proxy reward model: the SFT model's encoder fit to the gold-labelled pairs."""
+  return common.train(summarization.RM_RUN, ctx.preset, proxy_dir(ctx), [
+      f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(),
+      "RM_STEPS = %PROXY_RM_STEPS"])
+
+
+def train_aligned(ctx: summarization.Context, beta: float) -> bool:
+  return common.train(RUN, ctx.preset, common.run_dir(ctx.workdir, KIND, beta), [
+      f"INIT_CHECKPOINT = '{ctx.sft_dir}'", f"REWARD_MODEL = '{proxy_dir(ctx)}'",
+      f"BETA = {beta}"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  return summarization.run("3", "policy gradient against a proxy reward model", KIND, argv,
+                           __doc__.split("\n")[0], train_aligned,
+                           prepare=("proxy_rm", train_proxy))
+
+
+if __name__ == "__main__":
+  main()

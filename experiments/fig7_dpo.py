@@ -1,0 +1,45 @@
+r"""Figure 7: DeRa at λ against DPO models retrained at β/λ, on summarization judged by a
+gold reward model (paper App. D.3).
+
+    python experiments/fig7_dpo.py --preset tiny --workdir /tmp/deranj/figs
+
+Offline stand-in for human labels: the paper's DPO learns from human comparisons
+(Stiennon et al. 2020) and PaLM 2 judges the samples. Here a *gold* reward model, trained
+on GOLD_PREFERENCE_TASK, plays the humans: it labels pairs of SFT samples (DIR/pairs,
+the `preference_pairs` task), on which DPO trains, and judges the samples. ROUGE-L
+against the reference summaries is a second judge.
+
+Stages (each training run skipped when already finished; see experiments/summarization.py):
+  1. `sft`, 2. `gold_rm`, 3. `pairs/` (shared with Figure 3 in the same --workdir);
+  4. `dpo_beta<β>`: DPO (configs/runs/dpo.gin) at β on the pairs from SFT, and
+     `dpo_beta<β/λ>` for every λ ≠ 1 of the grid;
+  5. one DeRa sweep, retrained-model samples, importance-resampled DeRa, both judges,
+     eq. 14 pairwise accuracy; fig7.json and fig7.png (panels a, b as the paper's
+     Figure 7, c DeRa against retrained, d pairwise accuracy).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import summarization  # noqa: E402
+
+KIND = "dpo"
+RUN = "configs/runs/dpo.gin"
+
+
+def train_aligned(ctx: summarization.Context, beta: float) -> bool:
+  return common.train(RUN, ctx.preset, common.run_dir(ctx.workdir, KIND, beta), [
+      f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(), f"BETA = {beta}"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  return summarization.run("7", "DPO", KIND, argv, __doc__.split("\n")[0], train_aligned)
+
+
+if __name__ == "__main__":
+  main()

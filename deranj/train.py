@@ -23,6 +23,7 @@ from deranj import partitioning  # noqa: E402  (registers MeshConfig)
 from deranj.data import files  # noqa: E402
 from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
+from deranj.training import losses  # noqa: E402
 from deranj.training import objectives  # noqa: E402,F401  (registers SFT)
 from deranj.training import optimizers  # noqa: E402,F401
 from deranj.training import trainer  # noqa: E402
@@ -31,7 +32,7 @@ from deranj.training import trainer  # noqa: E402
 _USER_ERRORS = (gin_utils.GinConfigError, trainer.TrainingError, checkpoints.CheckpointError,
                 objectives.ObjectiveError, optimizers.OptimizerConfigError,
                 trainer.TrainingDivergedError, partitioning.PartitioningError,
-                files.DataError, loading.ModelLoadError)
+                files.DataError, loading.ModelLoadError, losses.NonFiniteError)
 
 
 def _is_gin_value_error(error: Exception) -> bool:

@@ -28,10 +28,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-import numpy as np
 
 from deranj.data import files
-from deranj.data import preferences
 from deranj.data import preferences
 
 SPLITS = ("train", "validation", "test")

@@ -18,6 +18,7 @@ import pytest
 
 import gin_runs
 
+from deranj import gin_utils
 from deranj.models import loading
 from deranj.training import checkpoints
 from deranj.training import objectives
@@ -248,3 +249,14 @@ def test_cli_reports_bad_gin_in_one_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, out.stderr[-1000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("preset", ["smoke", "tiny", "paper"])
+@pytest.mark.parametrize("run", ["sft", "ppo_length", "pg_reward", "reward_model", "dpo"])
+def test_every_run_file_parses_with_every_preset(run, preset):
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([f"configs/runs/{run}.gin", f"configs/presets/{preset}.gin"], [])
+    assert gin.query_parameter("train.objective") is not None
+  finally:
+    gin.clear_config()

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from deranj import partitioning
 from deranj.data import pipeline
 from deranj.data import tasks
 from deranj.models import base as models_base
@@ -96,7 +97,6 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
   _check_settings(num_steps=num_steps, batch_size=batch_size, log_every=log_every,
                   checkpoint_every=checkpoint_every, num_microbatches=num_microbatches)
   if partitioner is None:
-    from deranj import partitioning  # pylint: disable=g-import-not-at-top
     partitioner = partitioning.Partitioner()
   model_dir = os.path.abspath(model_dir)
   os.makedirs(model_dir, exist_ok=True)

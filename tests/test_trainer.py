@@ -79,7 +79,7 @@ def test_smoke_run_lowers_the_loss(tmp_path):
                                       "CHECKPOINT_EVERY = 30", "train.max_train_examples = 4",
                                       "train.eval_split = None"])
   losses = gin_runs.logged(text, "loss")
-  assert losses[-1] < 0.5 * losses[0], losses
+  assert losses[-1] < 0.6 * losses[0], losses
 
 
 def test_rerun_of_a_finished_run_trains_nothing(smoke_run):

@@ -22,6 +22,7 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deranj import decoding  # noqa: E402
 from deranj import gin_utils  # noqa: E402
 from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
@@ -175,3 +176,43 @@ def setup_path() -> None:
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   os.chdir(REPO)  # gin files are given relative to the repository
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
+  """Tokens [len(lams), P * samples, T] from DeRa (or its importance-resampled version),
+  and the SIR effective sample sizes [len(lams), P * samples] (None without SIR)."""
+  rows = np.repeat(prompts, len(lams) * samples, axis=0)
+  lam_rows = np.tile(np.repeat(np.asarray(lams, np.float32), samples), len(prompts))
+  out, ess = [], []
+  for i, (start, stop) in enumerate(in_chunks(len(rows), chunk)):
+    enc = pad_rows(rows[start:stop], chunk)
+    lam = pad_rows(lam_rows[start:stop], chunk)
+    key = jax.random.fold_in(rng, i)
+    if candidates:
+      res = jax.device_get(realigner.resample(enc, lam, key, num_candidates=candidates))
+      out.append(res.samples.tokens[:stop - start])
+      ess.append(res.ess[:stop - start])
+    else:
+      out.append(jax.device_get(realigner.sample(enc, lam, key)).tokens[:stop - start])
+
+  def by_lam(x):  # rows prompt-major, then lam, then sample -> [lam, prompt * sample, ...]
+    x = x.reshape((len(prompts), len(lams), samples) + x.shape[1:])
+    return np.swapaxes(x, 0, 1).reshape((len(lams), len(prompts) * samples) + x.shape[3:])
+
+  return by_lam(np.concatenate(out)), (by_lam(np.concatenate(ess)) if ess else None)
+
+
+def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
+  """[P * samples, T] tokens, prompt-major; fixed chunk shape, so one compile per model
+  object however many parameter sets."""
+  rows = np.repeat(prompts, samples, axis=0)
+  out = []
+  for i, (start, stop) in enumerate(in_chunks(len(rows), chunk)):
+    enc = pad_rows(rows[start:stop], chunk)
+    res = decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
+                          max_decode_len=max_decode_len)
+    out.append(np.asarray(res.tokens)[:stop - start])
+  return np.concatenate(out)

@@ -26,7 +26,6 @@ common.setup_path()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deranj import decoding  # noqa: E402
 from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj import rewards  # noqa: E402
@@ -48,38 +47,6 @@ def length_stats(tokens: np.ndarray, l_min: int, l_max: int, bins: np.ndarray) -
   return {"length_reward": float(reward.mean()), "mean_length": float(lengths.mean()),
           "in_range": float((reward == 0).mean()), "lengths": lengths.tolist(),
           "histogram": counts.tolist()}
-
-
-def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
-  """Tokens [len(lams), P * samples, T] from DeRa (or its importance-resampled version)."""
-  rows = np.repeat(prompts, len(lams) * samples, axis=0)
-  lam_rows = np.tile(np.repeat(np.asarray(lams, np.float32), samples), len(prompts))
-  out, ess = [], []
-  for i, (start, stop) in enumerate(common.in_chunks(len(rows), chunk)):
-    enc = common.pad_rows(rows[start:stop], chunk)
-    lam = common.pad_rows(lam_rows[start:stop], chunk)
-    key = jax.random.fold_in(rng, i)
-    if candidates:
-      res = jax.device_get(realigner.resample(enc, lam, key, num_candidates=candidates))
-      out.append(res.samples.tokens[:stop - start])
-      ess.append(res.ess[:stop - start])
-    else:
-      out.append(jax.device_get(realigner.sample(enc, lam, key)).tokens[:stop - start])
-  tokens = np.concatenate(out)  # row = prompt-major, then lam, then sample
-  tokens = tokens.reshape(len(prompts), len(lams), samples, -1).transpose(1, 0, 2, 3)
-  tokens = tokens.reshape(len(lams), len(prompts) * samples, -1)
-  return tokens, (np.concatenate(ess) if ess else None)
-
-
-def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
-  rows = np.repeat(prompts, samples, axis=0)
-  out = []
-  for i, (start, stop) in enumerate(common.in_chunks(len(rows), chunk)):
-    enc = common.pad_rows(rows[start:stop], chunk)
-    res = decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
-                          max_decode_len=max_decode_len)
-    out.append(np.asarray(res.tokens)[:stop - start])
-  return np.concatenate(out)
 
 
 def plot(result: dict, path: str) -> None:
@@ -156,21 +123,20 @@ def main():
   rng = jax.random.PRNGKey(args.seed)
 
   with timer("dera_sweep"), profiling.count_compiles("_sample") as compiles:
-    dera_tokens, _ = sample_dera(realigner, prompts, lams, grid["samples"], grid["chunk"],
+    dera_tokens, _ = common.sample_dera(realigner, prompts, lams, grid["samples"], grid["chunk"],
                                  jax.random.fold_in(rng, 0))
   with timer("dera_resampled"):
-    sir_tokens, ess = sample_dera(realigner, prompts, lams, grid["samples"], grid["chunk"],
+    sir_tokens, ess = common.sample_dera(realigner, prompts, lams, grid["samples"], grid["chunk"],
                                   jax.random.fold_in(rng, 1), candidates=grid["candidates"])
   with timer("retrained_sampling"):
     retrained_tokens = []
     for lam in lams:
       _, params = (ref, aligned_params) if lam == 1 else common.load_policy(
           common.run_dir(workdir, "ppo", args.beta / lam))
-      retrained_tokens.append(sample_model(ref, params, prompts, grid["samples"],
+      retrained_tokens.append(common.sample_model(ref, params, prompts, grid["samples"],
                                            grid["chunk"], max_len, jax.random.fold_in(rng, 2)))
 
   per_lam = []
-  ess = ess.reshape(len(prompts), len(lams), grid["samples"]).transpose(1, 0, 2)
   for i, lam in enumerate(lams):
     per_lam.append({
         "lam": lam, "beta_over_lam": args.beta / lam,

@@ -37,7 +37,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deranj import decoding  # noqa: E402
 from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj import rewards  # noqa: E402
@@ -134,7 +133,7 @@ def make_pairs(ctx: Context, macros: dict, grid: dict, sft, gold: judges.RewardM
     data = pipeline.load(macros["TASK"], split, lengths, max_examples=size)
     prompts = data.features["encoder_input_tokens"]
     # Two samples per prompt, rows prompt-major: a = even rows, b = odd rows.
-    tokens = sample_model(model, params, prompts, 2, grid["chunk"],
+    tokens = common.sample_model(model, params, prompts, 2, grid["chunk"],
                           macros["TARGETS_LENGTH"], jax.random.fold_in(rng, i))
     scores = gold.rewards(np.repeat(prompts, 2, axis=0), tokens)
     texts = decode_all(tokens)
@@ -150,43 +149,6 @@ def make_pairs(ctx: Context, macros: dict, grid: dict, sft, gold: judges.RewardM
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
-def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
-  """Tokens [len(lams), P * samples, T] from DeRa (or its importance-resampled version),
-  and the SIR effective sample sizes [len(lams), P * samples] (None without SIR)."""
-  rows = np.repeat(prompts, len(lams) * samples, axis=0)
-  lam_rows = np.tile(np.repeat(np.asarray(lams, np.float32), samples), len(prompts))
-  out, ess = [], []
-  for i, (start, stop) in enumerate(common.in_chunks(len(rows), chunk)):
-    enc = common.pad_rows(rows[start:stop], chunk)
-    lam = common.pad_rows(lam_rows[start:stop], chunk)
-    key = jax.random.fold_in(rng, i)
-    if candidates:
-      res = jax.device_get(realigner.resample(enc, lam, key, num_candidates=candidates))
-      out.append(res.samples.tokens[:stop - start])
-      ess.append(res.ess[:stop - start])
-    else:
-      out.append(jax.device_get(realigner.sample(enc, lam, key)).tokens[:stop - start])
-
-  def by_lam(x):  # rows prompt-major, then lam, then sample -> [lam, prompt * sample, ...]
-    x = x.reshape((len(prompts), len(lams), samples) + x.shape[1:])
-    return np.swapaxes(x, 0, 1).reshape((len(lams), len(prompts) * samples) + x.shape[3:])
-
-  return by_lam(np.concatenate(out)), (by_lam(np.concatenate(ess)) if ess else None)
-
-
-def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
-  """[P * samples, T] tokens, prompt-major; fixed chunk shape, so one compile per model
-  object however many parameter sets."""
-  rows = np.repeat(prompts, samples, axis=0)
-  out = []
-  for i, (start, stop) in enumerate(common.in_chunks(len(rows), chunk)):
-    enc = common.pad_rows(rows[start:stop], chunk)
-    res = decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
-                          max_decode_len=max_decode_len)
-    out.append(np.asarray(res.tokens)[:stop - start])
-  return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- eq. 14
@@ -385,18 +347,18 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
 
   # The filter is a jitted function's name: DeRa's sampler.
   with timer("dera_sweep"), profiling.count_compiles("_sample_logit_mixed") as compiles:
-    dera_tokens, _ = sample_dera(realigner, prompts, lams, samples, grid["chunk"],
+    dera_tokens, _ = common.sample_dera(realigner, prompts, lams, samples, grid["chunk"],
                                  jax.random.fold_in(rng, 0))
   with timer("dera_resampled"):
-    sir_tokens, ess = sample_dera(realigner, prompts, lams, samples, grid["chunk"],
+    sir_tokens, ess = common.sample_dera(realigner, prompts, lams, samples, grid["chunk"],
                                   jax.random.fold_in(rng, 1), candidates=grid["candidates"])
   with timer("retrained_sampling"):
-    sft_tokens = sample_model(ref, sft_params, prompts, samples, grid["chunk"], max_len,
+    sft_tokens = common.sample_model(ref, sft_params, prompts, samples, grid["chunk"], max_len,
                               jax.random.fold_in(rng, 3))
     retrained_params = [aligned_params if lam == 1 else common.load_policy(
         common.run_dir(workdir, kind, args.beta / lam))[1] for lam in lams]
     retrained_tokens = np.stack([
-        sample_model(ref, params, prompts, samples, grid["chunk"], max_len,
+        common.sample_model(ref, params, prompts, samples, grid["chunk"], max_len,
                      jax.random.fold_in(rng, 2)) for params in retrained_params])
   tokens = {"dera": dera_tokens, "retrained": retrained_tokens, "dera_resampled": sir_tokens}
 

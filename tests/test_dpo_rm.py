@@ -2,7 +2,6 @@
 smoke-preset runs through gin (DPO margins grow, the reward model beats chance on held-out
 pairs), NaN reward stops, reward-model export and bit-identical DPO resumes."""
 import functools
-import io
 import os
 import re
 
@@ -12,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deranj import gin_utils
+import gin_runs
+
 from deranj.data import corpora
 from deranj.data import pipeline
 from deranj.models import base
@@ -22,7 +22,6 @@ from deranj.training import dpo
 from deranj.training import losses
 from deranj.training import objectives
 from deranj.training import reward_model
-from deranj.training import trainer
 
 DPO_FILES = ["configs/runs/dpo.gin", "configs/presets/smoke.gin"]
 RM_FILES = ["configs/runs/reward_model.gin", "configs/presets/smoke.gin"]
@@ -33,15 +32,7 @@ DPO_STEPS = 24
 LENGTHS = {"inputs": 32, "targets": 16}
 
 
-def gin_train(files, model_dir, bindings=()):
-  gin.clear_config()
-  gin_utils.parse_gin(files, [f"MODEL_DIR = '{model_dir}'", *bindings])
-  out = io.StringIO()
-  try:
-    result = trainer.train(stream=out)
-  finally:
-    gin.clear_config()
-  return result, out.getvalue()
+gin_train = gin_runs.gin_train
 
 
 def logged(text, key):

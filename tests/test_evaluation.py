@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import tiny_models
 import scipy.stats
 
 from deranj import dera
@@ -16,17 +18,7 @@ CFG = t5.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_l
                   dropout_rate=0.0)
 
 
-def _random_params(model, seed):
-  """Params from NumPy (flax's random init is slow on a busy CPU)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    if jax.tree_util.keystr(path).endswith("['scale']"):  # RMS-norm gains
-      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return (rng.standard_normal(shape) * shape[0] ** -0.5).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, model.param_shapes(),
-                                          is_leaf=lambda x: isinstance(x, tuple))
+_random_params = tiny_models.random_params
 
 
 def _responses(rng, n, width, min_len=1):

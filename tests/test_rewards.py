@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_models
+
 from deranj import rewards
 from deranj.models import base
 from deranj.models import t5
@@ -83,17 +85,7 @@ CFG = t5.T5Config(vocab_size=31, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_l
                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 
-def _random_params(model, seed):
-  """Full seq2seq params from NumPy (flax's random init takes seconds on a busy CPU)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    if jax.tree_util.keystr(path).endswith("['scale']"):  # RMS-norm gains
-      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return (rng.standard_normal(shape) * shape[0] ** -0.5).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, model.param_shapes(),
-                                          is_leaf=lambda x: isinstance(x, tuple))
+_random_params = tiny_models.random_params
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 import tiny_models
-import scipy.stats
 
 from deranj import dera
 from deranj import rewards

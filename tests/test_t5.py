@@ -1,4 +1,5 @@
 """The Flax T5: shapes, logical axes, incremental decoding, dtypes."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +100,40 @@ def test_dropout_needs_rng_and_changes_output():
   np.testing.assert_array_equal(a, model.logits(params, batch))
   b = model.logits(params, batch, dropout_rng=jax.random.PRNGKey(3))
   assert not np.allclose(a, b)
+
+
+
+class _FlaxDropout(nn.Module):
+  """nn.Dropout in a module of the same shape as t5.Dropout's callers (same rng path)."""
+  rate: float
+  ours: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if self.ours:
+      return t5.Dropout(self.rate)(x, deterministic=False)
+    return nn.Dropout(self.rate)(x, deterministic=False)
+
+
+@pytest.mark.parametrize("make_key", [jax.random.PRNGKey, jax.random.key,
+                                      lambda s: jax.random.key(s, impl="rbg")])
+@pytest.mark.parametrize("shape,rate", [((4, 3, 33, 17), 0.1), ((7,), 0.5), ((20, 50), 0.9)])
+def test_dropout_is_flax_dropout_bit_for_bit(make_key, shape, rate):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  for seed in (0, 1, 12345):
+    rngs = {"dropout": make_key(seed)}
+    ours = jax.jit(lambda x, r: _FlaxDropout(rate, True).apply({}, x, rngs=r))(x, rngs)
+    flax = jax.jit(lambda x, r: _FlaxDropout(rate, False).apply({}, x, rngs=r))(x, rngs)
+    np.testing.assert_array_equal(ours, flax)
+  assert 0 < float(jnp.mean(ours == 0)) < 1
+
+
+def test_bernoulli_is_jax_bernoulli():
+  for seed in (0, 7):
+    key = jax.random.PRNGKey(seed)
+    for p in (0.1, 0.5, 0.999):
+      np.testing.assert_array_equal(t5.bernoulli(key, p, (3, 1000)),
+                                    jax.random.bernoulli(key, p, (3, 1000)))
 
 
 def test_bad_feed_forward_proj():

@@ -141,6 +141,81 @@ class RelativePositionBiases(nn.Module):
 # ----------------------------------------------------------------------------- layers
 
 
+def _rotate_left(x: Array, r: int) -> Array:
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _threefry2x32(k0: Array, k1: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
+  """Threefry-2x32 (20 rounds) of uint32 counters (x0, x1) under key (k0, k1), unrolled.
+
+  jax lowers its threefry on CPU as a 5-trip while loop, each trip a pass over the whole
+  array in memory; unrolled, XLA fuses all 20 rounds into one vectorised loop (and into
+  the consumer of the bits), ~15x cheaper. Same function, so the same bits.
+  """
+  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in rotations[i % 2]:
+      x0 = x0 + x1
+      x1 = x0 ^ _rotate_left(x1, r)
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
+def _threefry_key_data(key: Array) -> Optional[Array]:
+  """The uint32[2] data of a threefry key, or None when jax.random would draw otherwise."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+      return None
+    key = jax.random.key_data(key)
+  elif jax.config.jax_default_prng_impl != "threefry2x32":
+    return None
+  if key.shape != (2,) or not jax.config.jax_threefry_partitionable or jax.config.jax_enable_x64:
+    return None
+  return key
+
+
+def bernoulli(key: Array, p: float, shape: tuple[int, ...]) -> Array:
+  """`jax.random.bernoulli(key, p, shape)`, bit for bit, with the unrolled threefry.
+
+  As jax (partitionable threefry): element i gets threefry(key, (0, i)), its two words
+  xored; the top 23 bits make a float32 u in [0, 1); the draw is u < p. Keys of other
+  PRNGs, or settings under which jax draws differently, go to jax.random itself.
+  """
+  data = _threefry_key_data(key)
+  size = int(np.prod(shape))
+  if data is None or size >= 2**32:
+    return jax.random.bernoulli(key, p, shape)
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  w0, w1 = _threefry2x32(data[0], data[1], jnp.zeros_like(index), index)
+  mantissa = ((w0 ^ w1) >> np.uint32(9)) | np.uint32(0x3F800000)  # [1, 2) as float32 bits
+  uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+  return uniform < np.float32(p)
+
+
+class Dropout(nn.Module):
+  """`nn.Dropout` (same masks, same rng stream, so same outputs) with a faster mask.
+
+  T5-small at batch 8 x 256 draws ~85M mask elements per training step (attention
+  weights and the MLP hidden layer mostly); through jax.random on CPU they cost ~30% of
+  the step's CPU time, unrolled ~7%.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep_prob = 1.0 - self.rate
+    keep = bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+
 class LayerNorm(nn.Module):
   """T5's RMS norm: no mean subtraction, no bias, statistics in float32."""
   config: T5Config
@@ -189,7 +264,7 @@ class MlpBlock(nn.Module):
       h = cfg.activation(dense((cfg.d_ff,), name="wi_0")(x)) * dense((cfg.d_ff,), name="wi_1")(x)
     else:
       h = cfg.activation(dense((cfg.d_ff,), name="wi")(x))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)  # [B, T, F]
+    h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)  # [B, T, F]
     return Dense((cfg.d_model,), (MLP,), (EMBED,), cfg, name="wo")(h)
 
 
@@ -227,7 +302,7 @@ class Attention(nn.Module):
     logits = jnp.einsum("bhqk,bhsk->bhqs", query, key).astype(jnp.float32)
     logits = logits + bias.astype(jnp.float32)  # [B, H, Q, S]
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+    weights = Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqs,bhsk->bqhk", weights, value)  # [B, Q, H, K]
     return Dense((cfg.d_model,), (HEADS, KV), (EMBED,), cfg, name="out")(out)
 
@@ -273,7 +348,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
     cfg = self.config
-    drop = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(Dropout(cfg.dropout_rate), deterministic=deterministic)
     h = LayerNorm(cfg, name="pre_attention_layer_norm")(x)
     x = x + drop(Attention(cfg, name="attention")(h, bias, deterministic=deterministic))
     h = LayerNorm(cfg, name="pre_mlp_layer_norm")(x)
@@ -288,7 +363,7 @@ class DecoderLayer(nn.Module):
                deterministic: bool, decode: bool, decode_index: Optional[Array] = None,
                cache_length: int = 0) -> Array:
     cfg = self.config
-    drop = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(Dropout(cfg.dropout_rate), deterministic=deterministic)
     h = LayerNorm(cfg, name="pre_self_attention_layer_norm")(y)
     y = y + drop(Attention(cfg, name="self_attention")(
         h, self_bias, decode=decode, decode_index=decode_index, cache_length=cache_length,
@@ -318,11 +393,11 @@ class Encoder(nn.Module):
     bias = RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")(pos, pos)
     bias = bias + _padding_bias(encoder_input_tokens)  # [B, H, S, S]
     x = self.embedder(encoder_input_tokens.astype(jnp.int32)).astype(cfg.dtype)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     for i in range(cfg.num_layers):
       x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic)
     x = LayerNorm(cfg, name="encoder_norm")(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class Decoder(nn.Module):
@@ -361,12 +436,12 @@ class Decoder(nn.Module):
       cross_bias = _padding_bias(encoder_input_tokens)
 
     y = self.embedder(decoder_input_tokens.astype(jnp.int32)).astype(cfg.dtype)
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     for i in range(cfg.decoder_layers):
       y = DecoderLayer(cfg, name=f"layers_{i}")(
           y, encoded, self_bias, cross_bias, deterministic, decode, index, cache_length)
     y = LayerNorm(cfg, name="decoder_norm")(y)
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)  # [B, T, D]
+    y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)  # [B, T, D]
 
     if cfg.tie_word_embeddings:
       logits = self.embedder.attend(y * cfg.d_model**-0.5)

@@ -246,10 +246,12 @@ class Dense(nn.Module):
     init = nn.initializers.normal(self.init_scale * fan_in**-0.5)
     kernel = _param(self, "kernel", init, (*in_shape, *self.features),
                     (*self.in_axes, *self.out_axes), cfg)
-    contract = tuple(range(x.ndim - len(in_shape), x.ndim))
-    return jax.lax.dot_general(
-        x.astype(cfg.dtype), kernel.astype(cfg.dtype),
-        ((contract, tuple(range(len(in_shape)))), ((), ())))
+    # One 2-D matmul [N, in] @ [in, out]: autodiff of the N-d dot_general makes XLA:CPU
+    # transpose the activation gradient in memory for every kernel gradient.
+    lead = x.shape[:x.ndim - len(in_shape)]
+    y = jnp.dot(x.reshape(-1, fan_in).astype(cfg.dtype),
+                kernel.reshape(fan_in, -1).astype(cfg.dtype))
+    return y.reshape(*lead, *self.features)
 
 
 class MlpBlock(nn.Module):

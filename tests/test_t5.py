@@ -102,7 +102,6 @@ def test_dropout_needs_rng_and_changes_output():
   assert not np.allclose(a, b)
 
 
-
 class _FlaxDropout(nn.Module):
   """nn.Dropout in a module of the same shape as t5.Dropout's callers (same rng path)."""
   rate: float

@@ -215,7 +215,6 @@ class Dropout(nn.Module):
     return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
-
 class LayerNorm(nn.Module):
   """T5's RMS norm: no mean subtraction, no bias, statistics in float32."""
   config: T5Config

@@ -49,18 +49,18 @@ from deranj.evaluation import win_rates  # noqa: E402
 from deranj.models import base as models_base  # noqa: E402
 from deranj.models import losses as model_losses  # noqa: E402
 
-# Per preset: held-out prompts and samples per prompt and λ, SIR candidates, rows per
-# sampler call, and the prompts whose SFT sample pairs become the training (validation)
-# preference pairs.
+PAPER_LAMS = "0.5,0.6667,1,2,5,10"  # the paper's grid (Sec. 5.4)
+# Per preset: the λ grid (smoke: three points, so CI trains two retrained models), held-out
+# prompts and samples per prompt and λ, SIR candidates, rows per sampler call, and the
+# prompts whose SFT sample pairs become the training (validation) preference pairs.
 GRIDS = {
-    "smoke": dict(prompts=4, samples=2, candidates=4, chunk=32, pair_prompts=24,
-                  val_pair_prompts=8),
-    "tiny": dict(prompts=42, samples=4, candidates=8, chunk=128, pair_prompts=600,
-                 val_pair_prompts=42),
-    "paper": dict(prompts=1000, samples=1, candidates=16, chunk=512, pair_prompts=50000,
-                  val_pair_prompts=1000),
+    "smoke": dict(lams="0.5,2", prompts=4, samples=2, candidates=4, chunk=32,
+                  pair_prompts=24, val_pair_prompts=8),
+    "tiny": dict(lams=PAPER_LAMS, prompts=42, samples=4, candidates=8, chunk=128,
+                 pair_prompts=600, val_pair_prompts=42),
+    "paper": dict(lams=PAPER_LAMS, prompts=1000, samples=1, candidates=16, chunk=512,
+                  pair_prompts=50000, val_pair_prompts=1000),
 }
-DEFAULT_LAMS = "0.5,0.6667,1,2,5,10"  # the paper's grid (Sec. 5.4)
 RM_RUN = "configs/runs/reward_model.gin"
 PAIRS = "pairs"
 METHODS = ("dera", "retrained", "dera_resampled")
@@ -283,7 +283,8 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
   parser.add_argument("--preset", choices=sorted(GRIDS), default="tiny")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--beta", type=float, default=0.1)
-  parser.add_argument("--lams", default=DEFAULT_LAMS, help="comma-separated λ grid (1 is added)")
+  parser.add_argument("--lams", default=None,
+                      help="comma-separated λ grid (1 is added); default: the preset's")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
 
@@ -305,7 +306,7 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
   """
   args = parse_args(argv, description)
   grid = GRIDS[args.preset]
-  lams = common.parse_lams(args.lams + ",1")
+  lams = common.parse_lams((args.lams or grid["lams"]) + ",1")
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
   ctx = Context(args.preset, workdir)

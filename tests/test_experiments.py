@@ -7,10 +7,6 @@ import pytest
 
 from experiments import summarization
 
-# Smoke runs: a small grid (3 training runs at β/λ per figure) keeps each under minutes.
-LAMS = "0.5,2"
-
-
 def test_label_pairs_prefers_the_higher_score_and_drops_ties():
   pairs = summarization.label_pairs(
       ["doc one", "doc two", "doc three", "doc four"],
@@ -62,8 +58,8 @@ def test_figure_smoke_run_then_rerun_skips_training(workdir, figure):
     from experiments import fig3_policy_gradient as driver  # pylint: disable=g-import-not-at-top
   else:
     from experiments import fig7_dpo as driver  # pylint: disable=g-import-not-at-top
-  argv = ["--preset", "smoke", "--workdir", workdir, "--lams", LAMS]
-  lams = sorted([*map(float, LAMS.split(",")), 1.0])
+  argv = ["--preset", "smoke", "--workdir", workdir]  # the smoke grid: λ 0.5, 1, 2
+  lams = [0.5, 1.0, 2.0]
   _check(driver.main(argv), workdir, figure, lams)
   again = driver.main(argv)
   assert again["trained_runs"] == 0  # every run finished: all training skipped

@@ -64,3 +64,15 @@ def test_figure_smoke_run_then_rerun_skips_training(workdir, figure):
   again = driver.main(argv)
   assert again["trained_runs"] == 0  # every run finished: all training skipped
   assert np.isfinite(again["per_lam"][0]["dera"]["gold"]["vs_sft"]["rate"])
+
+
+def test_report_says_when_spearman_is_undefined(capsys):
+  rate = {"rate": 0.5, "low": 0.2, "high": 0.8}
+  judged = {"gold": {"vs_sft": rate, "vs_beta": rate, "vs_retrained": rate}}
+  row = {"lam": 2.0, "beta_over_lam": 0.05, "dera": {**judged, "pairwise_accuracy": 0.5},
+         "retrained": {**judged, "pairwise_accuracy": 0.5}, "dera_resampled": judged}
+  result = {"per_lam": [row], "lam_picked": {"by": "gold", "dera": 2.0},
+            "agreement": {"gold/vs_sft": {"spearman": None, "mean_abs_difference": 0.0}},
+            "trained_runs": 0, "wall_seconds": {"sft": 1.0}}
+  summarization.report(result)
+  assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in capsys.readouterr().out

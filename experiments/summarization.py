@@ -227,7 +227,7 @@ def plot(result: dict, path: str) -> None:
   beta_row = next(r for r in rows if r["lam"] == 1)
   styles = {"dera": ("s-", "DeRa", "C0"), "retrained": ("^--", "retrained", "C1"),
             "dera_resampled": ("o:", "DeRa + SIR (exact mixture)", "C2")}
-  fig, axes = plt.subplots(2, 4, figsize=(20, 9.2))
+  fig, axes = plt.subplots(2, 4, figsize=(20, 9.2), gridspec_kw={"wspace": 0.3, "hspace": 0.3})
 
   def curve(ax, method, get, **kwargs):
     values = [get(r[method]) for r in rows]
@@ -265,7 +265,7 @@ def plot(result: dict, path: str) -> None:
   for ax in axes.flat:
     if ax.has_data():
       ax.set_xscale("log")
-      ax.set_xticks(lams, [f"{x:.3g}" for x in lams])
+      ax.set_xticks(lams, [f"{x:.2g}" for x in lams], fontsize=8)
       ax.minorticks_off()
       ax.set_xlabel("λ (retrained at β/λ)")
       ax.legend(fontsize=8)

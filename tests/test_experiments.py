@@ -7,6 +7,7 @@ import pytest
 
 from experiments import summarization
 
+
 def test_label_pairs_prefers_the_higher_score_and_drops_ties():
   pairs = summarization.label_pairs(
       ["doc one", "doc two", "doc three", "doc four"],

@@ -17,6 +17,9 @@ PRESET = "configs/presets/smoke.gin"
 PPO = ["configs/runs/ppo_length.gin", PRESET]
 PG = ["configs/runs/pg_reward.gin", PRESET]
 QUIET = ["train.eval_split = None"]
+# Policy gradient on the length reward (pg_reward.gin optimises a reward model).
+PG_LENGTH_REWARD = ["PolicyGradient.reward = @LengthReward()", "LengthReward.l_min = %L_MIN",
+                    "LengthReward.l_max = %L_MAX"]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +85,7 @@ def test_nan_reward_stops_the_run_naming_step_and_source(tmp_path):
 @pytest.mark.slow
 def test_policy_gradient_raises_the_length_reward(sft_dir, tmp_path):
   _, text = gin_runs.gin_train(PG, tmp_path, [
-      f"INIT_CHECKPOINT = '{sft_dir}'", "PolicyGradient.reward = @LengthReward()",
-      "PG_STEPS = 40", "LOG_EVERY = 10", "CHECKPOINT_EVERY = 40", *QUIET])
+      f"INIT_CHECKPOINT = '{sft_dir}'", *PG_LENGTH_REWARD, "PG_STEPS = 40", "LOG_EVERY = 10", "CHECKPOINT_EVERY = 40", *QUIET])
   scores = gin_runs.logged(text, "objective/scores")
   assert scores[-1] > scores[0] + 0.1, scores
 
@@ -95,7 +97,7 @@ def test_smaller_beta_ends_further_from_the_reference_with_more_reward(sft_dir, 
   """The property the paper rests on, at three KL strengths."""
   files = PPO if objective == "ppo" else PG
   steps = "PPO_STEPS" if objective == "ppo" else "PG_STEPS"
-  extra = [] if objective == "ppo" else ["PolicyGradient.reward = @LengthReward()"]
+  extra = [] if objective == "ppo" else PG_LENGTH_REWARD
   final = {}
   for beta in (0.01, 0.1, 1.0):
     result, _ = gin_runs.gin_train(files, tmp_path / f"beta{beta}", [
@@ -105,3 +107,11 @@ def test_smaller_beta_ends_further_from_the_reference_with_more_reward(sft_dir, 
   print({b: (m["objective/kl"], m["objective/scores"]) for b, m in final.items()})
   assert final[0.01]["objective/kl"] > final[0.1]["objective/kl"] > final[1.0]["objective/kl"]
   assert final[0.01]["objective/scores"] > final[1.0]["objective/scores"]
+
+
+def test_unreachable_length_reward_is_refused_with_its_numbers(tmp_path):
+  with pytest.raises(ValueError, match=r"LengthReward wants 40\.\.50 tokens .* "
+                                       r"max_decode_len=24"):
+    gin_runs.gin_train(PG, tmp_path, ["PolicyGradient.reward = @LengthReward()", *QUIET])
+  model, _ = loading.load_model("tiny", dropout_rate=0.0)
+  ppo.PPO(model, rollouts.LengthReward(24, 30), max_decode_len=24)  # reachable: accepted

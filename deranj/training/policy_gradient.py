@@ -37,6 +37,7 @@ class PolicyGradient(objectives.Objective):
     if num_samples < 2:
       raise objectives.ObjectiveError(
           f"PolicyGradient.num_samples={num_samples}: the leave-one-out baseline needs >= 2.")
+    rollouts.check_reachable(reward, max_decode_len, "PolicyGradient")
     self.model, self.reward, self.beta = model, reward, beta
     self.num_samples, self.max_decode_len = num_samples, max_decode_len
     self.temperature, self.eos_id = temperature, eos_id

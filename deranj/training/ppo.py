@@ -54,6 +54,7 @@ class PPO(objectives.Objective):
     if num_epochs < 1 or num_minibatches < 1:
       raise objectives.ObjectiveError(
           f"PPO: num_epochs ({num_epochs}) and num_minibatches ({num_minibatches}) must be >= 1.")
+    rollouts.check_reachable(reward, max_decode_len, "PPO")
     self.model, self.reward, self.beta = model, reward, beta
     self.max_decode_len, self.num_epochs, self.num_minibatches = (
         max_decode_len, num_epochs, num_minibatches)

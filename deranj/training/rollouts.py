@@ -48,6 +48,16 @@ class LengthReward:
                                  self.l_min, self.l_max)
 
 
+def check_reachable(reward: Any, max_decode_len: int, owner: str) -> None:
+  """Fails early when no response of at most `max_decode_len` tokens can earn a length
+  reward: every score would be -1 and the run would learn nothing from the reward."""
+  if isinstance(reward, LengthReward) and reward.l_min > max_decode_len:
+    raise ValueError(
+        f"{owner}: LengthReward wants {reward.l_min}..{reward.l_max} tokens but responses "
+        f"stop at max_decode_len={max_decode_len}, so every response would score -1; "
+        f"bind LengthReward.l_min / l_max (e.g. to %L_MIN / %L_MAX).")
+
+
 @gin.configurable
 class LearnedReward:
   """The reward model exported by a `reward_model` run (its MODEL_DIR or model/ dir)."""

@@ -25,11 +25,10 @@ Array = jax.Array
 
 
 @gin.configurable
-class PolicyGradient(objectives.Objective):
+class PolicyGradient(rollouts.RolloutObjective):
   """REINFORCE + leave-one-out baseline on reward - beta * KL (see the module docstring)."""
 
   name = "policy_gradient"
-  required_features = ("encoder_input_tokens",)
 
   def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED,
                reward: Any = gin.REQUIRED, *, beta: float = 0.1, num_samples: int = 4,
@@ -37,16 +36,9 @@ class PolicyGradient(objectives.Objective):
     if num_samples < 2:
       raise objectives.ObjectiveError(
           f"PolicyGradient.num_samples={num_samples}: the leave-one-out baseline needs >= 2.")
-    rollouts.check_reachable(reward, max_decode_len, "PolicyGradient")
-    self.model, self.reward, self.beta = model, reward, beta
-    self.num_samples, self.max_decode_len = num_samples, max_decode_len
-    self.temperature, self.eos_id = temperature, eos_id
-
-  def frozen_params(self, base_params):
-    return rollouts.reward_frozen(base_params, self.reward)
-
-  def frozen_logical_axes(self):
-    return rollouts.reward_frozen_axes(self.model, self.reward)
+    super().__init__(model, reward, beta=beta, max_decode_len=max_decode_len,
+                     temperature=temperature, eos_id=eos_id)
+    self.num_samples = num_samples
 
   def _rollout(self, params, frozen, prompts, rng):
     rollout = rollouts.sample_rollout(

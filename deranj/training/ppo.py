@@ -39,11 +39,10 @@ def _is_decoder_norm(module, method_name) -> bool:
 
 
 @gin.configurable
-class PPO(objectives.Objective):
+class PPO(rollouts.RolloutObjective):
   """See the module docstring. Metric names follow TRL's PPO trainer."""
 
   name = "ppo"
-  required_features = ("encoder_input_tokens",)
 
   def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED,
                reward: Any = gin.REQUIRED, *, beta: float = 0.1, max_decode_len: int = 64,
@@ -54,15 +53,14 @@ class PPO(objectives.Objective):
     if num_epochs < 1 or num_minibatches < 1:
       raise objectives.ObjectiveError(
           f"PPO: num_epochs ({num_epochs}) and num_minibatches ({num_minibatches}) must be >= 1.")
-    rollouts.check_reachable(reward, max_decode_len, "PPO")
-    self.model, self.reward, self.beta = model, reward, beta
-    self.max_decode_len, self.num_epochs, self.num_minibatches = (
-        max_decode_len, num_epochs, num_minibatches)
+    super().__init__(model, reward, beta=beta, max_decode_len=max_decode_len,
+                     temperature=temperature, eos_id=eos_id)
+    self.num_epochs, self.num_minibatches = num_epochs, num_minibatches
     self.clip_eps, self.clip_value, self.gamma, self.gae_lambda = (
         clip_eps, clip_value, gamma, gae_lambda)
     self.vf_coef = vf_coef
     self.value_learning_rate_multiplier = value_learning_rate_multiplier
-    self.whiten_rewards, self.temperature, self.eos_id = whiten_rewards, temperature, eos_id
+    self.whiten_rewards = whiten_rewards
 
   # ------------------------------------------------------------------ params
 
@@ -78,12 +76,6 @@ class PPO(objectives.Objective):
     axes = self.model.logical_axes()
     return {"policy": axes,
             "value": {"trunk": axes, "head": {"kernel": P(t5.EMBED, None), "bias": P(None)}}}
-
-  def frozen_params(self, base_params):
-    return rollouts.reward_frozen(base_params, self.reward)
-
-  def frozen_logical_axes(self):
-    return rollouts.reward_frozen_axes(self.model, self.reward)
 
   def policy_params(self, params):
     return params["policy"]

@@ -22,6 +22,7 @@ from deranj import rewards
 from deranj.models import base as models_base
 from deranj.models import losses as model_losses
 from deranj.training import losses
+from deranj.training import objectives
 
 Array = jax.Array
 Params = Any
@@ -56,6 +57,25 @@ def check_reachable(reward: Any, max_decode_len: int, owner: str) -> None:
         f"{owner}: LengthReward wants {reward.l_min}..{reward.l_max} tokens but responses "
         f"stop at max_decode_len={max_decode_len}, so every response would score -1; "
         f"bind LengthReward.l_min / l_max (e.g. to %L_MIN / %L_MAX).")
+
+
+class RolloutObjective(objectives.Objective):
+  """What PPO and policy gradient share: a policy sampled on prompts, scored by `reward`,
+  with a KL penalty of strength `beta` against the frozen starting model (`ref`)."""
+
+  required_features = ("encoder_input_tokens",)
+
+  def __init__(self, model: models_base.EncoderDecoderModel, reward: Any, *, beta: float,
+               max_decode_len: int, temperature: float, eos_id: int):
+    check_reachable(reward, max_decode_len, type(self).__name__)
+    self.model, self.reward, self.beta = model, reward, beta
+    self.max_decode_len, self.temperature, self.eos_id = max_decode_len, temperature, eos_id
+
+  def frozen_params(self, base_params: Params) -> dict[str, Params]:
+    return {"ref": base_params, "reward": self.reward.params()}
+
+  def frozen_logical_axes(self) -> dict[str, Any]:
+    return {"ref": self.model.logical_axes(), "reward": self.reward.logical_axes()}
 
 
 @gin.configurable
@@ -121,14 +141,6 @@ def count_nonfinite(*arrays: Array) -> Array:
 def sequence_entropy(logits: Array, mask: Array) -> Array:
   """Sum over response tokens of the per-token entropy: [B]."""
   return jnp.sum(losses.entropy_from_logits(logits) * mask, axis=-1)
-
-
-def reward_frozen(ref_params: Params, reward) -> dict[str, Params]:
-  return {"ref": ref_params, "reward": reward.params()}
-
-
-def reward_frozen_axes(model: models_base.EncoderDecoderModel, reward) -> dict[str, Any]:
-  return {"ref": model.logical_axes(), "reward": reward.logical_axes()}
 
 
 def response_length_metrics(rollout: Rollout, eos_id: int = 1) -> dict[str, Array]:

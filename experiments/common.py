@@ -136,6 +136,12 @@ def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[
   }
 
 
+def spearman_text(agreement: dict[str, Any]) -> str:
+  """An `agreement(...)`'s Spearman ρ for a printed line."""
+  rho = agreement["spearman"]
+  return "n/a (a constant side)" if rho is None else f"{rho:.3f}"
+
+
 def write_json(path: str, data: Any) -> None:
   """Atomic: the file appears complete or not at all."""
   directory = os.path.dirname(os.path.abspath(path))

@@ -170,8 +170,7 @@ def main():
                f"{r['dera_resampled']['length_reward']:.3f} | {r['dera']['mean_length']:.1f} | "
                f"{r['retrained']['mean_length']:.1f} |")
   agree = result["agreement"]["length_reward"]
-  rho = "n/a" if agree["spearman"] is None else f"{agree['spearman']:.3f}"
-  common.log(f"\nSpearman ρ(DeRa, retrained) = {rho}; mean |Δ| = "
+  common.log(f"\nSpearman ρ(DeRa, retrained) = {common.spearman_text(agree)}; mean |Δ| = "
              f"{agree['mean_abs_difference']:.3f}; wall {sum(timer.seconds.values()):.0f} s")
   common.log(f"figure: {os.path.join(workdir, 'fig2.png')}\n"
              f"numbers: {os.path.join(workdir, 'fig2.json')}")

@@ -448,8 +448,7 @@ def report(result: dict) -> None:
                f"{g('dera', 'vs_retrained'):.2f} | {r['dera']['pairwise_accuracy']:.2f} | "
                f"{r['retrained']['pairwise_accuracy']:.2f} |")
   agree = result["agreement"]["gold/vs_sft"]
-  rho = "n/a (a constant side)" if agree["spearman"] is None else f"{agree['spearman']:.3f}"
-  common.log(f"\ngold judge vs SFT: Spearman ρ(DeRa, retrained) = {rho}, "
+  common.log(f"\ngold judge vs SFT: Spearman ρ(DeRa, retrained) = {common.spearman_text(agree)}, "
              f"mean |Δ| = {agree['mean_abs_difference']:.3f}; λ picked: "
              f"{ {k: v for k, v in result['lam_picked'].items() if k != 'by'} }; "
              f"trained {result['trained_runs']} runs; "

@@ -120,9 +120,7 @@ class DPO(objectives.Objective):
   # ------------------------------------------------------------------ params
 
   def frozen_params(self, base_params):
-    # A copy: the trainable params start as the same arrays, and the train step donates
-    # (frees) the trainable state's buffers.
-    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), base_params)
+    return base_params  # the trainer gives frozen trees their own buffers
 
   def frozen_logical_axes(self):
     return self.model.logical_axes()

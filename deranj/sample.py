@@ -1,13 +1,15 @@
 r"""Sample realigned models from the command line.
 
     python -m deranj.sample --gin_file=configs/sample/tiny.gin --lam=0,0.5,1,2 \
-        --input=prompts.jsonl --output=samples.jsonl [--gin.NAME=value ...]
+        --input=prompts.jsonl --output=samples.jsonl --gin.ALIGNED="'runs/ppo'"
 
-The two checkpoints (and decoding settings) come from gin (`SampleConfig`); each is
-"tiny", a Hugging Face T5 directory, or a deranj model directory (see
-`deranj.models.loading`). Each input line is a JSON object with a "prompt" string. The
-output holds one line per prompt x lam x sample with the decoded text and the
-per-sequence numbers of `deranj.dera.RealignedSamples`.
+The aligned checkpoint is a finished training run's MODEL_DIR (its `model/` is used), a
+deranj model directory, a Hugging Face T5 directory or "tiny" (see
+`deranj.models.loading`). The reference is, unless `SampleConfig.reference_checkpoint` names
+one, the model the aligned run started from: the `init_checkpoint` its `model/` records (the
+SFT run, for PPO, PG and DPO runs). Each input line is a JSON object with a "prompt" string.
+The output holds one line per prompt x lam x sample with the decoded text and the
+per-sequence numbers of `deranj.dera.RealignedSamples`. Progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ class SampleError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   """Everything `python -m deranj.sample` reads from gin."""
-  reference_checkpoint: str = gin.REQUIRED
-  aligned_checkpoint: str = gin.REQUIRED
+  aligned_checkpoint: Optional[str] = None  # required; a run's MODEL_DIR or a model dir
+  reference_checkpoint: Optional[str] = None  # None: the aligned run's init_checkpoint
   spm_model: Optional[str] = None  # None: the tokenizer deranj ships
   prefix: str = ""  # prepended to every prompt, e.g. "summarize: "
   max_input_length: int = 512
@@ -119,25 +121,176 @@ def encode_prompts(prompts: list[str], tok: Tokenizer, config: SampleConfig) -> 
   return rows
 
 
+PROGRESS_EVERY_S = 5.0
+_ALIGNED_HINT = "SampleConfig.aligned_checkpoint (--gin.ALIGNED with configs/sample/tiny.gin)"
+_REFERENCE_HINT = ("SampleConfig.reference_checkpoint (--gin.REFERENCE with "
+                   "configs/sample/tiny.gin)")
+
+
+def say(message: str) -> None:
+  """A line the user sees at the default verbosity (absl's info lines are hidden)."""
+  print(f"deranj.sample: {message}", file=sys.stderr, flush=True)
+
+
+def check_output(path: str) -> None:
+  """Refuses an output path that cannot be written, before any work is done.
+
+  Missing parent directories are fine: they are created when the output is written.
+  """
+  if not path:
+    raise SampleError("--output is required.")
+  if os.path.isdir(path) or path.endswith(os.sep):
+    raise SampleError(f"--output={path} is a directory; give a file, e.g. "
+                      f"--output={os.path.join(path, 'samples.jsonl')}.")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise SampleError(f"--output={path}: {parent} is a file, not a directory.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise SampleError(f"--output={path}: cannot write in {parent}.")
+
+
+def _resolve(spec: str, what: str) -> str:
+  try:
+    return loading.resolve(spec)
+  except loading.ModelLoadError as e:
+    raise SampleError(f"{what}={spec!r}: {e}") from None
+
+
+def _same_model(a: str, b: str) -> bool:
+  return a == b or (a != "tiny" and b != "tiny" and os.path.realpath(a) == os.path.realpath(b))
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """Which models `run` loads, why, and a warning about the pair (or None)."""
+  aligned: str
+  aligned_why: str
+  reference: str
+  reference_why: str
+  warning: Optional[str] = None
+
+
+def choose_checkpoints(config: SampleConfig) -> Choice:
+  """The aligned model and its reference (see the module docstring).
+
+  Raises:
+    SampleError: when the aligned model is missing, or no reference is given and the
+      aligned model records none that exists here.
+  """
+  if not config.aligned_checkpoint:
+    raise SampleError(f"no aligned model: set {_ALIGNED_HINT} to a finished training run's "
+                      "MODEL_DIR or a model directory, e.g. --gin.ALIGNED=\"'runs/ppo'\".")
+  given = config.aligned_checkpoint
+  aligned = _resolve(given, "SampleConfig.aligned_checkpoint")
+  aligned_why = (f"the final model of run {given}" if aligned != given
+                 else "SampleConfig.aligned_checkpoint")
+  try:
+    recorded = loading.read_metadata(aligned).get("init_checkpoint")
+  except loading.ModelLoadError as e:
+    raise SampleError(f"SampleConfig.aligned_checkpoint={given!r}: {e}") from None
+  record = os.path.join(aligned, loading.CONFIG_FILE)
+  if config.reference_checkpoint:
+    reference = _resolve(config.reference_checkpoint, "SampleConfig.reference_checkpoint")
+    warning = None
+    if recorded and recorded != "tiny" and not os.path.isdir(recorded):
+      warning = (f"warning: cannot check the reference against the aligned run's "
+                 f"init_checkpoint {recorded!r} (recorded in {record}): not a directory here.")
+    elif recorded:
+      try:
+        same = _same_model(reference, loading.resolve(recorded))
+      except loading.ModelLoadError:
+        same = False
+      if not same:
+        warning = (f"warning: the reference {reference} is not the aligned run's "
+                   f"init_checkpoint {recorded!r} (recorded in {record}): DeRa then realigns "
+                   "against a model the aligned model was not trained from.")
+    return Choice(aligned, aligned_why, reference, "SampleConfig.reference_checkpoint", warning)
+  if not recorded:
+    raise SampleError(f"{_REFERENCE_HINT} is required: the aligned model {aligned} records no "
+                      "init_checkpoint (only a finished deranj training run's model/ does).")
+  reference = _resolve(recorded, f"the aligned run's init_checkpoint (in {record})")
+  if reference != "tiny" and not os.path.isdir(reference):
+    raise SampleError(f"the aligned run's init_checkpoint {recorded!r} (recorded in {record}) "
+                      f"is not a directory here; set {_REFERENCE_HINT} to that model.")
+  return Choice(aligned, aligned_why, reference, "the aligned run's init_checkpoint")
+
+
+def _load(path: str, role: str, why: str, warning: Optional[str] = None):
+  say(f"{role}: {path} ({why})")
+  if warning:
+    say(warning)
+  start = time.time()
+  try:
+    model, params = loading.load_model(path, dropout_rate=0.0)
+  except (loading.ModelLoadError, ValueError, OSError) as e:
+    raise SampleError(f"{role} model {path!r} ({why}): {e}") from None
+  size = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+  say(f"loaded {role}: {size / 1e6:.1f}M parameters, vocab_size {model.config.vocab_size}, "
+      f"{time.time() - start:.1f} s")
+  return model, params
+
+
+def check_vocabularies(choice: Choice, ref, al, tok: Tokenizer, spm_model: Optional[str]):
+  """The two models share one vocabulary and the tokenizer's ids fit it."""
+  if ref.config.vocab_size != al.config.vocab_size:
+    raise SampleError(
+        f"vocabulary mismatch: the reference {choice.reference} has vocab_size "
+        f"{ref.config.vocab_size}, the aligned model {choice.aligned} {al.config.vocab_size}; "
+        "DeRa mixes their next-token logits, so both need one vocabulary.")
+  pieces = tok.sp.get_piece_size()
+  if pieces > ref.config.vocab_size:
+    raise SampleError(
+        f"vocabulary mismatch: the tokenizer {spm_model or tokenizer.model_path()} has {pieces} "
+        f"pieces, more than the models' vocab_size {ref.config.vocab_size}; set "
+        "SampleConfig.spm_model to the models' tokenizer.")
+
+
+class _Progress:
+  """Prompts done, prompts/s and ETA on stderr: after the first (compiling) call, then at
+  most every PROGRESS_EVERY_S seconds, and at the end."""
+
+  def __init__(self, total: int, lams: int, samples: int):
+    self.total = total
+    self.what = f"prompts x {lams} lam" + (f" x {samples} samples" if samples > 1 else "")
+    self.start = self.last = time.time()
+    self.first = None  # (time, done) after the first call, which includes compiling
+
+  def update(self, done: int) -> None:
+    now = time.time()
+    if self.first is not None and done < self.total and now - self.last < PROGRESS_EVERY_S:
+      return
+    if self.first is None or done == self.first[1]:
+      rate = done / max(now - self.start, 1e-9)
+    else:
+      rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
+    text = f"sampled {done}/{self.total} {self.what} ({rate:.2f} prompts/s"
+    if done < self.total:
+      text += f", ETA {(self.total - done) / rate:.0f} s)"
+    else:
+      text += f", {now - self.start:.1f} s in all)"
+    if self.first is None:
+      self.first = (now, done)
+      text += " (the first call compiles)" if done < self.total else ""
+    say(text)
+    self.last = now
+
+
 def run(config: SampleConfig, lams: list[float], input_path: str, output_path: str,
         seed: int) -> int:
   """Samples every prompt at every lam; returns the number of lines written."""
   if config.long_prompts not in ("truncate", "error"):
     raise SampleError(f"SampleConfig.long_prompts={config.long_prompts!r}: "
                       "expected 'truncate' or 'error'.")
-  if not output_path:
-    raise SampleError("--output is required.")
+  check_output(output_path)
   prompts = read_prompts(input_path)
   tok = Tokenizer(config.spm_model, config.eos_id)
+  choice = choose_checkpoints(config)
   tokens = encode_prompts(prompts, tok, config)
-  models = []
-  for name in ("reference_checkpoint", "aligned_checkpoint"):
-    spec = getattr(config, name)
-    try:
-      models.append(loading.load_model(spec, dropout_rate=0.0))
-    except (loading.ModelLoadError, ValueError, OSError) as e:
-      raise SampleError(f"SampleConfig.{name}={spec!r}: {e}") from None
-  (ref, ref_p), (al, al_p) = models
+  al, al_p = _load(choice.aligned, "aligned", choice.aligned_why)
+  ref, ref_p = _load(choice.reference, "reference", choice.reference_why, choice.warning)
+  check_vocabularies(choice, ref, al, tok, config.spm_model)
   realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=config.max_decode_len,
                              eos_id=config.eos_id)
 
@@ -145,7 +298,7 @@ def run(config: SampleConfig, lams: list[float], input_path: str, output_path: s
   per_call = config.batch_size
   lam_rows = np.tile(np.asarray(lams, np.float32), per_call)
   records = []
-  start = time.time()
+  progress = _Progress(len(prompts), len(lams), config.num_decodes)
   for first in range(0, len(prompts), per_call):
     chunk = tokens[first:first + per_call]
     real = len(chunk)
@@ -165,11 +318,7 @@ def run(config: SampleConfig, lams: list[float], input_path: str, output_path: s
           "length": int(out.lengths[r]), "logq": float(out.logq[r]),
           "logp_ref": float(out.logp_ref[r]), "logp_aligned": float(out.logp_aligned[r]),
           "log_weight": float(out.log_weight[r]), "kl_ref": float(out.kl_ref[r])})
-    done = min(first + per_call, len(prompts))
-    elapsed = time.time() - start
-    logging.info("sampled %d/%d prompts x %d lam (%.1f prompts/s, ETA %.0f s)", done,
-                 len(prompts), len(lams), done / elapsed,
-                 (len(prompts) - done) * elapsed / done)
+    progress.update(min(first + per_call, len(prompts)))
   files.write_jsonl(output_path, records)  # all lines or none
   return len(records)
 

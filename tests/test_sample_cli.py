@@ -1,6 +1,7 @@
 """`python -m deranj.sample` and whole-model loading."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,12 +20,20 @@ from deranj.models import t5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _save_random_model(directory, seed):
-  cfg = t5.T5Config(vocab_size=tokenizer.vocab_size(), d_model=16, d_kv=8, d_ff=32, num_heads=2,
-                    num_layers=1, dropout_rate=0.0)
+def _save_random_model(directory, seed, vocab_size=None, **metadata):
+  cfg = t5.T5Config(vocab_size=vocab_size or tokenizer.vocab_size(), d_model=16, d_kv=8,
+                    d_ff=32, num_heads=2, num_layers=1, dropout_rate=0.0)
   params = base.EncoderDecoderModel(t5.Transformer(cfg)).init_params(jax.random.PRNGKey(seed))
-  loading.save_model(str(directory), cfg, params)
+  loading.save_model(str(directory), cfg, params, **metadata)
   return cfg, params
+
+
+def _save_run(run_dir, seed, init_checkpoint, **metadata):
+  """A finished training run as the trainer leaves it: model/ with its record, checkpoints/."""
+  _save_random_model(run_dir / loading.RUN_MODEL_DIR, seed, objective="ppo", steps=10,
+                     init_checkpoint=init_checkpoint, **metadata)
+  (run_dir / loading.RUN_CHECKPOINTS_DIR / "10").mkdir(parents=True)
+  return str(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +44,23 @@ def checkpoints(tmp_path_factory):
   return str(root / "ref"), str(root / "aligned")
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """An SFT run started from 'tiny' and an aligned run started from the SFT run."""
+  root = tmp_path_factory.mktemp("runs")
+  sft = _save_run(root / "sft", 0, "tiny")
+  return sft, _save_run(root / "ppo", 1, sft)
+
+
 def _config(checkpoints, **kw):
   return sample.SampleConfig(reference_checkpoint=checkpoints[0],
                              aligned_checkpoint=checkpoints[1], max_decode_len=6,
                              max_input_length=16, batch_size=2, **kw)
+
+
+def _aligned_config(aligned, reference=None, **kw):
+  return sample.SampleConfig(aligned_checkpoint=aligned, reference_checkpoint=reference,
+                             max_decode_len=6, max_input_length=16, batch_size=2, **kw)
 
 
 def _prompts(path, prompts):
@@ -67,23 +89,160 @@ def test_load_model_errors(tmp_path):
     loading.load_model(str(tmp_path / "bad"))
 
 
-def test_run_writes_one_line_per_prompt_and_lam(tmp_path, checkpoints):
+def test_reference_rule(runs, checkpoints):
+  """No reference given: the aligned run's recorded init_checkpoint; given: warned if it
+  differs. A run's MODEL_DIR stands for its model/."""
+  sft, ppo = runs
+  auto = sample.choose_checkpoints(_aligned_config(ppo))
+  assert auto == sample.Choice(os.path.join(ppo, "model"), f"the final model of run {ppo}",
+                               os.path.join(sft, "model"), "the aligned run's init_checkpoint")
+  direct = sample.choose_checkpoints(_aligned_config(os.path.join(ppo, "model")))
+  assert (direct.aligned, direct.aligned_why) == (os.path.join(ppo, "model"),
+                                                  "SampleConfig.aligned_checkpoint")
+  assert direct.reference == auto.reference
+  for same in (sft, os.path.join(sft, "model"), os.path.join(sft, "model", "")):
+    chosen = sample.choose_checkpoints(_aligned_config(ppo, same))
+    assert chosen.reference_why == "SampleConfig.reference_checkpoint"
+    assert chosen.warning is None, same
+  other = sample.choose_checkpoints(_aligned_config(ppo, checkpoints[0]))
+  assert other.reference == checkpoints[0]
+  assert other.warning.startswith(f"warning: the reference {checkpoints[0]} is not the aligned "
+                                  f"run's init_checkpoint {sft!r}")
+  # The SFT run's own reference is the pretrained model it started from.
+  assert sample.choose_checkpoints(_aligned_config(sft)).reference == "tiny"
+  assert loading.read_metadata(ppo)["init_checkpoint"] == sft
+  assert loading.read_metadata(checkpoints[1]) == {} == loading.read_metadata("tiny")
+
+
+def test_reference_rule_errors(tmp_path, runs, checkpoints):
+  sft, _ = runs
+  with pytest.raises(sample.SampleError, match=r"^no aligned model: set SampleConfig\.aligned"):
+    sample.choose_checkpoints(_aligned_config(None))
+  with pytest.raises(sample.SampleError,
+                     match=r"reference_checkpoint .*is required: the aligned model .*aligned "
+                           r"records no init_checkpoint"):
+    sample.choose_checkpoints(_aligned_config(checkpoints[1]))
+  moved = _save_run(tmp_path / "moved", 1, str(tmp_path / "gone"))
+  with pytest.raises(sample.SampleError, match=r"init_checkpoint '.*gone' \(recorded in .*moved/"
+                                               r"model/deranj_model.json\) is not a directory"):
+    sample.choose_checkpoints(_aligned_config(moved))
+  # Given explicitly, the reference is used; the warning says the record cannot be checked.
+  chosen = sample.choose_checkpoints(_aligned_config(moved, sft))
+  assert chosen.reference == os.path.join(sft, "model")
+  assert "cannot check the reference" in chosen.warning and "gone" in chosen.warning
+  (tmp_path / "unfinished" / "checkpoints" / "4").mkdir(parents=True)
+  with pytest.raises(sample.SampleError, match="unfinished.*has not finished"):
+    sample.choose_checkpoints(_aligned_config(str(tmp_path / "unfinished")))
+  with pytest.raises(sample.SampleError, match="reference_checkpoint=.*unfinished.*not finished"):
+    sample.choose_checkpoints(_aligned_config(sft, str(tmp_path / "unfinished")))
+
+
+def test_run_samples_an_aligned_run_against_its_init_checkpoint(tmp_path, runs, capsys):
+  sft, ppo = runs
   inp = _prompts(tmp_path / "in.jsonl", ["The council met on Monday.", "Rain fell.", "A third."])
-  out = tmp_path / "out.jsonl"
-  n = sample.run(_config(checkpoints, num_decodes=2), [0.0, 1.0, 2.5], inp, str(out), seed=0)
+  out = tmp_path / "new" / "deeper" / "out.jsonl"  # missing parents are created
+  lams = [0.0, 1.0, 2.5]
+  n = sample.run(_aligned_config(ppo, num_decodes=2), lams, inp, str(out), seed=0)
   lines = [json.loads(l) for l in out.read_text().splitlines()]
   assert n == len(lines) == 3 * 3 * 2
   assert {(l["prompt_index"], l["lam"], l["sample_index"]) for l in lines} == {
-      (p, lam, s) for p in range(3) for lam in (0.0, 1.0, 2.5) for s in range(2)}
+      (p, lam, s) for p in range(3) for lam in lams for s in range(2)}
   for line in lines:
     assert isinstance(line["text"], str) and 1 <= line["length"] <= 6
     assert np.isfinite([line[k] for k in ("logq", "logp_ref", "logp_aligned", "log_weight",
                                           "kl_ref")]).all()
-  # lam = 0 samples the reference: its log q equals its own log-probability.
+    assert line["logp_ref"] != line["logp_aligned"]  # two different models
+  # lam = 0 samples the reference: its log q equals its own log-probability (sums of <= 6
+  # float32 terms, computed along two paths).
   for line in lines:
     if line["lam"] == 0.0:
-      assert line["logq"] == pytest.approx(line["logp_ref"], abs=1e-4)
-      assert line["kl_ref"] == pytest.approx(0.0, abs=1e-5)
+      scale = max(1.0, abs(line["logp_ref"]))
+      assert line["logq"] == pytest.approx(line["logp_ref"], rel=1e-5)
+      assert line["kl_ref"] == pytest.approx(0.0, abs=1e-5 * scale)
+
+  err = capsys.readouterr().err
+  log = err.splitlines()
+  assert f"deranj.sample: aligned: {ppo}/model (the final model of run {ppo})" in log
+  assert f"deranj.sample: reference: {sft}/model (the aligned run's init_checkpoint)" in log
+  assert sum(l.startswith("deranj.sample: loaded ") and "M parameters, vocab_size 4096" in l
+             for l in log) == 2
+  assert "warning" not in err
+  progress = [l for l in log if l.startswith("deranj.sample: sampled ")]
+  assert progress[0].startswith("deranj.sample: sampled 2/3 prompts x 3 lam x 2 samples (")
+  assert "ETA" in progress[0] and progress[-1].startswith("deranj.sample: sampled 3/3 prompts")
+
+  # The same run with the reference named explicitly gives the same numbers, bit for bit.
+  explicit = tmp_path / "explicit.jsonl"
+  sample.run(_aligned_config(ppo, os.path.join(sft, "model"), num_decodes=2), lams, inp,
+             str(explicit), seed=0)
+  assert lines == [json.loads(l) for l in explicit.read_text().splitlines()]
+
+
+def test_progress_lines(monkeypatch, capsys):
+  clock = iter([0.0, 10.0, 12.0, 16.0, 20.0])
+  monkeypatch.setattr(sample.time, "time", lambda: next(clock))
+  progress = sample._Progress(10, 2, 3)  # starts at t=0
+  progress.update(2)  # t=10: the first call, compiling included
+  progress.update(4)  # t=12: under PROGRESS_EVERY_S since the last line
+  progress.update(6)  # t=16: 4 prompts in the 6 s since the first call
+  progress.update(10)  # t=20
+  assert capsys.readouterr().err.splitlines() == [
+      "deranj.sample: sampled 2/10 prompts x 2 lam x 3 samples (0.20 prompts/s, ETA 40 s) "
+      "(the first call compiles)",
+      "deranj.sample: sampled 6/10 prompts x 2 lam x 3 samples (0.67 prompts/s, ETA 6 s)",
+      "deranj.sample: sampled 10/10 prompts x 2 lam x 3 samples (0.80 prompts/s, 20.0 s in all)"]
+
+
+@pytest.mark.parametrize("where", ["directory", "trailing slash", "parent is a file",
+                                   "ancestor is a file"])
+def test_output_is_checked_before_any_model_loads(tmp_path, monkeypatch, runs, where):
+  monkeypatch.setattr(sample.loading, "load_model", lambda *a, **k: pytest.fail("loaded"))
+  (tmp_path / "file.txt").write_text("x")
+  output, message = {
+      "directory": (str(tmp_path), r"is a directory; give a file, e\.g\. --output=.*samples"),
+      "trailing slash": (str(tmp_path / "new") + "/", "is a directory"),
+      "parent is a file": (str(tmp_path / "file.txt" / "o.jsonl"),
+                           r"file\.txt is a file, not a directory"),
+      "ancestor is a file": (str(tmp_path / "file.txt" / "a" / "o.jsonl"),
+                             r"file\.txt is a file, not a directory"),
+  }[where]
+  inp = _prompts(tmp_path / "in.jsonl", ["fine"])
+  with pytest.raises(sample.SampleError, match=f"^--output={output}.*{message}"):
+    sample.run(_aligned_config(runs[1]), [1.0], inp, output, 0)
+  assert not (tmp_path / "new").exists()
+  assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_checkpoint_and_vocabulary_errors(tmp_path, runs, checkpoints):
+  inp = _prompts(tmp_path / "in.jsonl", ["fine"])
+  out = tmp_path / "o.jsonl"
+  _save_random_model(tmp_path / "wide", 2, vocab_size=tokenizer.vocab_size() + 128)
+  with pytest.raises(sample.SampleError,
+                     match=r"^vocabulary mismatch: the reference .*ref has vocab_size 4096, the "
+                           r"aligned model .*wide 4224; DeRa mixes"):
+    sample.run(_aligned_config(str(tmp_path / "wide"), checkpoints[0]), [1.0], inp, str(out), 0)
+  _save_random_model(tmp_path / "small_ref", 3, vocab_size=64)
+  _save_random_model(tmp_path / "small", 4, vocab_size=64)
+  with pytest.raises(sample.SampleError,
+                     match=r"tokenizer .*has 4096 pieces, more than the models' vocab_size 64"):
+    sample.run(_aligned_config(str(tmp_path / "small"), str(tmp_path / "small_ref")), [1.0],
+               inp, str(out), 0)
+  (tmp_path / "rm").mkdir()
+  _save_random_model(tmp_path / "rm" / "model", 5, kind="reward_model")
+  with pytest.raises(sample.SampleError,
+                     match=r"^aligned model .*rm/model' \(the final model of run .*rm\): .*holds "
+                           r"a reward model \(kind 'reward_model'"):
+    sample.run(_aligned_config(str(tmp_path / "rm"), runs[0]), [1.0], inp, str(out), 0)
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text("{}")
+  (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(sample.SampleError, match=r"reference model .*hf.*pytorch_model\.bin.*never "
+                                               "unpickles"):
+    sample.run(_aligned_config(runs[1], str(tmp_path / "hf")), [1.0], inp, str(out), 0)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(sample.SampleError, match="empty.*neither a deranj model directory"):
+    sample.run(_aligned_config(str(tmp_path / "empty"), runs[0]), [1.0], inp, str(out), 0)
+  assert not out.exists()
 
 
 def test_bad_inputs_are_clear(tmp_path, checkpoints):
@@ -104,7 +263,7 @@ def test_bad_inputs_are_clear(tmp_path, checkpoints):
   broken = sample.SampleConfig(reference_checkpoint=str(tmp_path / "nope"),
                                aligned_checkpoint=checkpoints[1])
   ok = _prompts(tmp_path / "ok.jsonl", ["fine"])
-  with pytest.raises(sample.SampleError, match="reference_checkpoint=.*nope"):
+  with pytest.raises(sample.SampleError, match="reference model .*nope.*reference_checkpoint"):
     sample.run(broken, [1.0], ok, str(tmp_path / "o2.jsonl"), 0)
   assert not (tmp_path / "o2.jsonl").exists()
 
@@ -119,25 +278,29 @@ def test_gin_errors_are_one_line():
       "prog", "--gin_bindings=A.b = 1", "--x=2"]
 
 
-def test_command_line(tmp_path, checkpoints):
+def test_command_line(tmp_path, runs):
+  sft, ppo = runs
   inp = _prompts(tmp_path / "in.jsonl", ["Storms hit the coast."])
   out = tmp_path / "out.jsonl"
   cmd = [sys.executable, "-m", "deranj.sample", "--lam=0,1", f"--input={inp}",
-         f"--output={out}", "--gin_file=configs/sample/tiny.gin",
-         f"--gin.SampleConfig.reference_checkpoint='{checkpoints[0]}'",
-         f"--gin.SampleConfig.aligned_checkpoint='{checkpoints[1]}'",
+         f"--output={out}", f"--gin_file={REPO}/configs/sample/tiny.gin",
          "--gin.SampleConfig.max_decode_len=4"]
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  # The shipped config with only the aligned run given, from another directory.
+  result = subprocess.run(cmd + [f"--gin.ALIGNED='{ppo}'"], capture_output=True, text=True,
+                          env=env, cwd=str(tmp_path), timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(out.read_text().splitlines()) == 2
-  bad = subprocess.run(cmd[:3] + ["--gin.SampleConfig.bogus=1"], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=300)
-  # The shipped config alone runs (tiny as both models), from another directory too.
-  tiny = subprocess.run(cmd[:7] + ["--gin.SampleConfig.max_decode_len=4"], capture_output=True,
-                        text=True, env=env, cwd=str(tmp_path), timeout=300)
-  assert tiny.returncode == 0, tiny.stderr[-2000:]
   assert "summarize" not in json.loads(out.read_text().splitlines()[0])["text"]
-  assert bad.returncode != 0
-  assert "deranj.sample: gin:" in bad.stderr and "bogus" in bad.stderr
-  assert "Traceback" not in bad.stderr
+  assert (f"deranj.sample: reference: {sft}/model (the aligned run's init_checkpoint)"
+          in result.stderr.splitlines())
+  assert "deranj.sample: sampled 1/1 prompts x 2 lam (" in result.stderr
+  assert result.stdout == f"wrote 2 samples to {out}\n"
+  for extra, message in [
+      (["--gin.SampleConfig.bogus=1"], r"deranj\.sample: gin:.*bogus"),
+      ([], r"deranj\.sample: no aligned model: set SampleConfig\.aligned_checkpoint "
+           r"\(--gin\.ALIGNED with configs/sample/tiny\.gin\)")]:
+    bad = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert bad.returncode != 0
+    assert re.search(message, bad.stderr) and "Traceback" not in bad.stderr, bad.stderr[-2000:]

@@ -4,8 +4,9 @@
   "tiny"                  the tiny pretrained T5 the project ships;
   a Hugging Face T5 dir   config.json + model.safetensors (or sharded safetensors);
   a deranj model dir      deranj_model.json + params.msgpack (written by `save_model`),
-                          or deranj_model.json + an orbax `params/` checkpoint.
-Pickles are never read.
+                          or deranj_model.json + an orbax `params/` checkpoint;
+  a training run's MODEL_DIR  its final model, `MODEL_DIR/model/` (see `resolve`).
+Pickles are never read; reward models (kind "reward_model") load with their own loader.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from deranj.models import t5
 CONFIG_FILE = "deranj_model.json"
 MSGPACK_FILE = "params.msgpack"
 ORBAX_DIR = "params"
+RUN_MODEL_DIR = "model"  # where a finished training run exports its model
+RUN_CHECKPOINTS_DIR = "checkpoints"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -77,8 +80,46 @@ def _check_shapes(config: t5.T5Config, params, where: str):
     raise ModelLoadError(f"{where}: parameters do not match the config in {CONFIG_FILE}.")
 
 
+def _is_model_dir(directory: str) -> bool:
+  return any(os.path.isfile(os.path.join(directory, n)) for n in (CONFIG_FILE, "config.json"))
+
+
+def resolve(spec: str) -> str:
+  """The model directory `spec` names: a run's MODEL_DIR gives its `model/`, else `spec`.
+
+  Raises:
+    ModelLoadError: for a run directory whose run has not finished (no `model/` yet).
+  """
+  if spec == "tiny" or not os.path.isdir(spec) or _is_model_dir(spec):
+    return spec
+  export = os.path.join(spec, RUN_MODEL_DIR)
+  if os.path.isdir(export):
+    return export
+  if os.path.isdir(os.path.join(spec, RUN_CHECKPOINTS_DIR)):
+    raise ModelLoadError(f"{spec} is a training run with no final model ({RUN_MODEL_DIR}/): "
+                         "the run has not finished; resume it to the end first.")
+  return spec
+
+
+def read_metadata(spec: str) -> dict[str, Any]:
+  """What `save_model` recorded beside the config (a run's objective, steps,
+  init_checkpoint, ...); {} for "tiny" and Hugging Face directories."""
+  path = os.path.join(resolve(spec), CONFIG_FILE)
+  if spec == "tiny" or not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      fields = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(fields, dict):
+    raise ModelLoadError(f"{path} is not a deranj model config (not a JSON object).")
+  return {k: v for k, v in fields.items() if k != "config"}
+
+
 def load_model(spec: str, **config_overrides) -> tuple[base.EncoderDecoderModel, Any]:
   """(EncoderDecoderModel, params) from a checkpoint spec (see the module docstring)."""
+  spec = resolve(spec)
   if spec == "tiny":
     from deranj.models import pretrained  # pylint: disable=g-import-not-at-top
     config, params = pretrained.load_tiny_t5()
@@ -102,9 +143,14 @@ def _load_deranj_dir(directory: str, overrides) -> tuple[t5.T5Config, Any]:
   path = os.path.join(directory, CONFIG_FILE)
   try:
     with open(path) as f:
-      config = config_from_dict(json.load(f)["config"], **overrides)
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
+      fields = json.load(f)
+    kind = fields.get("kind")
+    config = config_from_dict(fields["config"], **overrides)
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
     raise ModelLoadError(f"{path} is not a deranj model config: {e!r}") from None
+  if kind is not None:
+    raise ModelLoadError(f"{directory} holds a {str(kind).replace('_', ' ')} (kind {kind!r} in "
+                         f"{CONFIG_FILE}), not a T5 policy.")
   msgpack = os.path.join(directory, MSGPACK_FILE)
   orbax_dir = os.path.join(directory, ORBAX_DIR)
   if os.path.isfile(msgpack):

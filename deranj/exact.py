@@ -488,3 +488,123 @@ def dera_from_conditionals(cond_ref: Conditionals, cond_aligned: Conditionals,
   step = mixed - log_z[:, tree.parent]
   step[:, 0] = 0.0
   return Conditionals(tree, step).sequence_logprobs()
+
+
+def random_policy(responses: Union[PrefixTree, np.ndarray], num_prompts: int, *,
+                  seed: int = 0, scale: float = 1.0) -> np.ndarray:
+  """A known autoregressive distribution over the set, different per prompt: [P, N].
+
+  Each prefix's next-token logits are N(0, scale^2), seeded; so a model trained on
+  its samples has a non-trivial reference to learn.
+  """
+  tree = _tree(responses)
+  logits = scale * np.random.default_rng(seed).standard_normal((num_prompts, tree.num_prefixes))
+  edges = np.arange(1, tree.num_prefixes)
+  log_z = _segment_logsumexp(logits[:, edges], tree.parent[edges], tree.num_prefixes)
+  log_cond = logits - log_z[:, tree.parent]
+  log_cond[:, 0] = 0.0
+  return Conditionals(tree, log_cond).sequence_logprobs()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_responses(logp, num_per_prompt: int, *, seed: int = 0) -> np.ndarray:
+  """Exact draws from a normalised table: [P, num_per_prompt] response indices."""
+  table = _check_normalised(logp, "logp")
+  rng = np.random.default_rng(seed)
+  cdf = np.cumsum(np.exp(table), axis=-1)
+  u = rng.uniform(size=(table.shape[0], int(num_per_prompt))) * cdf[:, -1:]
+  index = np.stack([np.searchsorted(c, row, side="right") for c, row in zip(cdf, u)])
+  return np.minimum(index, table.shape[1] - 1)
+
+
+def preference_pairs(logp, rewards, num_per_prompt: int, *,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Pairs of draws from `logp`, labelled by Bradley-Terry on `rewards`.
+
+  The first response is preferred with probability sigmoid(r_a - r_b) (noisy labels, so
+  the Bradley-Terry reward has a finite fit and DPO a beta-dependent optimum).
+
+  Returns:
+    (chosen, rejected): [P, num_per_prompt] response indices each.
+  """
+  table = _check_normalised(logp, "logp")
+  r = _per_response(rewards, table.shape, "rewards")
+  draws = sample_responses(table, 2 * int(num_per_prompt), seed=seed)
+  a, b = draws[:, 0::2], draws[:, 1::2]
+  rows = np.arange(table.shape[0])[:, None]
+  margin = r[rows, a] - r[rows, b]
+  first = np.random.default_rng([seed, 1]).uniform(size=a.shape) < 1 / (1 + np.exp(-margin))
+  return np.where(first, a, b), np.where(first, b, a)
+
+
+def sir_distribution(logq, logp_target, num_candidates: int, *, num_draws: int = 4096,
+                     seed: int = 0) -> np.ndarray:
+  """The output distribution of importance resampling (`Realigner.resample`): [P, N].
+
+  N candidates are drawn from q and one kept with probability proportional to
+  w = p_target / q, so
+
+    P(y) = N q(y) E[w(y) / (w(y) + S)],  S = sum of w over N - 1 other draws from q.
+
+  The expectation is averaged over `num_draws` seeded draws of S, shared by all y
+  (Rao-Blackwellised: far less noisy than counting resampled responses), then the
+  table is renormalised. Exact for N = 1 (P = q); tends to p_target as N grows.
+  """
+  q = _check_normalised(logq, "logq")
+  target = _check_normalised(logp_target, "logp_target")
+  if q.shape != target.shape:
+    raise ValueError(f"logq {q.shape} and logp_target {target.shape} differ in shape.")
+  if num_candidates < 1:
+    raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
+  with np.errstate(invalid="ignore"):
+    log_w = np.where(np.isneginf(q), -np.inf, target - q)
+  w = np.exp(log_w - np.max(log_w, axis=-1, keepdims=True))  # in [0, 1]; ratios unchanged
+  others = sample_responses(q, (num_candidates - 1) * num_draws, seed=seed)
+  out = np.empty_like(q)
+  for p in range(q.shape[0]):
+    s = w[p, others[p]].reshape(num_draws, num_candidates - 1).sum(-1)  # [M]
+    denom = w[p][None, :] + s[:, None]  # [M, N_set]
+    with np.errstate(invalid="ignore", divide="ignore"):
+      share = np.where(denom > 0, w[p][None, :] / denom, 0.0).mean(0)
+    with np.errstate(divide="ignore"):
+      out[p] = np.log(num_candidates * share) + q[p]
+  return renormalize(out)[0]
+
+
+# ----------------------------------------------------------------------------- DeRa's error
+
+def realignment_errors(logp_ref, rewards, beta: float, lams: Iterable[float],
+                       responses: Union[PrefixTree, np.ndarray], *,
+                       num_candidates: Iterable[int] = (),
+                       num_draws: int = 4096, seed: int = 0) -> list[dict]:
+  """DeRa's own approximation error at the exact optimum, one row per lam.
+
+  DeRa_lam is applied to the token conditionals of pi_ref and of pi*(beta) and compared
+  with pi*(beta / lam), which the exact geometric mixture equals. Per row (means over
+  prompts): kl_dera = KL(DeRa_lam || pi*(beta/lam)), tv_dera, reward_optimum and
+  reward_dera (expected rewards), kl_optimum_ref = KL(pi*(beta/lam) || pi_ref), and
+  kl_sir[N] for importance-resampled DeRa with N candidates.
+  """
+  tree = _tree(responses)
+  ref = renormalize(logp_ref)[0]
+  r = _per_response(rewards, ref.shape, "rewards")
+  c_ref = token_conditionals(ref, tree)
+  c_opt = token_conditionals(optimal_policy(ref, r, beta), tree)
+  rows = []
+  for lam in lams:
+    lam = float(lam)
+    if not lam > 0:
+      raise ValueError(f"lam must be positive (beta / lam is the KL strength), got {lam}.")
+    optimum = optimal_policy(ref, r, beta / lam)
+    dera_q = dera_from_conditionals(c_ref, c_opt, lam)
+    rows.append({
+        "lam": lam, "beta_over_lam": beta / lam,
+        "kl_dera": kl(dera_q, optimum).mean, "tv_dera": tv(dera_q, optimum).mean,
+        "reward_optimum": expected(optimum, r).mean, "reward_dera": expected(dera_q, r).mean,
+        "kl_optimum_ref": kl(optimum, ref).mean,
+        "kl_sir": {int(n): kl(sir_distribution(dera_q, optimum, int(n), num_draws=num_draws,
+                                               seed=seed), optimum).mean
+                   for n in num_candidates},
+    })
+  return rows

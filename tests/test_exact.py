@@ -284,3 +284,64 @@ def test_sequence_logprobs_refuses_a_bare_module():
   with pytest.raises(TypeError, match="EncoderDecoderModel"):
     exact.sequence_logprobs(t5.Transformer(CFG), {}, np.ones((1, 2), np.int32),
                             np.array([[1]]))
+
+
+# ----------------------------------------------------------------------------- sampling, SIR
+
+def test_random_policy_is_a_prompt_dependent_distribution(world):
+  logp = exact.random_policy(world.responses, 3, seed=0)
+  np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, rtol=1e-12)
+  assert exact.tv(logp[:1], logp[1:2]).mean > 0.1
+  np.testing.assert_array_equal(logp, exact.random_policy(world.responses, 3, seed=0))
+
+
+def test_sample_responses_follow_the_table():
+  p = np.array([[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.25, 0.25]])
+  with np.errstate(divide="ignore"):
+    draws = exact.sample_responses(np.log(p), 100_000, seed=0)
+  freq = np.stack([np.bincount(d, minlength=4) for d in draws]) / 100_000
+  np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / 100_000) + 1e-12)
+
+
+def test_preference_pairs_are_bradley_terry_labelled():
+  logp = np.log([[0.5, 0.5]])
+  chosen, rejected = exact.preference_pairs(logp, [1.0, 0.0], 100_000, seed=0)
+  distinct = chosen != rejected
+  won = np.mean(chosen[distinct] == 0)  # the higher reward chosen in a sigmoid(1) share
+  sigma = np.sqrt(0.25 / distinct.sum())  # binomial, p(1 - p) <= 1/4
+  assert abs(won - 1 / (1 + np.exp(-1.0))) < 5 * sigma
+  assert np.all(chosen[~distinct] == rejected[~distinct])
+
+
+def test_sir_distribution():
+  q = np.log([[0.4, 0.3, 0.2, 0.1]])
+  target = np.log([[0.1, 0.2, 0.3, 0.4]])
+  np.testing.assert_allclose(np.exp(exact.sir_distribution(q, target, 1, num_draws=16)),
+                             np.exp(q), rtol=1e-12)
+  # N = 2 exactly: P(y) = 2 q(y) sum_y' q(y') w(y) / (w(y) + w(y')).
+  pq, w = np.exp(q[0]), np.exp(target[0] - q[0])
+  direct = 2 * pq * (pq[None, :] * w[:, None] / (w[:, None] + w[None, :])).sum(1)
+  got = np.exp(exact.sir_distribution(q, target, 2, num_draws=200_000, seed=1))[0]
+  np.testing.assert_allclose(got, direct / direct.sum(), rtol=0.02)
+  assert exact.kl(exact.sir_distribution(q, target, 256, seed=2), target).mean < (
+      0.01 * exact.kl(q, target).mean)
+
+
+def test_realignment_errors_at_the_optimum(world):
+  tree = exact.PrefixTree.build(world.responses)
+  logp_ref = exact.random_policy(tree, 4, seed=3)
+  r = exact.length_reward(world.responses, 3, 4)
+  rows = exact.realignment_errors(logp_ref, r, 0.5, (0.5, 1.0, 2.0, 4.0), tree,
+                                  num_candidates=(32,), num_draws=512)
+  by_lam = {row["lam"]: row for row in rows}
+  assert by_lam[1.0]["kl_dera"] < 1e-12
+  assert by_lam[1.0]["reward_dera"] == pytest.approx(by_lam[1.0]["reward_optimum"], rel=1e-9)
+  for row in rows:
+    assert row["beta_over_lam"] == pytest.approx(0.5 / row["lam"])
+  # The optimum trades KL for reward monotonically along the lam grid.
+  assert all(np.diff([row["reward_optimum"] for row in rows]) > 0)
+  assert all(np.diff([row["kl_optimum_ref"] for row in rows]) > 0)
+  assert by_lam[2.0]["kl_dera"] > 1e-4
+  assert by_lam[2.0]["kl_sir"][32] < by_lam[2.0]["kl_dera"]
+  with pytest.raises(ValueError, match="lam must be positive"):
+    exact.realignment_errors(logp_ref, r, 0.5, (0.0,), tree)

@@ -482,6 +482,10 @@ def dera_from_conditionals(cond_ref: Conditionals, cond_aligned: Conditionals,
   if cond_ref.log_cond.shape != cond_aligned.log_cond.shape:
     raise ValueError(f"cond_ref covers {cond_ref.log_cond.shape[0]} prompts and cond_aligned "
                      f"{cond_aligned.log_cond.shape[0]}.")
+  if not 0 <= lam <= 1 and (np.any(np.isneginf(cond_ref.log_cond)) or
+                            np.any(np.isneginf(cond_aligned.log_cond))):
+    raise ValueError(f"lam={lam} extrapolates past the models, which needs every conditional "
+                     "positive; some are 0.")
   mixed = _weighted(1 - lam, cond_ref.log_cond) + _weighted(lam, cond_aligned.log_cond)
   edges = np.arange(1, tree.num_prefixes)
   log_z = _segment_logsumexp(mixed[:, edges], tree.parent[edges], tree.num_prefixes)

@@ -225,6 +225,11 @@ def test_dera_refuses_different_response_sets(world):
                                exact.enumerate_responses(IDS[3:], 1, 3))
   with pytest.raises(ValueError, match="different response sets"):
     exact.dera_from_conditionals(a, b, 0.5)
+  with np.errstate(divide="ignore"):
+    zero = exact.token_conditionals(np.log([[0.0] + [1 / 12] * 12]), a.tree)
+  assert np.isneginf(exact.dera_from_conditionals(a, zero, 0.5)[0, 0])
+  with pytest.raises(ValueError, match="extrapolates"):
+    exact.dera_from_conditionals(a, zero, 2.0)
 
 
 # ----------------------------------------------------------------------------- model scores

@@ -25,7 +25,6 @@ import numpy as np
 
 from deranj import decoding
 from deranj.models import base as models_base
-from deranj.models import losses
 from deranj.models import t5
 
 Array = jax.Array
@@ -217,13 +216,13 @@ class Realigner:
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def _score(self, params, enc, targets, weights):
-    batch = {"encoder_input_tokens": enc, "decoder_target_tokens": targets,
-             "decoder_input_tokens": models_base.shift_right(targets)}
+    # The models' teacher-forced logits, mixed per token, then the shared masked sum.
+    batch = models_base.response_batch(enc, targets)
     logits = jnp.stack([m.logits(p, batch) for m, p in zip(self.models, params)])
     mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
                                     jnp.repeat(weights, targets.shape[1], axis=0))
-    token_ll = losses.token_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets)
-    return jnp.sum(token_ll * (targets > 0), axis=-1)
+    token_ll = models_base.masked_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets)
+    return jnp.sum(token_ll, axis=-1)
 
   # --------------------------------------------------------------------------- resample
 

@@ -34,7 +34,6 @@ from experiments import common
 common.setup_path()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deranj import dera  # noqa: E402
@@ -47,7 +46,6 @@ from deranj.data import tokenizer  # noqa: E402
 from deranj.evaluation import judges  # noqa: E402
 from deranj.evaluation import win_rates  # noqa: E402
 from deranj.models import base as models_base  # noqa: E402
-from deranj.models import losses as model_losses  # noqa: E402
 
 PAPER_LAMS = "0.5,0.6667,1,2,5,10"  # the paper's grid (Sec. 5.4)
 # Per preset: the λ grid (smoke: three points, so CI trains two retrained models), held-out
@@ -156,10 +154,7 @@ def make_pairs(ctx: Context, macros: dict, grid: dict, sft, gold: judges.RewardM
 
 @functools.partial(jax.jit, static_argnums=0)
 def _sequence_logps(model: models_base.EncoderDecoderModel, params, enc, targets):
-  batch = {"encoder_input_tokens": enc, "decoder_target_tokens": targets,
-           "decoder_input_tokens": models_base.shift_right(targets)}
-  token_ll = model_losses.token_log_likelihood(model.logits(params, batch), targets)
-  return jnp.sum(token_ll * (targets > 0), axis=-1)
+  return model.sequence_logprobs(params, enc, targets)
 
 
 def model_pairwise_accuracy(model, params, pairs: dict, batch_size: int) -> float:

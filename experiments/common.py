@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from deranj import decoding  # noqa: E402
 from deranj import gin_utils  # noqa: E402
+from deranj.data import batching  # noqa: E402
 from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
 from deranj.training import trainer  # noqa: E402
@@ -109,18 +110,6 @@ def load_policy(model_dir: str):
   return loading.load_model(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR))
 
 
-def in_chunks(num_rows: int, chunk: int) -> list[tuple[int, int]]:
-  return [(s, min(s + chunk, num_rows)) for s in range(0, num_rows, chunk)]
-
-
-def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  """`x` padded to `rows` rows by repeating its first row, so every chunk has one shape
-  (and the sampler compiles once)."""
-  if len(x) == rows:
-    return x
-  return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
-
-
 def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[float],
               ) -> dict[str, Any]:
   """How DeRa's metric tracks the retrained models' across λ (higher metric = better)."""
@@ -192,33 +181,27 @@ def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
   and the SIR effective sample sizes [len(lams), P * samples] (None without SIR)."""
   rows = np.repeat(prompts, len(lams) * samples, axis=0)
   lam_rows = np.tile(np.repeat(np.asarray(lams, np.float32), samples), len(prompts))
-  out, ess = [], []
-  for i, (start, stop) in enumerate(in_chunks(len(rows), chunk)):
-    enc = pad_rows(rows[start:stop], chunk)
-    lam = pad_rows(lam_rows[start:stop], chunk)
+
+  def one(i, enc, lam):
     key = jax.random.fold_in(rng, i)
     if candidates:
-      res = jax.device_get(realigner.resample(enc, lam, key, num_candidates=candidates))
-      out.append(res.samples.tokens[:stop - start])
-      ess.append(res.ess[:stop - start])
-    else:
-      out.append(jax.device_get(realigner.sample(enc, lam, key)).tokens[:stop - start])
+      res = realigner.resample(enc, lam, key, num_candidates=candidates)
+      return res.samples.tokens, res.ess
+    return realigner.sample(enc, lam, key).tokens, None
+
+  tokens, ess = batching.map_in_fixed_batches(one, (rows, lam_rows), chunk, pass_number=True)
 
   def by_lam(x):  # rows prompt-major, then lam, then sample -> [lam, prompt * sample, ...]
     x = x.reshape((len(prompts), len(lams), samples) + x.shape[1:])
     return np.swapaxes(x, 0, 1).reshape((len(lams), len(prompts) * samples) + x.shape[3:])
 
-  return by_lam(np.concatenate(out)), (by_lam(np.concatenate(ess)) if ess else None)
+  return by_lam(tokens), (by_lam(ess) if ess is not None else None)
 
 
 def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
   """[P * samples, T] tokens, prompt-major; fixed chunk shape, so one compile per model
   object however many parameter sets."""
-  rows = np.repeat(prompts, samples, axis=0)
-  out = []
-  for i, (start, stop) in enumerate(in_chunks(len(rows), chunk)):
-    enc = pad_rows(rows[start:stop], chunk)
-    res = decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
-                          max_decode_len=max_decode_len)
-    out.append(np.asarray(res.tokens)[:stop - start])
-  return np.concatenate(out)
+  return batching.map_in_fixed_batches(
+      lambda i, enc: decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
+                                     max_decode_len=max_decode_len).tokens,
+      (np.repeat(prompts, samples, axis=0),), chunk, pass_number=True)

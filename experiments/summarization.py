@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj import rewards  # noqa: E402
+from deranj.data import batching  # noqa: E402
 from deranj.data import pipeline  # noqa: E402
 from deranj.data import preferences  # noqa: E402
 from deranj.data import tasks  # noqa: E402
@@ -160,17 +161,10 @@ def _sequence_logps(model: models_base.EncoderDecoderModel, params, enc, targets
 def model_pairwise_accuracy(model, params, pairs: dict, batch_size: int) -> float:
   """Eq. 14 of one model on held-out pairs, the same convention as
   `win_rates.realigned_pairwise_accuracy` (lengths count non-PAD tokens, EOS included)."""
-  prompts = pairs["encoder_input_tokens"]
-  n = len(prompts)
-  logps = {}
-  for side in ("chosen", "rejected"):
-    targets = pairs[f"{side}_decoder_target_tokens"]
-    out = []
-    for start in range(0, n, batch_size):
-      rows = np.minimum(np.arange(start, start + batch_size), n - 1)  # pad: one shape
-      out.append(np.asarray(_sequence_logps(model, params, prompts[rows], targets[rows]))
-                 [:min(batch_size, n - start)])
-    logps[side] = np.concatenate(out)
+  logps = {side: batching.map_in_fixed_batches(
+      functools.partial(_sequence_logps, model, params),
+      (pairs["encoder_input_tokens"], pairs[f"{side}_decoder_target_tokens"]), batch_size)
+            for side in ("chosen", "rejected")}
   return win_rates.pairwise_accuracy(
       logps["chosen"], (pairs["chosen_decoder_target_tokens"] > 0).sum(1),
       logps["rejected"], (pairs["rejected_decoder_target_tokens"] > 0).sum(1))

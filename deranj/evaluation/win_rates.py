@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 from typing import Sequence, Union
 
 import numpy as np
 
 from deranj import dera
+from deranj.data import batching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +111,15 @@ def realigned_pairwise_accuracy(realigner: dera.Realigner, prompts, chosen, reje
   width = max(chosen.shape[1], rejected.shape[1])
   chosen, rejected = _pad_to(chosen, width), _pad_to(rejected, width)
   len_chosen, len_rejected = (chosen > 0).sum(axis=1), (rejected > 0).sum(axis=1)
+  def both_sides(lam, x, w, l):
+    scores = realigner.score(np.concatenate([x, x]), np.concatenate([w, l]), lam)
+    return scores[:batch_size], scores[batch_size:]
+
   result = {}
   for lam in lams:
-    logp_w, logp_l = [], []
-    for start in range(0, n, batch_size):
-      rows = np.minimum(np.arange(start, start + batch_size), n - 1)
-      keep = min(batch_size, n - start)
-      scores = np.asarray(realigner.score(np.concatenate([prompts[rows], prompts[rows]]),
-                                          np.concatenate([chosen[rows], rejected[rows]]),
-                                          float(lam)))
-      logp_w.append(scores[:keep])
-      logp_l.append(scores[batch_size:batch_size + keep])
-    result[float(lam)] = pairwise_accuracy(np.concatenate(logp_w), len_chosen,
-                                           np.concatenate(logp_l), len_rejected)
+    logp_w, logp_l = batching.map_in_fixed_batches(
+        functools.partial(both_sides, float(lam)), (prompts, chosen, rejected), batch_size)
+    result[float(lam)] = pairwise_accuracy(logp_w, len_chosen, logp_l, len_rejected)
   return result
 
 

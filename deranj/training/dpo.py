@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deranj.data import batching
 from deranj.data import pipeline
 from deranj.models import base as models_base
 from deranj.training import losses
@@ -131,18 +132,12 @@ class DPO(objectives.Objective):
       return features
     score = _jitted_reference_logps(self)
     n = len(features["encoder_input_tokens"])
-    inputs = {k: features[k] for k in self.required_features}
-    chosen, rejected = [], []
-    for batch in pipeline.eval_batches(inputs, batch_size):
-      rows = len(batch["encoder_input_tokens"])
-      # Pad the last batch to the full size (repeating its first row): one compilation.
-      padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)])
-                for k, v in batch.items()}
-      c, r = jax.device_get(score(frozen, padded))
-      chosen.append(c[:rows])
-      rejected.append(r[:rows])
-    columns = {REFERENCE_COLUMNS[0]: np.concatenate(chosen).astype(np.float32),
-               REFERENCE_COLUMNS[1]: np.concatenate(rejected).astype(np.float32)}
+    names = self.required_features
+    chosen, rejected = batching.map_in_fixed_batches(
+        lambda *batch: score(frozen, dict(zip(names, batch))),
+        [features[k] for k in names], batch_size)
+    columns = {REFERENCE_COLUMNS[0]: chosen.astype(np.float32),
+               REFERENCE_COLUMNS[1]: rejected.astype(np.float32)}
     losses.check_finite(columns, f"reference log-probabilities of the {n} training pairs")
     return {**features, **columns}
 

@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from typing import Any, Iterable, Optional, Sequence
 
@@ -25,6 +24,7 @@ import numpy as np  # noqa: E402
 from deranj import decoding  # noqa: E402
 from deranj import gin_utils  # noqa: E402
 from deranj.data import batching  # noqa: E402
+from deranj.data import files  # noqa: E402
 from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
 from deranj.training import trainer  # noqa: E402
@@ -133,11 +133,8 @@ def spearman_text(agreement: dict[str, Any]) -> str:
 
 def write_json(path: str, data: Any) -> None:
   """Atomic: the file appears complete or not at all."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
+  with files.atomic_write(path) as f:
     json.dump(data, f, indent=2, default=_jsonable, allow_nan=False)
-  os.replace(tmp, path)
 
 
 def _jsonable(x):
@@ -149,11 +146,9 @@ def _jsonable(x):
 
 
 def save_figure(fig, path: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-  os.close(fd)
-  fig.savefig(tmp, dpi=120, bbox_inches="tight")
-  os.replace(tmp, path)
+  with files.atomic_write(path, "wb") as f:
+    fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png", dpi=120,
+                bbox_inches="tight")
 
 
 def parse_lams(text: str) -> list[float]:

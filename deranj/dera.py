@@ -69,6 +69,29 @@ def _as_model(model: ModelLike) -> models_base.EncoderDecoderModel:
                   f"got {type(model).__name__}.")
 
 
+def parse_lams(text: str, *, positive: bool = False, flag: str = "--lam") -> list[float]:
+  """'0,0.5,1' -> [0.0, 0.5, 1.0], in the order given.
+
+  Values must be finite and distinct; with `positive`, also > 0 (a retrained model at
+  beta / lam needs lam > 0). Raises ValueError with a one-line message naming `flag`.
+  """
+  try:
+    lams = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"{flag}={text!r}: expected comma-separated numbers, e.g. "
+                     f"{flag}=0.5,1,2.") from None
+  if not lams:
+    raise ValueError(f"{flag} is empty: give at least one value, e.g. {flag}=0.5,1,2.")
+  bad = [x for x in lams if not np.isfinite(x) or (positive and x <= 0)]
+  if bad:
+    need = "positive and finite (retraining uses beta / lam)" if positive else "finite"
+    raise ValueError(f"{flag}={text!r}: every value must be {need}, got {bad}.")
+  twice = sorted({x for x in lams if lams.count(x) > 1})
+  if twice:
+    raise ValueError(f"{flag}={text!r}: {twice} given more than once.")
+  return lams
+
+
 def _check_finite(lam) -> np.ndarray:
   lam = np.asarray(lam, np.float32)
   if not np.all(np.isfinite(lam)):

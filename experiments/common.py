@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deranj import decoding  # noqa: E402
+from deranj import dera  # noqa: E402
 from deranj import gin_utils  # noqa: E402
 from deranj.data import batching  # noqa: E402
 from deranj.data import files  # noqa: E402
@@ -151,15 +152,14 @@ def save_figure(fig, path: str) -> None:
                 bbox_inches="tight")
 
 
-def parse_lams(text: str) -> list[float]:
+def parse_lams(text: str, *, add_one: bool = False, flag: str = "--lams") -> list[float]:
+  """A driver's λ grid, sorted (and with 1, the aligned model, when `add_one`); exits
+  with one line on a bad value."""
   try:
-    lams = sorted({float(x) for x in text.split(",") if x.strip()})
-  except ValueError:
-    raise SystemExit(f"error: --lams={text!r}: expected comma-separated numbers.") from None
-  if not lams or any(not np.isfinite(x) or x <= 0 for x in lams):
-    raise SystemExit(f"error: --lams={text!r}: need positive finite values (retraining "
-                     "uses beta / lam).")
-  return lams
+    lams = dera.parse_lams(text, positive=True, flag=flag)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  return sorted(set(lams) | ({1.0} if add_one else set()))
 
 
 def setup_path() -> None:

@@ -91,7 +91,7 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   grid = GRIDS[args.preset]
-  lams = common.parse_lams((args.lams or grid["lams"]) + ",1")
+  lams = common.parse_lams(args.lams or grid["lams"], add_one=True)
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
   macros = common.preset_macros(args.preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",

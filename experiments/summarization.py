@@ -295,7 +295,7 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
   """
   args = parse_args(argv, description)
   grid = GRIDS[args.preset]
-  lams = common.parse_lams((args.lams or grid["lams"]) + ",1")
+  lams = common.parse_lams(args.lams or grid["lams"], add_one=True)
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
   ctx = Context(args.preset, workdir)

@@ -77,3 +77,22 @@ def test_report_says_when_spearman_is_undefined(capsys):
             "trained_runs": 0, "wall_seconds": {"sft": 1.0}}
   summarization.report(result)
   assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in capsys.readouterr().out
+
+
+def test_parse_lams_one_rule_one_line_errors():
+  from deranj import dera  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  assert dera.parse_lams(" 2, 0,-1.5,") == [2.0, 0.0, -1.5]  # order kept; 0 and < 0 allowed
+  for text, message in (("0,x", "expected comma-separated numbers"), (",", "is empty"),
+                        ("0,nan", "must be finite, got \\[nan\\]"),
+                        ("1,0.5,1", "\\[1.0\\] given more than once")):
+    with pytest.raises(ValueError, match=f"^--lam.*{message}") as e:
+      dera.parse_lams(text)
+    assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="--lams='0.5,0': every value must be positive"):
+    dera.parse_lams("0.5,0", positive=True, flag="--lams")
+  # The drivers' grid: sorted, with the aligned model's λ = 1 added once.
+  assert common.parse_lams("2,0.5", add_one=True) == [0.5, 1.0, 2.0]
+  assert common.parse_lams("4,1,0.25", add_one=True) == [0.25, 1.0, 4.0]
+  with pytest.raises(SystemExit, match="^error: --lams='-1': every value must be positive"):
+    common.parse_lams("-1")

@@ -116,10 +116,13 @@ def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[
   """How DeRa's metric tracks the retrained models' across λ (higher metric = better)."""
   from deranj.evaluation import win_rates  # pylint: disable=g-import-not-at-top
   dera, retrained = np.asarray(dera, float), np.asarray(retrained, float)
-  rho = win_rates.spearman(dera, retrained)
+  test = win_rates.spearman_test(dera, retrained)
+  finite = np.isfinite(test.rho)
   return {
       # None when either side is constant across λ (no ranking to compare).
-      "spearman": None if not np.isfinite(rho) else rho,
+      "spearman": test.rho if finite else None,
+      "spearman_p": test.p_value if finite else None,  # two-sided, under independence
+      "spearman_p_method": test.method,
       "mean_abs_difference": win_rates.mean_abs_difference(dera, retrained),
       "lam_picked_by_dera": float(lams[int(np.argmax(dera))]),
       "lam_picked_by_retrained": float(lams[int(np.argmax(retrained))]),
@@ -129,7 +132,9 @@ def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[
 def spearman_text(agreement: dict[str, Any]) -> str:
   """An `agreement(...)`'s Spearman ρ for a printed line."""
   rho = agreement["spearman"]
-  return "n/a (a constant side)" if rho is None else f"{rho:.3f}"
+  if rho is None:
+    return "n/a (a constant side)"
+  return f"{rho:.3f} (p = {agreement['spearman_p']:.2f}, {agreement['spearman_p_method']})"
 
 
 def write_json(path: str, data: Any) -> None:

@@ -96,3 +96,12 @@ def test_parse_lams_one_rule_one_line_errors():
   assert common.parse_lams("4,1,0.25", add_one=True) == [0.25, 1.0, 4.0]
   with pytest.raises(SystemExit, match="^error: --lams='-1': every value must be positive"):
     common.parse_lams("-1")
+
+
+def test_agreement_reports_rho_with_its_p_value():
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  agree = common.agreement([0.25, 0.5, 1, 2, 4], [1, 2, 3, 4, 5], [4, 3, 5, 1, 2])
+  assert agree["spearman_p_method"] == "exact permutation"
+  np.testing.assert_allclose([agree["spearman"], agree["spearman_p"]], [-0.6, 0.35], rtol=1e-12)
+  assert (agree["lam_picked_by_dera"], agree["lam_picked_by_retrained"]) == (4.0, 1.0)
+  assert common.spearman_text(agree) == "-0.600 (p = 0.35, exact permutation)"

@@ -135,28 +135,57 @@ def length_histogram(lengths, bins: Union[int, Sequence[float]] = 10) -> dict:
           "n": int(x.size)}
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """Ranks 1..N; tied values share the mean of their ranks."""
-  order = np.argsort(x, kind="stable")
-  sorted_x = x[order]
-  # Start index of each run of equal values, and each element's run.
-  starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-  run = np.cumsum(np.r_[True, sorted_x[1:] != sorted_x[:-1]]) - 1
-  ends = np.r_[starts[1:], x.size]  # exclusive
-  ranks = np.empty(x.size)
-  ranks[order] = (starts + ends + 1)[run] / 2.0  # mean of ranks starts+1 .. ends
-  return ranks
+# Up to this many points the p-value is exact: all n! pairings (8! = 40320).
+EXACT_SPEARMAN_MAX_N = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SpearmanTest:
+  """Spearman's rho (average ranks for ties) and its two-sided p-value under
+  independence; both NaN when either side is constant."""
+  rho: float
+  p_value: float
+  n: int
+  method: str  # "exact permutation" (n <= EXACT_SPEARMAN_MAX_N) or "t approximation"
+
+
+def _rank_pearson(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+  """Pearson correlation of ranks rx [N] with each row of ry [..., N]."""
+  rx, ry = rx - rx.mean(), ry - ry.mean(axis=-1, keepdims=True)
+  return (ry @ rx) / np.sqrt(np.sum(rx**2) * np.sum(ry**2, axis=-1))
+
+
+def spearman_test(x, y) -> SpearmanTest:
+  """Spearman's rho and p-value, from scipy.stats.
+
+  With few points (the figures' λ grids have 5 or 7) the t approximation of
+  `scipy.stats.spearmanr` is poor, so up to EXACT_SPEARMAN_MAX_N points the p-value is
+  exact: the share of all n! pairings of x with y whose |rho| is at least as large
+  (`scipy.stats.permutation_test`; ties handled as the data has them).
+  """
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+  x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+  if x.shape != y.shape or x.size < 2:
+    raise ValueError(f"expected two [N] arrays with N >= 2, got {x.shape} and {y.shape}.")
+  n = int(x.size)
+  exact = n <= EXACT_SPEARMAN_MAX_N
+  method = "exact permutation" if exact else "t approximation"
+  if np.all(x == x[0]) or np.all(y == y[0]):
+    return SpearmanTest(float("nan"), float("nan"), n, method)
+  result = scipy.stats.spearmanr(x, y)
+  rho, p_value = float(result.statistic), float(result.pvalue)
+  if exact:
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+    perm = scipy.stats.permutation_test(
+        (ry,), lambda r, axis=-1: _rank_pearson(rx, r), permutation_type="pairings",
+        vectorized=True, n_resamples=np.inf, alternative="two-sided")
+    p_value = float(perm.pvalue)
+  return SpearmanTest(rho, p_value, n, method)
 
 
 def spearman(x, y) -> float:
   """Spearman rank correlation with average ranks for ties; NaN if either is constant."""
-  x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-  if x.shape != y.shape or x.size < 2:
-    raise ValueError(f"expected two [N] arrays with N >= 2, got {x.shape} and {y.shape}.")
-  rx, ry = _average_ranks(x), _average_ranks(y)
-  rx, ry = rx - rx.mean(), ry - ry.mean()
-  denom = np.sqrt(np.sum(rx**2) * np.sum(ry**2))
-  return float(np.sum(rx * ry) / denom) if denom > 0 else float("nan")
+  return spearman_test(x, y).rho
 
 
 def mean_abs_difference(x, y) -> float:

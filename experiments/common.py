@@ -1,5 +1,5 @@
 """What the figure drivers share: gin-driven training runs that are skipped when finished,
-λ grids, sampling many models with one compilation, agreement numbers, JSON and PNG.
+preset macros, λ grids, agreement numbers, JSON and PNG (stages.py builds on these).
 
 A driver's work directory holds one MODEL_DIR per training run (`sft`, `<kind>_beta<β>`),
 then `figN.json` and `figN.png`. Re-running a driver skips every run whose final model
@@ -21,10 +21,8 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deranj import decoding  # noqa: E402
 from deranj import dera  # noqa: E402
 from deranj import gin_utils  # noqa: E402
-from deranj.data import batching  # noqa: E402
 from deranj.data import files  # noqa: E402
 from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
@@ -171,37 +169,3 @@ def setup_path() -> None:
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   os.chdir(REPO)  # gin files are given relative to the repository
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
-  """Tokens [len(lams), P * samples, T] from DeRa (or its importance-resampled version),
-  and the SIR effective sample sizes [len(lams), P * samples] (None without SIR)."""
-  rows = np.repeat(prompts, len(lams) * samples, axis=0)
-  lam_rows = np.tile(np.repeat(np.asarray(lams, np.float32), samples), len(prompts))
-
-  def one(i, enc, lam):
-    key = jax.random.fold_in(rng, i)
-    if candidates:
-      res = realigner.resample(enc, lam, key, num_candidates=candidates)
-      return res.samples.tokens, res.ess
-    return realigner.sample(enc, lam, key).tokens, None
-
-  tokens, ess = batching.map_in_fixed_batches(one, (rows, lam_rows), chunk, pass_number=True)
-
-  def by_lam(x):  # rows prompt-major, then lam, then sample -> [lam, prompt * sample, ...]
-    x = x.reshape((len(prompts), len(lams), samples) + x.shape[1:])
-    return np.swapaxes(x, 0, 1).reshape((len(lams), len(prompts) * samples) + x.shape[3:])
-
-  return by_lam(tokens), (by_lam(ess) if ess is not None else None)
-
-
-def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
-  """[P * samples, T] tokens, prompt-major; fixed chunk shape, so one compile per model
-  object however many parameter sets."""
-  return batching.map_in_fixed_batches(
-      lambda i, enc: decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
-                                     max_decode_len=max_decode_len).tokens,
-      (np.repeat(prompts, samples, axis=0),), chunk, pass_number=True)

@@ -185,7 +185,23 @@ def test_realigned_pairwise_accuracy_endpoints_are_the_models_own():
   expected_ref, expected_al = own(ref_params), own(al_params)
   assert got[0.0] == expected_ref and got[1.0] == expected_al
   assert expected_ref != expected_al  # the endpoints are distinguishable
-  assert all(0.0 <= v <= 1.0 for v in got.values())
+
+  # lam = 2.5, by hand in float64 NumPy: per-token log-softmax of -1.5 h_ref + 2.5 h_al,
+  # summed over each response's non-PAD tokens, divided by its length (eq. 14).
+  logits = jax.jit(ref.logits)
+
+  def mixed_logp(targets):
+    batch = base.response_batch(jnp.asarray(prompts), jnp.asarray(targets))
+    h = -1.5 * np.asarray(logits(ref_params, batch), np.float64) + 2.5 * np.asarray(
+        logits(al_params, batch), np.float64)
+    log_p = h - h.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    token = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    return (token * (targets > 0)).sum(-1) / (targets > 0).sum(-1)
+
+  expected_mid = np.mean(mixed_logp(chosen) > mixed_logp(rejected))
+  assert got[2.5] == expected_mid
+  assert expected_mid not in (expected_ref, expected_al)  # lam matters
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -231,6 +247,17 @@ def test_spearman_rho_and_exact_p_value():
   np.testing.assert_allclose(got.p_value, 2 * scipy.stats.t.sf(t, 10), rtol=1e-9)
   constant = win_rates.spearman_test([1, 1, 1], [1, 2, 3])
   assert np.isnan(constant.rho) and np.isnan(constant.p_value)
+
+
+def test_clustered_standard_error_by_hand():
+  # 3 prompts x 2 samples: per-prompt means 0.5, 1.5, 4; mean 2; deviations -1.5, -0.5, 2;
+  # sample variance (2.25 + 0.25 + 4) / 2 = 3.25; standard error sqrt(3.25 / 3).
+  mean, se = win_rates.clustered_mean_se([0, 1, 1, 2, 3, 5], 3)
+  assert mean == 2.0
+  np.testing.assert_allclose(se, np.sqrt(3.25 / 3), rtol=1e-15)
+  assert np.isnan(win_rates.clustered_mean_se([1.0, 2.0], 1)[1])
+  with pytest.raises(ValueError, match="5 values do not split into 2 equal clusters"):
+    win_rates.clustered_mean_se(np.ones(5), 2)
 
 
 def test_length_histogram_and_mean_abs_difference():

@@ -188,6 +188,21 @@ def spearman(x, y) -> float:
   return spearman_test(x, y).rho
 
 
+def clustered_mean_se(values, num_clusters: int) -> tuple[float, float]:
+  """Mean of [C * K] values in C equal clusters (cluster-major, e.g. K samples per
+  prompt) and its standard error from the C cluster means, std(ddof=1) / sqrt(C).
+
+  Samples of one prompt are correlated; treating all C * K as independent would
+  understate the error. NaN standard error for one cluster.
+  """
+  x = np.asarray(values, np.float64).ravel()
+  if num_clusters < 1 or x.size == 0 or x.size % num_clusters:
+    raise ValueError(f"{x.size} values do not split into {num_clusters} equal clusters.")
+  means = x.reshape(num_clusters, -1).mean(axis=1)
+  se = float(means.std(ddof=1) / np.sqrt(num_clusters)) if num_clusters > 1 else float("nan")
+  return float(means.mean()), se
+
+
 def mean_abs_difference(x, y) -> float:
   """mean |x - y| over matching entries, e.g. DeRa vs retrained win rates per lam."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)

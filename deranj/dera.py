@@ -25,7 +25,6 @@ import numpy as np
 
 from deranj import decoding
 from deranj.models import base as models_base
-from deranj.models import losses
 from deranj.models import t5
 
 Array = jax.Array
@@ -68,6 +67,29 @@ def _as_model(model: ModelLike) -> models_base.EncoderDecoderModel:
     return models_base.EncoderDecoderModel(model)
   raise TypeError(f"expected a deranj model (EncoderDecoderModel or t5.Transformer), "
                   f"got {type(model).__name__}.")
+
+
+def parse_lams(text: str, *, positive: bool = False, flag: str = "--lam") -> list[float]:
+  """'0,0.5,1' -> [0.0, 0.5, 1.0], in the order given.
+
+  Values must be finite and distinct; with `positive`, also > 0 (a retrained model at
+  beta / lam needs lam > 0). Raises ValueError with a one-line message naming `flag`.
+  """
+  try:
+    lams = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"{flag}={text!r}: expected comma-separated numbers, e.g. "
+                     f"{flag}=0.5,1,2.") from None
+  if not lams:
+    raise ValueError(f"{flag} is empty: give at least one value, e.g. {flag}=0.5,1,2.")
+  bad = [x for x in lams if not np.isfinite(x) or (positive and x <= 0)]
+  if bad:
+    need = "positive and finite (retraining uses beta / lam)" if positive else "finite"
+    raise ValueError(f"{flag}={text!r}: every value must be {need}, got {bad}.")
+  twice = sorted({x for x in lams if lams.count(x) > 1})
+  if twice:
+    raise ValueError(f"{flag}={text!r}: {twice} given more than once.")
+  return lams
 
 
 def _check_finite(lam) -> np.ndarray:
@@ -217,13 +239,13 @@ class Realigner:
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def _score(self, params, enc, targets, weights):
-    batch = {"encoder_input_tokens": enc, "decoder_target_tokens": targets,
-             "decoder_input_tokens": models_base.shift_right(targets)}
+    # The models' teacher-forced logits, mixed per token, then the shared masked sum.
+    batch = models_base.response_batch(enc, targets)
     logits = jnp.stack([m.logits(p, batch) for m, p in zip(self.models, params)])
     mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
                                     jnp.repeat(weights, targets.shape[1], axis=0))
-    token_ll = losses.token_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets)
-    return jnp.sum(token_ll * (targets > 0), axis=-1)
+    token_ll = models_base.masked_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets)
+    return jnp.sum(token_ll, axis=-1)
 
   # --------------------------------------------------------------------------- resample
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +111,9 @@ class RewardModel:
     if isinstance(module, base.EncoderDecoderModel):
       module = module.module
     self.module = module
+    # The embedder and encoder are the encoder-decoder's own subtrees: their init, axes
+    # and shapes come from it (parameter names and init RNGs are per module path).
+    self.backbone = base.EncoderDecoderModel(module)
     self.pad_id = pad_id
     self.eos_id = eos_id
     self.head_init_scale = head_init_scale
@@ -122,9 +124,8 @@ class RewardModel:
 
   # --------------------------------------------------------------------------- params
 
-  def _init_encoder(self, rng: Array):
-    tokens = jnp.ones((1, 2), jnp.int32)  # shapes do not depend on lengths
-    return self.module.init(rng, tokens, method=t5.Transformer.encode)
+  def _encoder_part(self, tree: Any) -> dict[str, Any]:
+    return {k: tree[k] for k in ENCODER_KEYS}
 
   def _head_params(self, rng: Array) -> Params:
     d = self.config.d_model
@@ -146,36 +147,31 @@ class RewardModel:
     """
     encoder_rng, head_rng = jax.random.split(rng)
     if from_params is None:
-      params = nn.unbox(self._init_encoder(encoder_rng)["params"])
+      params = self._encoder_part(self.backbone.init_params(encoder_rng))
     else:
       missing = [k for k in ENCODER_KEYS if k not in from_params]
       if missing:
         raise ValueError(f"RewardModel.init_params: from_params lacks {missing}; expected a "
                          f"t5.Transformer's params with keys {list(ENCODER_KEYS)}.")
-      params = {k: from_params[k] for k in ENCODER_KEYS}
+      params = self._encoder_part(from_params)
       got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
-      if got != self._encoder_shapes():
+      if got != self._encoder_part(self.backbone.param_shapes()):
         raise ValueError("RewardModel.init_params: from_params' embedder/encoder do not match "
                          f"this model's config {self.config}.")
     params = dict(params)
     params["head"] = self._head_params(head_rng)
     return params
 
-  def _encoder_shapes(self) -> Any:
-    abstract = jax.eval_shape(self._init_encoder, jax.random.PRNGKey(0))
-    return jax.tree_util.tree_map(lambda x: tuple(x.shape), nn.unbox(abstract["params"]))
-
   def logical_axes(self) -> Any:
     """The params' tree with PartitionSpecs of logical axis names as leaves."""
-    variables = jax.eval_shape(self._init_encoder, jax.random.PRNGKey(0))
-    axes = dict(nn.get_partition_spec(variables)["params"])
+    axes = self._encoder_part(self.backbone.logical_axes())
     axes["head"] = {"kernel": jax.sharding.PartitionSpec(t5.EMBED, None),
                     "bias": jax.sharding.PartitionSpec(None)}
     return axes
 
   def param_shapes(self) -> Any:
     """The params' tree with each leaf's shape as a tuple."""
-    shapes = dict(self._encoder_shapes())
+    shapes = self._encoder_part(self.backbone.param_shapes())
     shapes["head"] = {"kernel": (self.config.d_model, 1), "bias": (1,)}
     return shapes
 

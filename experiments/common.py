@@ -1,5 +1,5 @@
 """What the figure drivers share: gin-driven training runs that are skipped when finished,
-λ grids, sampling many models with one compilation, agreement numbers, JSON and PNG.
+preset macros, λ grids, agreement numbers, JSON and PNG (stages.py builds on these).
 
 A driver's work directory holds one MODEL_DIR per training run (`sft`, `<kind>_beta<β>`),
 then `figN.json` and `figN.png`. Re-running a driver skips every run whose final model
@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from typing import Any, Iterable, Optional, Sequence
 
@@ -22,8 +21,9 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deranj import decoding  # noqa: E402
+from deranj import dera  # noqa: E402
 from deranj import gin_utils  # noqa: E402
+from deranj.data import files  # noqa: E402
 from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
 from deranj.training import trainer  # noqa: E402
@@ -109,27 +109,18 @@ def load_policy(model_dir: str):
   return loading.load_model(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR))
 
 
-def in_chunks(num_rows: int, chunk: int) -> list[tuple[int, int]]:
-  return [(s, min(s + chunk, num_rows)) for s in range(0, num_rows, chunk)]
-
-
-def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  """`x` padded to `rows` rows by repeating its first row, so every chunk has one shape
-  (and the sampler compiles once)."""
-  if len(x) == rows:
-    return x
-  return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
-
-
 def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[float],
               ) -> dict[str, Any]:
   """How DeRa's metric tracks the retrained models' across λ (higher metric = better)."""
   from deranj.evaluation import win_rates  # pylint: disable=g-import-not-at-top
   dera, retrained = np.asarray(dera, float), np.asarray(retrained, float)
-  rho = win_rates.spearman(dera, retrained)
+  test = win_rates.spearman_test(dera, retrained)
+  finite = np.isfinite(test.rho)
   return {
       # None when either side is constant across λ (no ranking to compare).
-      "spearman": None if not np.isfinite(rho) else rho,
+      "spearman": test.rho if finite else None,
+      "spearman_p": test.p_value if finite else None,  # two-sided, under independence
+      "spearman_p_method": test.method,
       "mean_abs_difference": win_rates.mean_abs_difference(dera, retrained),
       "lam_picked_by_dera": float(lams[int(np.argmax(dera))]),
       "lam_picked_by_retrained": float(lams[int(np.argmax(retrained))]),
@@ -139,16 +130,15 @@ def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[
 def spearman_text(agreement: dict[str, Any]) -> str:
   """An `agreement(...)`'s Spearman ρ for a printed line."""
   rho = agreement["spearman"]
-  return "n/a (a constant side)" if rho is None else f"{rho:.3f}"
+  if rho is None:
+    return "n/a (a constant side)"
+  return f"{rho:.3f} (p = {agreement['spearman_p']:.2f}, {agreement['spearman_p_method']})"
 
 
 def write_json(path: str, data: Any) -> None:
   """Atomic: the file appears complete or not at all."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
+  with files.atomic_write(path) as f:
     json.dump(data, f, indent=2, default=_jsonable, allow_nan=False)
-  os.replace(tmp, path)
 
 
 def _jsonable(x):
@@ -160,65 +150,22 @@ def _jsonable(x):
 
 
 def save_figure(fig, path: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-  os.close(fd)
-  fig.savefig(tmp, dpi=120, bbox_inches="tight")
-  os.replace(tmp, path)
+  with files.atomic_write(path, "wb") as f:
+    fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png", dpi=120,
+                bbox_inches="tight")
 
 
-def parse_lams(text: str) -> list[float]:
+def parse_lams(text: str, *, add_one: bool = False, flag: str = "--lams") -> list[float]:
+  """A driver's λ grid, sorted (and with 1, the aligned model, when `add_one`); exits
+  with one line on a bad value."""
   try:
-    lams = sorted({float(x) for x in text.split(",") if x.strip()})
-  except ValueError:
-    raise SystemExit(f"error: --lams={text!r}: expected comma-separated numbers.") from None
-  if not lams or any(not np.isfinite(x) or x <= 0 for x in lams):
-    raise SystemExit(f"error: --lams={text!r}: need positive finite values (retraining "
-                     "uses beta / lam).")
-  return lams
+    lams = dera.parse_lams(text, positive=True, flag=flag)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  return sorted(set(lams) | ({1.0} if add_one else set()))
 
 
 def setup_path() -> None:
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   os.chdir(REPO)  # gin files are given relative to the repository
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
-  """Tokens [len(lams), P * samples, T] from DeRa (or its importance-resampled version),
-  and the SIR effective sample sizes [len(lams), P * samples] (None without SIR)."""
-  rows = np.repeat(prompts, len(lams) * samples, axis=0)
-  lam_rows = np.tile(np.repeat(np.asarray(lams, np.float32), samples), len(prompts))
-  out, ess = [], []
-  for i, (start, stop) in enumerate(in_chunks(len(rows), chunk)):
-    enc = pad_rows(rows[start:stop], chunk)
-    lam = pad_rows(lam_rows[start:stop], chunk)
-    key = jax.random.fold_in(rng, i)
-    if candidates:
-      res = jax.device_get(realigner.resample(enc, lam, key, num_candidates=candidates))
-      out.append(res.samples.tokens[:stop - start])
-      ess.append(res.ess[:stop - start])
-    else:
-      out.append(jax.device_get(realigner.sample(enc, lam, key)).tokens[:stop - start])
-
-  def by_lam(x):  # rows prompt-major, then lam, then sample -> [lam, prompt * sample, ...]
-    x = x.reshape((len(prompts), len(lams), samples) + x.shape[1:])
-    return np.swapaxes(x, 0, 1).reshape((len(lams), len(prompts) * samples) + x.shape[3:])
-
-  return by_lam(np.concatenate(out)), (by_lam(np.concatenate(ess)) if ess else None)
-
-
-def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
-  """[P * samples, T] tokens, prompt-major; fixed chunk shape, so one compile per model
-  object however many parameter sets."""
-  rows = np.repeat(prompts, samples, axis=0)
-  out = []
-  for i, (start, stop) in enumerate(in_chunks(len(rows), chunk)):
-    enc = pad_rows(rows[start:stop], chunk)
-    res = decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
-                          max_decode_len=max_decode_len)
-    out.append(np.asarray(res.tokens)[:stop - start])
-  return np.concatenate(out)

@@ -9,7 +9,10 @@ Stages (each training run through gin, skipped when already finished):
   4. one DeRa sweep over the whole grid from (SFT, aligned), a single compiled sampler;
   5. samples of every retrained model, and importance-resampled DeRa (the exact mixture);
   6. length reward and length distributions of each, written to fig2.json and fig2.png
-     (panel a: reward against λ; b: DeRa's lengths; c: the retrained models' lengths).
+     (panel a: reward against λ, 95% intervals clustered by prompt; b: DeRa's lengths;
+     c: the retrained models' lengths; the rewarded range [L_MIN, L_MAX] shaded).
+
+The λ grid, prompts, samples and SIR candidates are the preset's FIG2_* macros.
 """
 from __future__ import annotations
 
@@ -27,153 +30,118 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deranj import dera  # noqa: E402
-from deranj import profiling  # noqa: E402
 from deranj import rewards  # noqa: E402
 from deranj.data import pipeline  # noqa: E402
+from deranj.evaluation import win_rates  # noqa: E402
+from experiments import plots  # noqa: E402
+from experiments import stages  # noqa: E402
 
-# Per preset: λ grid, held-out prompts, samples per prompt and λ, SIR candidates.
-GRIDS = {
-    "smoke": dict(lams="0.5,1,2", prompts=4, samples=2, candidates=4, chunk=32),
-    "tiny": dict(lams="0.25,0.5,1,2,4", prompts=42, samples=4, candidates=8, chunk=128),
-    "paper": dict(lams="0.25,0.5,1,2,4", prompts=1000, samples=4, candidates=16, chunk=512),
-}
 RUN = "configs/runs/ppo_length.gin"
+KIND = "ppo"
 
 
-def length_stats(tokens: np.ndarray, l_min: int, l_max: int, bins: np.ndarray) -> dict:
+def length_stats(tokens: np.ndarray, num_prompts: int, l_min: int, l_max: int,
+                 bins: np.ndarray) -> dict:
+  """Length reward (mean and its standard error clustered by prompt) and lengths of
+  [P * samples, T] prompt-major samples."""
   lengths = np.asarray(rewards.response_lengths(tokens))
   reward = np.asarray(rewards.length_reward(lengths, l_min, l_max))
+  mean, se = win_rates.clustered_mean_se(reward, num_prompts)
   counts, _ = np.histogram(lengths, bins=bins)
-  return {"length_reward": float(reward.mean()), "mean_length": float(lengths.mean()),
+  return {"length_reward": mean, "length_reward_se": se, "mean_length": float(lengths.mean()),
           "in_range": float((reward == 0).mean()), "lengths": lengths.tolist(),
           "histogram": counts.tolist()}
 
 
-def plot(result: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  rows = result["per_lam"]
-  lams = [r["lam"] for r in rows]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  ax = axes[0]
-  ax.plot(lams, [r["dera"]["length_reward"] for r in rows], "s-", label="DeRa")
-  ax.plot(lams, [r["retrained"]["length_reward"] for r in rows], "^--", label="retrained")
-  ax.plot(lams, [r["dera_resampled"]["length_reward"] for r in rows], "o:", alpha=0.7,
-          label="DeRa + SIR (exact mixture)")
-  ax.set_xscale("log")
-  ax.set_xticks(lams, [f"{x:g}" for x in lams])
-  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.set_xlabel("λ (retrained at β/λ)")
-  ax.set_ylabel("mean length reward")
-  ax.set_title(f"(a) length reward, β = {result['beta']:g}")
-  ax.legend()
-  lo, hi = result["length_range"]
-  for ax, key, title in ((axes[1], "dera", "(b) DeRa"), (axes[2], "retrained",
-                                                         "(c) retrained")):
-    ax.boxplot([r[key]["lengths"] for r in rows], showfliers=False)
-    ax.set_xticks(range(1, len(lams) + 1), [f"{x:g}" for x in lams])
-    for y in (lo, hi):
-      ax.axhline(y, color="red", linestyle="--", linewidth=1)
-    ax.set_xlabel("λ")
-    ax.set_ylabel("response length (tokens)")
-    ax.set_title(f"{title}: length distributions")
-  common.save_figure(fig, path)
-  plt.close(fig)
+def report(result: dict) -> None:
+  common.log("\n| λ | β/λ | DeRa reward | retrained reward | DeRa+SIR reward | DeRa length | "
+             "retrained length |\n|---|---|---|---|---|---|---|")
+  for r in result["per_lam"]:
+    reward = lambda m: f"{r[m]['length_reward']:.3f} ± {r[m]['length_reward_se']:.3f}"  # noqa: E731
+    common.log(f"| {r['lam']:g} | {r['beta_over_lam']:.4g} | {reward('dera')} | "
+               f"{reward('retrained')} | {reward('dera_resampled')} | "
+               f"{r['dera']['mean_length']:.1f} | {r['retrained']['mean_length']:.1f} |")
+  agree = result["agreement"]["length_reward"]
+  common.log(f"\nreward ± its standard error over prompts; Spearman ρ(DeRa, retrained) = "
+             f"{common.spearman_text(agree)}; mean |Δ| = {agree['mean_abs_difference']:.3f}; "
+             f"wall {sum(result['wall_seconds'].values()):.0f} s")
 
 
-def main():
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=sorted(GRIDS), default="tiny")
+  parser.add_argument("--preset", choices=sorted(common.PRESET_FILES), default="tiny")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--beta", type=float, default=0.1)
-  parser.add_argument("--lams", default=None, help="comma-separated λ grid (1 is added)")
+  parser.add_argument("--lams", default=None,
+                      help="comma-separated λ grid (1 is added); default: the preset's FIG2_LAMS")
   parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
-  grid = GRIDS[args.preset]
-  lams = common.parse_lams((args.lams or grid["lams"]) + ",1")
+  args = parser.parse_args(argv)
+  grid = stages.read_grid(args.preset, "FIG2", args.lams)
+  lams = grid.lams
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
   macros = common.preset_macros(args.preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",
                                               "L_MIN", "L_MAX"])
   timer = common.Timer()
+  runs = stages.Runs(1 + len(lams))  # SFT, then one PPO run per λ
 
   sft_dir = common.run_dir(workdir, "sft")
   with timer("sft"):
-    common.train("configs/runs/sft.gin", args.preset, sft_dir)
-  policy_bindings = [f"INIT_CHECKPOINT = '{sft_dir}'"]
+    runs.train(stages.SFT_RUN, args.preset, sft_dir)
+  run_dirs = [common.run_dir(workdir, KIND, args.beta / lam) for lam in lams]
+
+  def train_ppo(lam):
+    return runs.train(RUN, args.preset, common.run_dir(workdir, KIND, args.beta / lam),
+                      [f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {args.beta / lam}"])
+
   with timer("aligned"):
-    common.train(RUN, args.preset, common.run_dir(workdir, "ppo", args.beta),
-                 [*policy_bindings, f"BETA = {args.beta}"])
+    train_ppo(1.0)
   with timer("retrained"):
     for lam in lams:
       if lam != 1:
-        common.train(RUN, args.preset, common.run_dir(workdir, "ppo", args.beta / lam),
-                     [*policy_bindings, f"BETA = {args.beta / lam}"])
+        train_ppo(lam)
 
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
-  val = pipeline.load(macros["TASK"], "validation", lengths, max_examples=grid["prompts"])
+  val = pipeline.load(macros["TASK"], "validation", lengths, max_examples=grid.prompts)
   prompts = val.features["encoder_input_tokens"]
+  num_prompts = len(prompts)
   max_len = macros["TARGETS_LENGTH"]
   bins = np.arange(0, max_len + 2)
   l_min, l_max = macros["L_MIN"], macros["L_MAX"]
   ref, ref_params = common.load_policy(sft_dir)
-  _, aligned_params = common.load_policy(common.run_dir(workdir, "ppo", args.beta))
-  realigner = dera.Realigner(ref, ref_params, ref, aligned_params, max_decode_len=max_len)
-  rng = jax.random.PRNGKey(args.seed)
-
-  with timer("dera_sweep"), profiling.count_compiles("_sample") as compiles:
-    dera_tokens, _ = common.sample_dera(realigner, prompts, lams, grid["samples"], grid["chunk"],
-                                 jax.random.fold_in(rng, 0))
-  with timer("dera_resampled"):
-    sir_tokens, ess = common.sample_dera(realigner, prompts, lams, grid["samples"], grid["chunk"],
-                                  jax.random.fold_in(rng, 1), candidates=grid["candidates"])
-  with timer("retrained_sampling"):
-    retrained_tokens = []
-    for lam in lams:
-      _, params = (ref, aligned_params) if lam == 1 else common.load_policy(
-          common.run_dir(workdir, "ppo", args.beta / lam))
-      retrained_tokens.append(common.sample_model(ref, params, prompts, grid["samples"],
-                                           grid["chunk"], max_len, jax.random.fold_in(rng, 2)))
+  retrained_params = [common.load_policy(d)[1] for d in run_dirs]
+  realigner = dera.Realigner(ref, ref_params, ref, retrained_params[lams.index(1.0)],
+                             max_decode_len=max_len)
+  sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
+                                  prompts, grid, max_len, jax.random.PRNGKey(args.seed))
 
   per_lam = []
   for i, lam in enumerate(lams):
-    per_lam.append({
-        "lam": lam, "beta_over_lam": args.beta / lam,
-        "dera": length_stats(dera_tokens[i], l_min, l_max, bins),
-        "retrained": length_stats(retrained_tokens[i], l_min, l_max, bins),
-        "dera_resampled": {**length_stats(sir_tokens[i], l_min, l_max, bins),
-                           "mean_ess": float(ess[i].mean()),
-                           "num_candidates": grid["candidates"]},
-    })
+    stats = {m: length_stats(sampled.tokens[m][i], num_prompts, l_min, l_max, bins)
+             for m in stages.METHODS}
+    stats["dera_resampled"].update(mean_ess=float(sampled.ess[i].mean()),
+                                   num_candidates=grid.candidates)
+    per_lam.append({"lam": lam, "beta_over_lam": args.beta / lam, **stats})
   reward = lambda key: [r[key]["length_reward"] for r in per_lam]  # noqa: E731
   result = {
       "figure": "2", "preset": args.preset, "beta": args.beta, "lams": lams,
-      "length_range": [l_min, l_max], "num_prompts": int(len(prompts)),
-      "samples_per_prompt": grid["samples"], "histogram_bins": bins.tolist(),
+      "seed": args.seed, "length_range": [l_min, l_max], "num_prompts": int(num_prompts),
+      "samples_per_prompt": grid.samples, "histogram_bins": bins.tolist(),
       "per_lam": per_lam,
       "agreement": {
           "length_reward": common.agreement(lams, reward("dera"), reward("retrained")),
           "dera_vs_resampled_mean_abs_difference": float(np.mean(np.abs(
               np.subtract(reward("dera"), reward("dera_resampled"))))),
       },
-      "dera_sweep_compiles": compiles.count,
+      "dera_sweep_compiles": sampled.compiles,
       "wall_seconds": timer.seconds,
   }
-  common.write_json(os.path.join(workdir, "fig2.json"), result)
-  plot(result, os.path.join(workdir, "fig2.png"))
-  common.log("\n| λ | β/λ | DeRa reward | retrained reward | DeRa+SIR reward | DeRa length | "
-             "retrained length |\n|---|---|---|---|---|---|---|")
-  for r in per_lam:
-    common.log(f"| {r['lam']:g} | {r['beta_over_lam']:.4g} | {r['dera']['length_reward']:.3f} | "
-               f"{r['retrained']['length_reward']:.3f} | "
-               f"{r['dera_resampled']['length_reward']:.3f} | {r['dera']['mean_length']:.1f} | "
-               f"{r['retrained']['mean_length']:.1f} |")
-  agree = result["agreement"]["length_reward"]
-  common.log(f"\nSpearman ρ(DeRa, retrained) = {common.spearman_text(agree)}; mean |Δ| = "
-             f"{agree['mean_abs_difference']:.3f}; wall {sum(timer.seconds.values()):.0f} s")
-  common.log(f"figure: {os.path.join(workdir, 'fig2.png')}\n"
-             f"numbers: {os.path.join(workdir, 'fig2.json')}")
+  json_path, png_path = (os.path.join(workdir, f"fig2.{x}") for x in ("json", "png"))
+  common.write_json(json_path, result)
+  plots.figure2(result, png_path)
+  report(result)
+  common.log(f"figure: {png_path}\nnumbers: {json_path}")
+  return result
 
 
 if __name__ == "__main__":

@@ -29,25 +29,26 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import stages  # noqa: E402
 from experiments import summarization  # noqa: E402
 
 KIND = "pg"
 RUN = "configs/runs/pg_reward.gin"
 
 
-def proxy_dir(ctx: summarization.Context) -> str:
+def proxy_dir(ctx: stages.Context) -> str:
   return common.run_dir(ctx.workdir, "proxy_rm")
 
 
-def train_proxy(ctx: summarization.Context) -> bool:
+def train_proxy(ctx: stages.Context) -> bool:
   """The proxy reward model: the SFT model's encoder fit to the gold-labelled pairs."""
-  return common.train(summarization.RM_RUN, ctx.preset, proxy_dir(ctx), [
+  return ctx.train(stages.RM_RUN, proxy_dir(ctx), [
       f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(),
       "RM_STEPS = %PROXY_RM_STEPS"])
 
 
-def train_aligned(ctx: summarization.Context, beta: float) -> bool:
-  return common.train(RUN, ctx.preset, common.run_dir(ctx.workdir, KIND, beta), [
+def train_aligned(ctx: stages.Context, beta: float) -> bool:
+  return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta), [
       f"INIT_CHECKPOINT = '{ctx.sft_dir}'", f"REWARD_MODEL = '{proxy_dir(ctx)}'",
       f"BETA = {beta}"])
 

@@ -26,14 +26,15 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import stages  # noqa: E402
 from experiments import summarization  # noqa: E402
 
 KIND = "dpo"
 RUN = "configs/runs/dpo.gin"
 
 
-def train_aligned(ctx: summarization.Context, beta: float) -> bool:
-  return common.train(RUN, ctx.preset, common.run_dir(ctx.workdir, KIND, beta), [
+def train_aligned(ctx: stages.Context, beta: float) -> bool:
+  return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta), [
       f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(), f"BETA = {beta}"])
 
 

@@ -85,6 +85,32 @@ def _numpy_logps(model, params, batch, side):
   return (token_ll * weights).sum(-1), weights.sum(-1)
 
 
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_sequence_logprobs_is_the_one_scorer(tiny):
+  """model.sequence_logprobs (prompts, responses) against float64 NumPy; score_batch,
+  DPO's sequence_logps and token_logprobs are the same numbers bit for bit."""
+  model, params = tiny
+  batch = _hand_made_batch()
+  prompts, chosen = batch["encoder_input_tokens"], batch["chosen_decoder_target_tokens"]
+  expected, lengths = _numpy_logps(model, params, batch, "chosen")
+  got = np.asarray(jax.jit(model.sequence_logprobs)(params, prompts, chosen))
+  # float32 sums of <= 5 terms of magnitude ~10: relative error a few float32 ulps.
+  np.testing.assert_allclose(got, expected, rtol=5e-6)
+  token_logp, logits = jax.jit(model.token_logprobs)(params, prompts, chosen)
+  assert logits.shape == chosen.shape + (model.config.vocab_size,)
+  token_logp = np.asarray(token_logp)
+  assert np.all(token_logp[np.asarray(chosen) == 0] == 0.0)
+  assert np.all(token_logp[np.asarray(chosen) > 0] < 0.0)
+  np.testing.assert_array_equal(token_logp.sum(-1), got)
+  half = pipeline.preference_halves(batch)[0]
+  np.testing.assert_array_equal(np.asarray(jax.jit(model.score_batch)(params, half)), got)
+  c, _, c_len, _ = jax.jit(functools.partial(dpo.sequence_logps, model))(params, batch)
+  np.testing.assert_array_equal(np.asarray(c_len), lengths)
+  np.testing.assert_allclose(np.asarray(c), got, rtol=1e-6)  # one [2B] batch vs [B]
+
+
 # ----------------------------------------------------------------------------- data
 
 

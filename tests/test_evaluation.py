@@ -1,4 +1,6 @@
 """Judges, win rates, pairwise accuracy (eq. 14) and the figures' statistics."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,20 +185,79 @@ def test_realigned_pairwise_accuracy_endpoints_are_the_models_own():
   expected_ref, expected_al = own(ref_params), own(al_params)
   assert got[0.0] == expected_ref and got[1.0] == expected_al
   assert expected_ref != expected_al  # the endpoints are distinguishable
-  assert all(0.0 <= v <= 1.0 for v in got.values())
+
+  # lam = 2.5, by hand in float64 NumPy: per-token log-softmax of -1.5 h_ref + 2.5 h_al,
+  # summed over each response's non-PAD tokens, divided by its length (eq. 14).
+  logits = jax.jit(ref.logits)
+
+  def mixed_logp(targets):
+    batch = base.response_batch(jnp.asarray(prompts), jnp.asarray(targets))
+    h = -1.5 * np.asarray(logits(ref_params, batch), np.float64) + 2.5 * np.asarray(
+        logits(al_params, batch), np.float64)
+    log_p = h - h.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    token = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    return (token * (targets > 0)).sum(-1) / (targets > 0).sum(-1)
+
+  expected_mid = np.mean(mixed_logp(chosen) > mixed_logp(rejected))
+  assert got[2.5] == expected_mid
+  assert expected_mid not in (expected_ref, expected_al)  # lam matters
 
 
 # ----------------------------------------------------------------------------- statistics
 
-def test_spearman_matches_scipy_with_ties():
-  rng = np.random.default_rng(0)
-  for x, y in [(rng.standard_normal(30), rng.standard_normal(30)),
-               (rng.integers(0, 5, 40), rng.integers(0, 4, 40)),  # many ties
-               (np.arange(10), np.arange(10) ** 3),
+def _brute_force_spearman(x, y):
+  """rho from hand-rolled average ranks, and the exact two-sided p-value over all n!
+  pairings, in NumPy: an implementation independent of scipy's."""
+  def ranks(v):
+    v = np.asarray(v, np.float64)
+    return np.array([np.sum(v < a) + (np.sum(v == a) + 1) / 2 for a in v])
+  rx, ry = ranks(x), ranks(y)
+  rho = np.corrcoef(rx, ry)[0, 1]
+  null = np.array([np.corrcoef(rx, ry[list(p)])[0, 1]
+                   for p in itertools.permutations(range(len(ry)))])
+  return rho, np.mean(np.abs(null) >= abs(rho) - 1e-12)
+
+
+def test_spearman_rho_and_exact_p_value():
+  # The README's Figure 2 case: 5 λ, rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 32 /
+  # 120 = -0.6, and 42 of the 120 pairings reach |rho| >= 0.6: p = 0.35.
+  got = win_rates.spearman_test([1, 2, 3, 4, 5], [4, 3, 5, 1, 2])
+  assert (got.n, got.method) == (5, "exact permutation")
+  np.testing.assert_allclose([got.rho, got.p_value], [-0.6, 0.35], rtol=1e-12)
+  for x, y in [([1, 2, 3, 4, 5], [2, 3, 1, 5, 4]),
+               ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8], [1, 1, 3, 2, 2, 0, 5]),  # ties
                ([3, 1, 2, 2], [1, 3, 2, 2])]:
-    np.testing.assert_allclose(win_rates.spearman(x, y), scipy.stats.spearmanr(x, y)[0],
-                               rtol=1e-12, atol=1e-12)
-  assert np.isnan(win_rates.spearman([1, 1, 1], [1, 2, 3]))
+    got = win_rates.spearman_test(x, y)
+    rho, p = _brute_force_spearman(x, y)
+    np.testing.assert_allclose(got.rho, rho, rtol=1e-12)
+    np.testing.assert_allclose(got.p_value, p, rtol=1e-9)
+    assert win_rates.spearman(x, y) == got.rho
+  np.testing.assert_allclose(_brute_force_spearman([1, 2, 3, 4, 5], [4, 3, 5, 1, 2]),
+                             [-0.6, 0.35], rtol=1e-12)
+  # Many points: scipy's t approximation, t = rho sqrt((n - 2) / (1 - rho^2)) with n - 2
+  # degrees of freedom, here recomputed by hand.
+  x = np.arange(12)
+  y = np.array([0, 2, 1, 4, 3, 6, 5, 8, 11, 7, 10, 9])
+  got = win_rates.spearman_test(x, y)
+  rho = 1 - 6 * np.sum((x - y) ** 2) / (12 * (12**2 - 1))
+  t = rho * np.sqrt(10 / (1 - rho**2))
+  assert got.method == "t approximation"
+  np.testing.assert_allclose(got.rho, rho, rtol=1e-12)
+  np.testing.assert_allclose(got.p_value, 2 * scipy.stats.t.sf(t, 10), rtol=1e-9)
+  constant = win_rates.spearman_test([1, 1, 1], [1, 2, 3])
+  assert np.isnan(constant.rho) and np.isnan(constant.p_value)
+
+
+def test_clustered_standard_error_by_hand():
+  # 3 prompts x 2 samples: per-prompt means 0.5, 1.5, 4; mean 2; deviations -1.5, -0.5, 2;
+  # sample variance (2.25 + 0.25 + 4) / 2 = 3.25; standard error sqrt(3.25 / 3).
+  mean, se = win_rates.clustered_mean_se([0, 1, 1, 2, 3, 5], 3)
+  assert mean == 2.0
+  np.testing.assert_allclose(se, np.sqrt(3.25 / 3), rtol=1e-15)
+  assert np.isnan(win_rates.clustered_mean_se([1.0, 2.0], 1)[1])
+  with pytest.raises(ValueError, match="5 values do not split into 2 equal clusters"):
+    win_rates.clustered_mean_se(np.ones(5), 2)
 
 
 def test_length_histogram_and_mean_abs_difference():

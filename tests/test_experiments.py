@@ -1,28 +1,31 @@
-"""The Figure 3 and 7 drivers: preference-pair labelling (fast) and smoke runs (slow)."""
+"""The Figure 3 and 7 drivers: preference-pair labelling, λ grids, agreement and reports
+(fast), and smoke runs (slow)."""
 import json
 import os
 
 import numpy as np
 import pytest
 
+from experiments import judging
+from experiments import stages
 from experiments import summarization
 
 
 def test_label_pairs_prefers_the_higher_score_and_drops_ties():
-  pairs = summarization.label_pairs(
+  pairs = stages.label_pairs(
       ["doc one", "doc two", "doc three", "doc four"],
       ["a1", "a2", "same", "a4"], ["b1", "b2", "same", "b4"],
       scores_a=[0.5, -1.0, 3.0, 2.0], scores_b=[0.1, 1.0, 0.0, 2.0])
   assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
       ("doc one", "a1", "b1"), ("doc two", "b2", "a2")]  # identical texts, equal scores out
   with pytest.raises(ValueError, match="one of each per pair"):
-    summarization.label_pairs(["x"], ["a"], ["b", "c"], [1.0], [0.0])
+    stages.label_pairs(["x"], ["a"], ["b", "c"], [1.0], [0.0])
 
 
 def test_documents_strip_the_task_prefix():
-  split = summarization.pipeline.Split(
+  split = stages.pipeline.Split(
       features={}, texts={"inputs": ["summarize: the cat sat.", "no prefix"]})
-  assert summarization.documents(split) == ["the cat sat.", "no prefix"]
+  assert stages.documents(split) == ["the cat sat.", "no prefix"]
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +40,30 @@ def _check(result, workdir, figure, lams):
     saved = json.load(f)
   assert saved["lams"] == lams
   assert [r["lam"] for r in saved["per_lam"]] == lams
+  n = saved["num_prompts"] * saved["samples_per_prompt"]
+  held_out = saved["held_out_pairs"]
   for row in saved["per_lam"]:
-    for method in summarization.METHODS:
-      for judge in summarization.JUDGES:
+    for method in stages.METHODS:
+      for judge in judging.JUDGES:
         keys = ("vs_sft", "vs_beta") + (() if method == "retrained" else ("vs_retrained",))
         for key in keys:
           w = row[method][judge][key]
-          assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1, (method, judge, key, w)
-    for method in ("dera", "retrained"):
-      assert 0 <= row[method]["pairwise_accuracy"] <= 1
+          assert w["n"] == n, (method, judge, key, w)
+          # Outcomes are 1, 1/2 or 0: the rate is a multiple of 1 / (2n).
+          assert abs(2 * n * w["rate"] - round(2 * n * w["rate"])) < 1e-9 * n, w
+    for method in ("dera", "retrained"):  # k of the held-out pairs
+      k = row[method]["pairwise_accuracy"] * held_out
+      assert abs(k - round(k)) < 1e-9 * held_out
+  beta_row = saved["per_lam"][lams.index(1.0)]
+  # The β model against itself (the same samples): every ROUGE-L comparison ties.
+  assert beta_row["retrained"]["rouge_l"]["vs_beta"] == {"rate": 0.5, "low": 0.5, "high": 0.5,
+                                                         "n": n}
+  # DeRa at λ = 1 is the aligned model: the same eq. 14 accuracy.
+  assert beta_row["dera"]["pairwise_accuracy"] == beta_row["retrained"]["pairwise_accuracy"]
   assert saved["dera_sweep_compiles"] == 1  # one compiled sampler for the whole grid
-  assert set(saved["agreement"]["gold/vs_sft"]) >= {"spearman", "mean_abs_difference"}
+  agree = saved["agreement"]["gold/vs_sft"]
+  assert agree["spearman_p_method"] == "exact permutation"
+  assert (agree["spearman"] is None) == (agree["spearman_p"] is None)
   assert os.path.getsize(os.path.join(workdir, f"fig{figure}.png")) > 0
   assert saved["trained_runs"] == result["trained_runs"] > 0
 
@@ -77,3 +93,31 @@ def test_report_says_when_spearman_is_undefined(capsys):
             "trained_runs": 0, "wall_seconds": {"sft": 1.0}}
   summarization.report(result)
   assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in capsys.readouterr().out
+
+
+def test_parse_lams_one_rule_one_line_errors():
+  from deranj import dera  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  assert dera.parse_lams(" 2, 0,-1.5,") == [2.0, 0.0, -1.5]  # order kept; 0 and < 0 allowed
+  for text, message in (("0,x", "expected comma-separated numbers"), (",", "is empty"),
+                        ("0,nan", "must be finite, got \\[nan\\]"),
+                        ("1,0.5,1", "\\[1.0\\] given more than once")):
+    with pytest.raises(ValueError, match=f"^--lam.*{message}") as e:
+      dera.parse_lams(text)
+    assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="--lams='0.5,0': every value must be positive"):
+    dera.parse_lams("0.5,0", positive=True, flag="--lams")
+  # The drivers' grid: sorted, with the aligned model's λ = 1 added once.
+  assert common.parse_lams("2,0.5", add_one=True) == [0.5, 1.0, 2.0]
+  assert common.parse_lams("4,1,0.25", add_one=True) == [0.25, 1.0, 4.0]
+  with pytest.raises(SystemExit, match="^error: --lams='-1': every value must be positive"):
+    common.parse_lams("-1")
+
+
+def test_agreement_reports_rho_with_its_p_value():
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  agree = common.agreement([0.25, 0.5, 1, 2, 4], [1, 2, 3, 4, 5], [4, 3, 5, 1, 2])
+  assert agree["spearman_p_method"] == "exact permutation"
+  np.testing.assert_allclose([agree["spearman"], agree["spearman_p"]], [-0.6, 0.35], rtol=1e-12)
+  assert (agree["lam_picked_by_dera"], agree["lam_picked_by_retrained"]) == (4.0, 1.0)
+  assert common.spearman_text(agree) == "-0.600 (p = 0.35, exact permutation)"

@@ -1,15 +1,52 @@
-"""Figure 2's driver on the smoke preset, and the sweep script."""
+"""Figure 2's driver: length statistics (fast), the smoke preset end to end (slow), and the
+sweep script."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from experiments import fig2_length_reward  # noqa: E402
+from experiments import stages  # noqa: E402
 from scripts import sweep  # noqa: E402
+
+
+def _expected_length_stats(lengths, num_prompts, l_min, l_max):
+  """Mean length reward and its standard error over prompts, by hand in NumPy."""
+  lengths = np.asarray(lengths)
+  reward = np.where((lengths >= l_min) & (lengths <= l_max), 0.0, -1.0)
+  per_prompt = reward.reshape(num_prompts, -1).mean(1)
+  se = np.sqrt(np.sum((per_prompt - per_prompt.mean()) ** 2) / (num_prompts - 1) / num_prompts)
+  return reward.mean(), se
+
+
+def test_length_stats_by_hand():
+  # 2 prompts x 2 samples; lengths 3, 1 | 5, 2 (EOS = 1 ends each, PAD = 0 after).
+  tokens = np.array([[7, 8, 9, 1, 0, 0], [7, 1, 0, 0, 0, 0],
+                     [5, 6, 7, 8, 9, 1], [4, 4, 1, 0, 0, 0]])
+  stats = fig2_length_reward.length_stats(tokens, 2, 2, 3, np.arange(8))
+  assert stats["lengths"] == [3, 1, 5, 2]
+  assert stats["histogram"] == [0, 1, 1, 1, 0, 1, 0]
+  # rewards 0, -1 | -1, 0: mean -1/2; per-prompt means -1/2, -1/2: standard error 0.
+  assert stats["length_reward"] == -0.5 and stats["length_reward_se"] == 0.0
+  assert stats["in_range"] == 0.5 and stats["mean_length"] == 2.75
+  stats = fig2_length_reward.length_stats(tokens, 2, 1, 3, np.arange(8))
+  # rewards 0, 0 | -1, 0: per-prompt means 0, -1/2: standard error 1/4.
+  assert stats["length_reward"] == -0.25 and stats["length_reward_se"] == 0.25
+
+
+def test_retrained_models_sample_with_their_own_keys():
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = jax.random.PRNGKey(0)
+  keys = [np.asarray(stages.model_key(rng, f"/w/ppo_beta{b}")) for b in ("0.1", "0.05", "0.2")]
+  assert len({k.tobytes() for k in keys}) == 3
+  # A model's key is its run's name, whatever the directory or the grid around it.
+  np.testing.assert_array_equal(stages.model_key(rng, "/other/ppo_beta0.1/"), keys[0])
 
 
 def test_sweep_prints_one_command_per_lam_at_beta_over_lam(tmp_path, capsys):
@@ -34,11 +71,20 @@ def test_fig2_smoke_end_to_end_and_resumable(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   result = json.load(open(tmp_path / "fig2.json"))
   assert [r["lam"] for r in result["per_lam"]] == [0.5, 1.0, 2.0]
+  l_min, l_max = result["length_range"]
+  n = result["num_prompts"] * result["samples_per_prompt"]
   for row in result["per_lam"]:
-    for method in ("dera", "retrained", "dera_resampled"):
-      assert -1.0 <= row[method]["length_reward"] <= 0.0
-      assert sum(row[method]["histogram"]) == result["num_prompts"] * result[
-          "samples_per_prompt"]
+    for method in stages.METHODS:
+      stats = row[method]
+      assert len(stats["lengths"]) == n
+      mean, se = _expected_length_stats(stats["lengths"], result["num_prompts"], l_min, l_max)
+      np.testing.assert_allclose([stats["length_reward"], stats["length_reward_se"]],
+                                 [mean, se], rtol=1e-12, atol=1e-15)
+      assert stats["histogram"] == np.bincount(stats["lengths"], minlength=len(
+          result["histogram_bins"]) - 1).tolist()
+  beta_row = result["per_lam"][result["lams"].index(1.0)]
+  assert beta_row["dera"]["lengths"] != beta_row["retrained"]["lengths"]  # own keys
+  assert "-- run 4 of 4: ppo_beta0.05" in first.stdout  # smoke: SFT + 3 PPO runs
   assert result["dera_sweep_compiles"] == 1  # one compiled sampler for the whole grid
   assert os.path.getsize(tmp_path / "fig2.png") > 10_000
   again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,

@@ -5,10 +5,11 @@ in a large file can be found and fixed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 
 class DataError(ValueError):
@@ -75,35 +76,46 @@ def get_field(record: Mapping[str, Any], field: str, *, path: str, line_number: 
   return value
 
 
-def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
-  """Writes one JSON object per line, atomically (temp file, then rename); returns count."""
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", *, fsync: bool = False) -> Iterator[IO]:
+  """Opens a temp file beside `path` for writing; on success it becomes `path` (0644).
+
+  The file appears complete or not at all: on an exception the temp file is removed
+  and `path` is untouched. `fsync` flushes it to disk before the rename.
+
+      with atomic_write("out.json") as f:
+        json.dump(data, f)
+  """
+  if mode not in ("w", "wb"):
+    raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}.")
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  count = 0
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        count += 1
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      yield f
+      if fsync:
+        f.flush()
+        os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600
     os.replace(tmp, path)
   except BaseException:
-    os.unlink(tmp)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
     raise
+
+
+def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
+  """Writes one JSON object per line, atomically (`atomic_write`); returns the count."""
+  count = 0
+  with atomic_write(path) as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+      count += 1
   return count
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to a temp file beside `path`, then renames it into place."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  """Writes `data` to `path` atomically (`atomic_write`)."""
+  with atomic_write(path, "wb") as f:
+    f.write(data)

@@ -10,13 +10,14 @@ first response, 1.0 (it wins), 0.5 (tie) or 0.0 (it loses); the win rate is the 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deranj import rewards as rewards_lib
+from deranj.data import batching
 
 Params = Any
 
@@ -73,13 +74,10 @@ class RewardModelJudge:
     if prompts.ndim != 2 or responses.ndim != 2 or len(prompts) != len(responses):
       raise ValueError(f"expected prompts [N, S] and responses [N, T], got {prompts.shape} "
                        f"and {responses.shape}.")
-    n, size = len(prompts), self.batch_size
-    out = []
-    for start in range(0, n, size):
-      rows = np.minimum(np.arange(start, start + size), n - 1)  # pad: repeat the last row
-      r = self._rewards(self.params, jnp.asarray(prompts[rows]), jnp.asarray(responses[rows]))
-      out.append(np.asarray(r)[:min(size, n - start)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    if not len(prompts):
+      return np.zeros((0,), np.float32)
+    return batching.map_in_fixed_batches(functools.partial(self._rewards, self.params),
+                                         (prompts, responses), self.batch_size)
 
   def __call__(self, prompts, responses_a, responses_b) -> np.ndarray:
     """Prompts [N, S], responses [N, T] each -> [N] outcomes for A."""

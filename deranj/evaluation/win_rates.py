@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 from typing import Sequence, Union
 
 import numpy as np
 
 from deranj import dera
+from deranj.data import batching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +111,15 @@ def realigned_pairwise_accuracy(realigner: dera.Realigner, prompts, chosen, reje
   width = max(chosen.shape[1], rejected.shape[1])
   chosen, rejected = _pad_to(chosen, width), _pad_to(rejected, width)
   len_chosen, len_rejected = (chosen > 0).sum(axis=1), (rejected > 0).sum(axis=1)
+  def both_sides(lam, x, w, l):
+    scores = realigner.score(np.concatenate([x, x]), np.concatenate([w, l]), lam)
+    return scores[:batch_size], scores[batch_size:]
+
   result = {}
   for lam in lams:
-    logp_w, logp_l = [], []
-    for start in range(0, n, batch_size):
-      rows = np.minimum(np.arange(start, start + batch_size), n - 1)
-      keep = min(batch_size, n - start)
-      scores = np.asarray(realigner.score(np.concatenate([prompts[rows], prompts[rows]]),
-                                          np.concatenate([chosen[rows], rejected[rows]]),
-                                          float(lam)))
-      logp_w.append(scores[:keep])
-      logp_l.append(scores[batch_size:batch_size + keep])
-    result[float(lam)] = pairwise_accuracy(np.concatenate(logp_w), len_chosen,
-                                           np.concatenate(logp_l), len_rejected)
+    logp_w, logp_l = batching.map_in_fixed_batches(
+        functools.partial(both_sides, float(lam)), (prompts, chosen, rejected), batch_size)
+    result[float(lam)] = pairwise_accuracy(logp_w, len_chosen, logp_l, len_rejected)
   return result
 
 
@@ -137,28 +135,72 @@ def length_histogram(lengths, bins: Union[int, Sequence[float]] = 10) -> dict:
           "n": int(x.size)}
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """Ranks 1..N; tied values share the mean of their ranks."""
-  order = np.argsort(x, kind="stable")
-  sorted_x = x[order]
-  # Start index of each run of equal values, and each element's run.
-  starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-  run = np.cumsum(np.r_[True, sorted_x[1:] != sorted_x[:-1]]) - 1
-  ends = np.r_[starts[1:], x.size]  # exclusive
-  ranks = np.empty(x.size)
-  ranks[order] = (starts + ends + 1)[run] / 2.0  # mean of ranks starts+1 .. ends
-  return ranks
+# Up to this many points the p-value is exact: all n! pairings (8! = 40320).
+EXACT_SPEARMAN_MAX_N = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SpearmanTest:
+  """Spearman's rho (average ranks for ties) and its two-sided p-value under
+  independence; both NaN when either side is constant."""
+  rho: float
+  p_value: float
+  n: int
+  method: str  # "exact permutation" (n <= EXACT_SPEARMAN_MAX_N) or "t approximation"
+
+
+def _rank_pearson(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+  """Pearson correlation of ranks rx [N] with each row of ry [..., N]."""
+  rx, ry = rx - rx.mean(), ry - ry.mean(axis=-1, keepdims=True)
+  return (ry @ rx) / np.sqrt(np.sum(rx**2) * np.sum(ry**2, axis=-1))
+
+
+def spearman_test(x, y) -> SpearmanTest:
+  """Spearman's rho and p-value, from scipy.stats.
+
+  With few points (the figures' λ grids have 5 or 7) the t approximation of
+  `scipy.stats.spearmanr` is poor, so up to EXACT_SPEARMAN_MAX_N points the p-value is
+  exact: the share of all n! pairings of x with y whose |rho| is at least as large
+  (`scipy.stats.permutation_test`; ties handled as the data has them).
+  """
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+  x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+  if x.shape != y.shape or x.size < 2:
+    raise ValueError(f"expected two [N] arrays with N >= 2, got {x.shape} and {y.shape}.")
+  n = int(x.size)
+  exact = n <= EXACT_SPEARMAN_MAX_N
+  method = "exact permutation" if exact else "t approximation"
+  if np.all(x == x[0]) or np.all(y == y[0]):
+    return SpearmanTest(float("nan"), float("nan"), n, method)
+  result = scipy.stats.spearmanr(x, y)
+  rho, p_value = float(result.statistic), float(result.pvalue)
+  if exact:
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+    perm = scipy.stats.permutation_test(
+        (ry,), lambda r, axis=-1: _rank_pearson(rx, r), permutation_type="pairings",
+        vectorized=True, n_resamples=np.inf, alternative="two-sided")
+    p_value = float(perm.pvalue)
+  return SpearmanTest(rho, p_value, n, method)
 
 
 def spearman(x, y) -> float:
   """Spearman rank correlation with average ranks for ties; NaN if either is constant."""
-  x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-  if x.shape != y.shape or x.size < 2:
-    raise ValueError(f"expected two [N] arrays with N >= 2, got {x.shape} and {y.shape}.")
-  rx, ry = _average_ranks(x), _average_ranks(y)
-  rx, ry = rx - rx.mean(), ry - ry.mean()
-  denom = np.sqrt(np.sum(rx**2) * np.sum(ry**2))
-  return float(np.sum(rx * ry) / denom) if denom > 0 else float("nan")
+  return spearman_test(x, y).rho
+
+
+def clustered_mean_se(values, num_clusters: int) -> tuple[float, float]:
+  """Mean of [C * K] values in C equal clusters (cluster-major, e.g. K samples per
+  prompt) and its standard error from the C cluster means, std(ddof=1) / sqrt(C).
+
+  Samples of one prompt are correlated; treating all C * K as independent would
+  understate the error. NaN standard error for one cluster.
+  """
+  x = np.asarray(values, np.float64).ravel()
+  if num_clusters < 1 or x.size == 0 or x.size % num_clusters:
+    raise ValueError(f"{x.size} values do not split into {num_clusters} equal clusters.")
+  means = x.reshape(num_clusters, -1).mean(axis=1)
+  se = float(means.std(ddof=1) / np.sqrt(num_clusters)) if num_clusters > 1 else float("nan")
+  return float(means.mean()), se
 
 
 def mean_abs_difference(x, y) -> float:

@@ -36,6 +36,20 @@ def loss_weights(batch: Batch) -> Array:
   return weights.astype(jnp.float32)
 
 
+def response_batch(prompts: Array, responses: Array) -> dict[str, Array]:
+  """(prompts [B, S], responses [B, T]) -> the teacher-forcing batch scoring reads."""
+  return {"encoder_input_tokens": prompts, "decoder_target_tokens": responses,
+          "decoder_input_tokens": shift_right(responses)}
+
+
+def masked_log_likelihood(logits: Array, targets: Array,
+                          weights: Optional[Array] = None) -> Array:
+  """log softmax(logits)[targets] [B, T], times `weights` (default: targets > 0)."""
+  if weights is None:
+    weights = (targets > 0).astype(jnp.float32)
+  return losses.token_log_likelihood(logits, targets) * weights
+
+
 class EncoderDecoderModel:
   """Loss, scores and a decoding cache around a `t5.Transformer`; the module is wrapped,
   never subclassed."""
@@ -98,11 +112,39 @@ class EncoderDecoderModel:
     }
     return loss, metrics
 
+  # --------------------------------------------------------------------------- scoring
+
+  def token_logprobs(self, params: Params, prompts: Array, responses: Array, *,
+                     dropout_rng: Optional[Array] = None) -> tuple[Array, Array]:
+    """Teacher-forced log pi(y_t | x, y_<t) of each response token.
+
+    Args:
+      params: the model's params.
+      prompts: [B, S] prompt ids, 0 = PAD.
+      responses: [B, T] response ids (tokens, EOS, then PAD = 0).
+      dropout_rng: dropout only when given.
+
+    Returns:
+      (log-probabilities [B, T] float32, 0 on PAD; logits [B, T, V]).
+    """
+    return self._token_logprobs(params, response_batch(prompts, responses), dropout_rng)
+
+  def sequence_logprobs(self, params: Params, prompts: Array, responses: Array, *,
+                        dropout_rng: Optional[Array] = None) -> Array:
+    """log pi(y | x): the sum of `token_logprobs` over each response, PAD masked: [B]."""
+    logp, _ = self.token_logprobs(params, prompts, responses, dropout_rng=dropout_rng)
+    return jnp.sum(logp, axis=-1)
+
   def score_batch(self, params: Params, batch: Batch) -> Array:
-    """Sum of target-token log-likelihoods per sequence, PAD masked: [B]."""
-    logits = self.logits(params, batch)
-    token_ll = losses.token_log_likelihood(logits, batch["decoder_target_tokens"])
-    return jnp.sum(token_ll * loss_weights(batch), axis=-1)
+    """`sequence_logprobs` of a T5X batch (its decoder inputs and loss weights): [B]."""
+    logp, _ = self._token_logprobs(params, batch)
+    return jnp.sum(logp, axis=-1)
+
+  def _token_logprobs(self, params: Params, batch: Batch,
+                      dropout_rng: Optional[Array] = None) -> tuple[Array, Array]:
+    logits = self.logits(params, batch, dropout_rng)
+    return masked_log_likelihood(logits, batch["decoder_target_tokens"],
+                                 loss_weights(batch)), logits
 
   # --------------------------------------------------------------------------- decoding
 

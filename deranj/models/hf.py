@@ -30,7 +30,9 @@ _CONFIG_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_lay
 
 
 class CheckpointError(ValueError):
-  """A Hugging Face directory that cannot be read as a T5 checkpoint."""
+  """A checkpoint that is missing, empty or unreadable (a Hugging Face directory here; a
+  training checkpoint or INIT_CHECKPOINT in `deranj.training.checkpoints`, which
+  re-exports this class); the message names the path."""
 
 
 def _read_config(directory: str) -> dict[str, Any]:

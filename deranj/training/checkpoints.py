@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from deranj.models import hf
 from deranj.models import loading
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -29,8 +30,7 @@ _METADATA_FILE = "_CHECKPOINT_METADATA"  # written by orbax when a step is final
 MODEL_EXPORT_DIR = "model"
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that is missing, empty or unreadable; the message names the path."""
+CheckpointError = hf.CheckpointError  # one class: train.py's handler also sees HF errors
 
 
 def _abstract(tree):

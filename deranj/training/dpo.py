@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deranj.data import batching
 from deranj.data import pipeline
 from deranj.models import base as models_base
-from deranj.models import losses as model_losses
 from deranj.training import losses
 from deranj.training import objectives
 
@@ -39,12 +39,6 @@ LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
-def _both_sides(batch: Mapping[str, Array]) -> dict[str, Array]:
-  """A preference batch [B] -> one T5X batch [2B]: the chosen rows, then the rejected."""
-  chosen, rejected = pipeline.preference_halves(batch)
-  return {k: jnp.concatenate([chosen[k], rejected[k]], axis=0) for k in chosen}
-
-
 def sequence_logps(model: models_base.EncoderDecoderModel, params: Params,
                    batch: Mapping[str, Array], dropout_rng: Optional[Array] = None
                    ) -> tuple[Array, Array, Array, Array]:
@@ -53,21 +47,21 @@ def sequence_logps(model: models_base.EncoderDecoderModel, params: Params,
   Args:
     model: the policy (or reference) model.
     params: its params.
-    batch: encoder_input_tokens [B, S] and chosen_/rejected_ decoder features [B, T].
+    batch: encoder_input_tokens [B, S] and chosen_/rejected_ decoder_target_tokens [B, T].
     dropout_rng: dropout only when given.
 
   Returns:
     (chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B]),
-    float32; logps are `score_batch`'s sums over the loss-weighted (non-PAD, EOS
-    included) target tokens, lengths the number of those tokens.
+    float32; logps are `model.sequence_logprobs` (non-PAD tokens, EOS included, one
+    [2B] forward pass), lengths the number of those tokens.
   """
-  both = _both_sides(batch)
-  logits = model.logits(params, both, dropout_rng)
-  weights = models_base.loss_weights(both)
-  token_ll = model_losses.token_log_likelihood(logits, both["decoder_target_tokens"])
-  logps = jnp.sum(token_ll * weights, axis=-1)
-  lengths = jnp.sum(weights, axis=-1)
-  b = batch["encoder_input_tokens"].shape[0]
+  prompts = batch["encoder_input_tokens"]
+  responses = jnp.concatenate([batch[f"{side}_decoder_target_tokens"]
+                               for side in pipeline.PREFERENCE_SIDES], axis=0)
+  logps = model.sequence_logprobs(params, jnp.concatenate([prompts, prompts], axis=0),
+                                  responses, dropout_rng=dropout_rng)
+  lengths = jnp.sum(responses > 0, axis=-1).astype(jnp.float32)
+  b = prompts.shape[0]
   return logps[:b], logps[b:], lengths[:b], lengths[b:]
 
 
@@ -138,18 +132,12 @@ class DPO(objectives.Objective):
       return features
     score = _jitted_reference_logps(self)
     n = len(features["encoder_input_tokens"])
-    inputs = {k: features[k] for k in self.required_features}
-    chosen, rejected = [], []
-    for batch in pipeline.eval_batches(inputs, batch_size):
-      rows = len(batch["encoder_input_tokens"])
-      # Pad the last batch to the full size (repeating its first row): one compilation.
-      padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)])
-                for k, v in batch.items()}
-      c, r = jax.device_get(score(frozen, padded))
-      chosen.append(c[:rows])
-      rejected.append(r[:rows])
-    columns = {REFERENCE_COLUMNS[0]: np.concatenate(chosen).astype(np.float32),
-               REFERENCE_COLUMNS[1]: np.concatenate(rejected).astype(np.float32)}
+    names = self.required_features
+    chosen, rejected = batching.map_in_fixed_batches(
+        lambda *batch: score(frozen, dict(zip(names, batch))),
+        [features[k] for k in names], batch_size)
+    columns = {REFERENCE_COLUMNS[0]: chosen.astype(np.float32),
+               REFERENCE_COLUMNS[1]: rejected.astype(np.float32)}
     losses.check_finite(columns, f"reference log-probabilities of the {n} training pairs")
     return {**features, **columns}
 

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from deranj import decoding
 from deranj import rewards
 from deranj.models import base as models_base
-from deranj.models import losses as model_losses
 from deranj.training import losses
 from deranj.training import objectives
 
@@ -129,9 +128,8 @@ def sample_rollout(model: models_base.EncoderDecoderModel, params: Params, promp
 def token_logprobs(model: models_base.EncoderDecoderModel, params: Params,
                    rollout: Rollout) -> tuple[Array, Array]:
   """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V])."""
-  logits = model.logits(params, rollout.batch())
-  logp = model_losses.token_log_likelihood(logits, rollout.decoder_target_tokens)
-  return logp * rollout.mask, logits
+  return model.token_logprobs(params, rollout.encoder_input_tokens,
+                              rollout.decoder_target_tokens)
 
 
 def count_nonfinite(*arrays: Array) -> Array:

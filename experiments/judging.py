@@ -1,0 +1,64 @@
+"""Figures 3 and 7's judging: win rates from the gold reward model (with the random
+position swap of the paper's App. D.3) and ROUGE-L, and eq. 14 pairwise accuracy."""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from deranj import rewards
+from deranj.data import batching
+from deranj.evaluation import judges
+from deranj.evaluation import win_rates
+from deranj.models import base as models_base
+from experiments import stages
+
+JUDGES = ("gold", "rouge_l")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sequence_logps(model: models_base.EncoderDecoderModel, params, enc, targets):
+  return model.sequence_logprobs(params, enc, targets)
+
+
+def model_pairwise_accuracy(model, params, pairs: dict, batch_size: int) -> float:
+  """Eq. 14 of one model on held-out pairs, the same convention as
+  `win_rates.realigned_pairwise_accuracy` (lengths count non-PAD tokens, EOS included)."""
+  logps = {side: batching.map_in_fixed_batches(
+      functools.partial(_sequence_logps, model, params),
+      (pairs["encoder_input_tokens"], pairs[f"{side}_decoder_target_tokens"]), batch_size)
+            for side in ("chosen", "rejected")}
+  return win_rates.pairwise_accuracy(
+      logps["chosen"], (pairs["chosen_decoder_target_tokens"] > 0).sum(1),
+      logps["rejected"], (pairs["rejected_decoder_target_tokens"] > 0).sum(1))
+
+
+class Judging:
+  """Both judges on one set of held-out prompts; outcomes for the first response."""
+
+  def __init__(self, gold: judges.RewardModelJudge, prompts: np.ndarray,
+               references: Sequence[str], seed: int):
+    self.gold, self.prompts, self.references = gold, prompts, list(references)
+    self.seed = seed
+    self._calls = 0
+
+  def _rng(self) -> np.random.Generator:
+    self._calls += 1  # fresh swaps per comparison, reproducible from the seed
+    return np.random.default_rng([self.seed, self._calls])
+
+  def compare(self, tokens_a: np.ndarray, tokens_b: np.ndarray) -> dict:
+    """{judge: WinRate dict} of A against B, row i of each on the same prompt."""
+    gold = judges.judge_with_position_swap(lambda a, b, x: self.gold(x, a, b), tokens_a,
+                                           tokens_b, self.prompts, rng=self._rng())
+    rouge = judges.judge_with_position_swap(judges.rouge_l_judge, stages.decode_all(tokens_a),
+                                            stages.decode_all(tokens_b), self.references,
+                                            rng=self._rng())
+    return {"gold": win_rates.win_rate(gold).to_dict(),
+            "rouge_l": win_rates.win_rate(rouge).to_dict()}
+
+  def describe(self, tokens: np.ndarray) -> dict:
+    lengths = np.asarray(rewards.response_lengths(tokens))
+    return {"mean_gold_reward": float(self.gold.rewards(self.prompts, tokens).mean()),
+            "mean_length": float(lengths.mean())}

@@ -1,0 +1,237 @@
+"""The stages Figures 2, 3 and 7 share: the preset's sampling grid, training the SFT,
+aligned and retrained models, sampling DeRa / SIR / every retrained model, and (Figures
+3 and 7) the gold-labelled preference pairs.
+
+Random keys: the DeRa sweep, its importance-resampled version, the SFT samples and each
+retrained model draw from their own key (`model_key`: from the run's name, so a model's
+samples do not depend on the rest of the grid). No two methods share random numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from deranj import decoding
+from deranj import profiling
+from deranj.data import batching
+from deranj.data import pipeline
+from deranj.data import preferences
+from deranj.data import tasks
+from deranj.data import tokenizer
+from experiments import common
+
+SFT_RUN = "configs/runs/sft.gin"
+RM_RUN = "configs/runs/reward_model.gin"
+PAIRS = "pairs"
+METHODS = ("dera", "retrained", "dera_resampled")
+# Streams of the driver's seed; retrained models fold their run name into RETRAINED.
+DERA, DERA_RESAMPLED, RETRAINED, SFT, PAIR_SAMPLES = 0, 1, 2, 3, 100
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """A figure's sampling settings, from the preset's `<PREFIX>_*` gin macros."""
+  lams: list[float]  # sorted, 1 (the aligned model) included
+  prompts: int  # held-out prompts
+  samples: int  # samples per prompt and λ
+  candidates: int  # SIR candidates per sample
+  chunk: int  # rows per sampler call (FIG_CHUNK)
+  pair_prompts: int = 0  # Figures 3 and 7: prompts giving training pairs
+  val_pair_prompts: int = 0  # ... and held-out pairs
+
+
+def read_grid(preset: str, prefix: str, lams_flag: Optional[str]) -> Grid:
+  """The preset's grid for `prefix` (FIG2 or SUMMARIZATION); `--lams` replaces its λs."""
+  names = [f"{prefix}_{k}" for k in ("LAMS", "PROMPTS", "SAMPLES", "CANDIDATES")]
+  pairs = ["PAIR_PROMPTS", "VAL_PAIR_PROMPTS"] if prefix == "SUMMARIZATION" else []
+  macros = common.preset_macros(preset, names + ["FIG_CHUNK"] + pairs)
+  if lams_flag is not None:
+    lams = common.parse_lams(lams_flag, add_one=True)
+  else:
+    lams = common.parse_lams(",".join(repr(float(x)) for x in macros[names[0]]),
+                             add_one=True, flag=f"{common.PRESET_FILES[preset]}: {names[0]}")
+  return Grid(lams, *(int(macros[n]) for n in names[1:]), int(macros["FIG_CHUNK"]),
+              *(int(macros[n]) for n in pairs))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Runs:
+  """Numbers the driver's training runs: "run k of n" on each run's first log line."""
+
+  def __init__(self, total: int):
+    self.total, self.done = total, 0
+
+  def train(self, run_gin: str, preset: str, model_dir: str, bindings: Sequence[str] = ()
+            ) -> bool:
+    self.done += 1
+    common.log(f"-- run {self.done} of {self.total}: {os.path.basename(model_dir)}")
+    return common.train(run_gin, preset, model_dir, bindings)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def model_key(rng: jax.Array, model_dir: str) -> jax.Array:
+  """A retrained model's own key: its run's name folded into the RETRAINED stream."""
+  name = os.path.basename(os.path.normpath(model_dir)).encode()
+  return jax.random.fold_in(jax.random.fold_in(rng, RETRAINED), zlib.crc32(name) & 0x7fffffff)
+
+
+def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
+  """Tokens [len(lams), P * samples, T] from DeRa (or its importance-resampled version),
+  and the SIR effective sample sizes [len(lams), P * samples] (None without SIR)."""
+  rows = np.repeat(prompts, len(lams) * samples, axis=0)
+  lam_rows = np.tile(np.repeat(np.asarray(lams, np.float32), samples), len(prompts))
+
+  def one(i, enc, lam):
+    key = jax.random.fold_in(rng, i)
+    if candidates:
+      res = realigner.resample(enc, lam, key, num_candidates=candidates)
+      return res.samples.tokens, res.ess
+    return realigner.sample(enc, lam, key).tokens, None
+
+  tokens, ess = batching.map_in_fixed_batches(one, (rows, lam_rows), chunk, pass_number=True)
+
+  def by_lam(x):  # rows prompt-major, then lam, then sample -> [lam, prompt * sample, ...]
+    x = x.reshape((len(prompts), len(lams), samples) + x.shape[1:])
+    return np.swapaxes(x, 0, 1).reshape((len(lams), len(prompts) * samples) + x.shape[3:])
+
+  return by_lam(tokens), (by_lam(ess) if ess is not None else None)
+
+
+def sample_model(model, params, prompts, samples, chunk, max_decode_len, rng):
+  """[P * samples, T] tokens, prompt-major; fixed chunk shape, so one compile per model
+  object however many parameter sets."""
+  return batching.map_in_fixed_batches(
+      lambda i, enc: decoding.sample(model, params, enc, jax.random.fold_in(rng, i),
+                                     max_decode_len=max_decode_len).tokens,
+      (np.repeat(prompts, samples, axis=0),), chunk, pass_number=True)
+
+
+@dataclasses.dataclass
+class Samples:
+  """Every method's samples, [len(lams), P * samples, T] each (see METHODS)."""
+  tokens: dict[str, np.ndarray]
+  ess: np.ndarray  # SIR effective sample sizes [len(lams), P * samples]
+  compiles: int  # compilations of DeRa's sampler over the whole sweep
+
+
+def sample_methods(timer: common.Timer, realigner, model, retrained: Sequence[tuple[str, object]],
+                   prompts: np.ndarray, grid: Grid, max_len: int, rng: jax.Array) -> Samples:
+  """DeRa over the grid (one compiled sampler), SIR, and each retrained model.
+
+  `retrained`: (model_dir, params) per λ of the grid, λ = 1 being the aligned model.
+  """
+  # The filter is a jitted function's name: DeRa's sampler.
+  with timer("dera_sweep"), profiling.count_compiles("_sample_logit_mixed") as compiles:
+    dera, _ = sample_dera(realigner, prompts, grid.lams, grid.samples, grid.chunk,
+                          jax.random.fold_in(rng, DERA))
+  with timer("dera_resampled"):
+    sir, ess = sample_dera(realigner, prompts, grid.lams, grid.samples, grid.chunk,
+                           jax.random.fold_in(rng, DERA_RESAMPLED), candidates=grid.candidates)
+  with timer("retrained_sampling"):
+    tokens = []
+    for k, (model_dir, params) in enumerate(retrained):
+      common.log(f"   sampling {k + 1} of {len(retrained)}: {os.path.basename(model_dir)}")
+      tokens.append(sample_model(model, params, prompts, grid.samples, grid.chunk, max_len,
+                                 model_key(rng, model_dir)))
+  return Samples({"dera": dera, "retrained": np.stack(tokens), "dera_resampled": sir}, ess,
+                 compiles.count)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+class Context:
+  """What a summarization driver's `train_aligned` needs: preset, work directory, runs."""
+
+  def __init__(self, preset: str, workdir: str, runs: Optional[Runs] = None):
+    self.preset = preset
+    self.workdir = workdir
+    self.runs = runs or Runs(0)
+    self.sft_dir = common.run_dir(workdir, "sft")
+    self.gold_dir = common.run_dir(workdir, "gold_rm")
+    self.pairs_dir = os.path.join(workdir, PAIRS)
+
+  def train(self, run_gin: str, model_dir: str, bindings: Sequence[str] = ()) -> bool:
+    return self.runs.train(run_gin, self.preset, model_dir, bindings)
+
+  def pair_bindings(self) -> list[str]:
+    """The `preference_pairs` task over this work directory's labelled pairs."""
+    return ["PREFERENCE_TASK = 'preference_pairs'",
+            f"preference_pairs_dir.path = '{self.pairs_dir}'"]
+
+
+def label_pairs(prompts: Sequence[str], responses_a: Sequence[str],
+                responses_b: Sequence[str], scores_a, scores_b
+                ) -> list[preferences.PreferencePair]:
+  """Pairs of responses -> PreferencePairs, the higher-scored response `chosen`.
+
+  Pairs with equal scores or identical texts carry no preference and are dropped.
+  """
+  scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+  if not len(prompts) == len(responses_a) == len(responses_b) == len(scores_a) == len(
+      scores_b):
+    raise ValueError(f"{len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} "
+                     f"responses, {len(scores_a)} and {len(scores_b)} scores: give one "
+                     "of each per pair.")
+  pairs = []
+  for x, a, b, sa, sb in zip(prompts, responses_a, responses_b, scores_a, scores_b):
+    if a == b or sa == sb:
+      continue
+    chosen, rejected = (a, b) if sa > sb else (b, a)
+    pairs.append(preferences.PreferencePair(prompt=x, chosen=chosen, rejected=rejected))
+  return pairs
+
+
+def documents(split: pipeline.Split) -> list[str]:
+  """The raw prompts of a summarization split (the task adds the prefix back)."""
+  return [x[len(tasks.PREFIX):] if x.startswith(tasks.PREFIX) else x
+          for x in split.texts["inputs"]]
+
+
+def decode_all(tokens: np.ndarray) -> list[str]:
+  return [tokenizer.decode(row) for row in np.asarray(tokens)]
+
+
+def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array) -> dict:
+  """Writes DIR/pairs/{train,validation}.jsonl unless both exist; returns their sizes.
+
+  Two SFT samples per prompt of the TASK's train (validation) split, the one with the
+  higher gold reward `chosen`, ties dropped.
+  """
+  lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
+  model, params = sft
+  stats = {}
+  for i, (split, size) in enumerate((("train", grid.pair_prompts),
+                                     ("validation", grid.val_pair_prompts))):
+    path = os.path.join(ctx.pairs_dir, f"{split}.jsonl")
+    if os.path.isfile(path):
+      stats[split] = {"pairs": len(preferences.read_pairs(path)), "reused": True}
+      continue
+    data = pipeline.load(macros["TASK"], split, lengths, max_examples=size)
+    prompts = data.features["encoder_input_tokens"]
+    common.log(f"   labelling {len(prompts)} {split} prompts' SFT sample pairs")
+    # Two samples per prompt, rows prompt-major: a = even rows, b = odd rows.
+    tokens = sample_model(model, params, prompts, 2, grid.chunk, macros["TARGETS_LENGTH"],
+                          jax.random.fold_in(rng, i))
+    scores = gold.rewards(np.repeat(prompts, 2, axis=0), tokens)
+    texts = decode_all(tokens)
+    pairs = label_pairs(documents(data), texts[0::2], texts[1::2], scores[0::2], scores[1::2])
+    if not pairs:
+      raise RuntimeError(f"no {split} preference pairs: all {len(prompts)} SFT sample "
+                         "pairs tied under the gold reward model.")
+    preferences.write_pairs(path, pairs)
+    stats[split] = {"prompts": int(len(prompts)), "pairs": len(pairs),
+                    "mean_abs_gold_margin": float(np.mean(np.abs(scores[0::2] - scores[1::2])))}
+  return stats

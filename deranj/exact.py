@@ -39,6 +39,7 @@ import numpy as np
 
 from deranj import dera
 from deranj import rewards as rewards_lib
+from deranj.data import batching
 from deranj.models import base as models_base
 
 PAD_ID, EOS_ID = 0, 1
@@ -191,32 +192,24 @@ def gold_reward(responses, content_ids: Iterable[int], seed: int = 0,
 def _batched_scores(score: Callable, prompts, responses, batch_size: int) -> np.ndarray:
   """score(enc [B, S], targets [B, L]) -> [B], over every (prompt, response): [P, N].
 
-  Every call has `batch_size` rows (the last batch repeats rows), so one compilation
-  serves the whole table.
+  Fixed-shape batches (`batching.map_in_fixed_batches`): one compilation serves the table.
   """
   prompts = np.asarray(prompts, np.int32)
   if prompts.ndim != 2 or prompts.shape[0] == 0:
     raise ValueError(f"prompts must be a non-empty [P, S] array, got shape {prompts.shape}.")
   responses = check_responses(responses)
   p, n = prompts.shape[0], responses.shape[0]
-  rows = p * n
-  size = min(int(batch_size), rows)
-  if size < 1:
+  if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  out = np.empty(rows, np.float64)
-  for start in range(0, rows, size):
-    index = np.arange(start, start + size) % rows
-    scores = np.asarray(score(prompts[index // n], responses[index % n]), np.float64)
-    stop = min(start + size, rows)
-    out[start:stop] = scores[:stop - start]
-  return out.reshape(p, n)
+  scores = batching.map_in_fixed_batches(
+      lambda index: score(prompts[index // n], responses[index % n]),
+      (np.arange(p * n),), min(int(batch_size), p * n))
+  return np.asarray(scores, np.float64).reshape(p, n)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _model_scores(model, params, enc, targets):
-  batch = {"encoder_input_tokens": enc, "decoder_target_tokens": targets,
-           "decoder_input_tokens": models_base.shift_right(targets)}
-  return model.score_batch(params, batch)
+  return model.sequence_logprobs(params, enc, targets)
 
 
 def sequence_logprobs(model: models_base.EncoderDecoderModel, params, prompts, responses, *,
@@ -226,7 +219,7 @@ def sequence_logprobs(model: models_base.EncoderDecoderModel, params, prompts, r
   Not renormalised (see `renormalize`). Scores are the model's own float32 sums,
   widened to float64.
   """
-  if not hasattr(model, "score_batch"):
+  if not hasattr(model, "sequence_logprobs"):
     raise TypeError(f"expected a deranj EncoderDecoderModel, got {type(model).__name__} "
                     "(wrap a t5.Transformer in deranj.models.base.EncoderDecoderModel).")
   return _batched_scores(lambda enc, tgt: _model_scores(model, params, enc, tgt),

@@ -14,7 +14,6 @@ per-sequence numbers of `deranj.dera.RealignedSamples`. Progress goes to stderr.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 
 from deranj import dera
 from deranj import gin_utils
+from deranj.data import batching
 from deranj.data import files
 from deranj.data import tokenizer
 from deranj.models import loading
@@ -63,16 +63,11 @@ class SampleConfig:
 
 
 def parse_lams(text: str) -> list[float]:
+  """--lam: finite, distinct values in the order given (`dera.parse_lams`)."""
   try:
-    lams = [float(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    raise SampleError(f"--lam={text!r}: expected comma-separated numbers.") from None
-  if not lams:
-    raise SampleError("--lam is empty: give at least one value, e.g. --lam=0,1.")
-  bad = [x for x in lams if not math.isfinite(x)]
-  if bad:
-    raise SampleError(f"--lam={text!r}: every value must be finite, got {bad}.")
-  return lams
+    return dera.parse_lams(text, flag="--lam")
+  except ValueError as e:
+    raise SampleError(str(e)) from None
 
 
 def read_prompts(path: str) -> list[str]:
@@ -299,11 +294,9 @@ def run(config: SampleConfig, lams: list[float], input_path: str, output_path: s
   lam_rows = np.tile(np.asarray(lams, np.float32), per_call)
   records = []
   progress = _Progress(len(prompts), len(lams), config.num_decodes)
-  for first in range(0, len(prompts), per_call):
-    chunk = tokens[first:first + per_call]
-    real = len(chunk)
-    chunk = np.concatenate([chunk, np.repeat(chunk[:1], per_call - real, axis=0)])
-    rows = np.repeat(chunk, len(lams), axis=0)
+  for chunk in batching.fixed_size_chunks(len(prompts), per_call):
+    first, real = chunk.start, chunk.size
+    rows = np.repeat(tokens[chunk.rows], len(lams), axis=0)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), first)
     out = jax.device_get(realigner.sample(
         jnp.asarray(rows), lam_rows, rng, temperature=config.temperature, top_k=config.top_k,
@@ -318,7 +311,7 @@ def run(config: SampleConfig, lams: list[float], input_path: str, output_path: s
           "length": int(out.lengths[r]), "logq": float(out.logq[r]),
           "logp_ref": float(out.logp_ref[r]), "logp_aligned": float(out.logp_aligned[r]),
           "log_weight": float(out.log_weight[r]), "kl_ref": float(out.kl_ref[r])})
-    progress.update(min(first + per_call, len(prompts)))
+    progress.update(first + real)
   files.write_jsonl(output_path, records)  # all lines or none
   return len(records)
 

@@ -5,7 +5,8 @@ r"""Train a model: `python -m deranj.train --gin_file=... [--gin.NAME=value ...]
 
 MODEL_DIR, the objective, model, task and optimizer all come from gin (see
 `deranj.training.trainer.train`). Running the same command again resumes from the latest
-checkpoint in MODEL_DIR; a finished run returns at once.
+checkpoint in MODEL_DIR; a finished run returns at once. Ctrl-C stops a run with its
+checkpoints intact (a save in progress completes first).
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from deranj.training import trainer  # noqa: E402
 
 # Errors that are the user's to fix: one line, no traceback.
 _USER_ERRORS = (gin_utils.GinConfigError, trainer.TrainingError, checkpoints.CheckpointError,
-                objectives.ObjectiveError, optimizers.OptimizerConfigError,
-                trainer.TrainingDivergedError, partitioning.PartitioningError,
-                files.DataError, loading.ModelLoadError, losses.NonFiniteError)
+                checkpoints.RunDirectoryBusyError, objectives.ObjectiveError,
+                optimizers.OptimizerConfigError, trainer.TrainingDivergedError,
+                partitioning.PartitioningError, files.DataError, loading.ModelLoadError,
+                losses.NonFiniteError)
 
 
 def _is_gin_value_error(error: Exception) -> bool:
@@ -51,6 +53,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     gin_utils.parse_gin_flags()
     gin_utils.build(trainer.train)
+  except KeyboardInterrupt as e:  # the trainer's message names the last checkpoint
+    print(str(e) or "interrupted", file=sys.stderr)
+    sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, _USER_ERRORS) and not _is_gin_value_error(e):
       raise

@@ -241,9 +241,9 @@ def check_value_types() -> None:
         continue
       if _accepts(hints[arg], value) is False:
         target = f"{scope + '/' if scope else ''}{configurable.name}.{arg}"
-        source = f" (through macro {' -> '.join(via)})" if via else ""
+        source = f" through macro {' -> '.join(via)}" if via else ""
         raise GinConfigError(f"gin: {target} expects {_type_name(hints[arg])}, got {value!r} "
-                             f"(a {type(value).__name__}){source}.")
+                             f"({type(value).__name__}){source}.")
 
 
 def _explain_parse_error(error: Exception, bindings: Sequence[str]) -> str:

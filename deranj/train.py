@@ -45,6 +45,23 @@ def _is_gin_value_error(error: Exception) -> bool:
   return bool(built) and built.group(1) != "train"
 
 
+def _without_gin_call_lines(text: str) -> str:
+  """An error on one line. gin appends "In call to configurable 'X' (<function ...>)" per
+  configurable it was building: kept as the names (not for `train`, whose errors name their
+  binding), without the function reprs."""
+  parts, building = [], []
+  for line in (line.strip() for line in text.splitlines()):
+    call = re.match(r"In call to configurable '([\w.]+)'", line)
+    if call:
+      if call.group(1) != "train":
+        building.append(call.group(1))
+    elif line:
+      parts.append(line)
+  if building:
+    parts.append(f"(building gin configurable {' <- '.join(building)})")
+  return " | ".join(parts)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f"error: unexpected arguments {argv[1:]}; settings go through gin "
@@ -64,7 +81,7 @@ def main(argv: Sequence[str]) -> None:
       name = missing_macro.group(1)
       message = f"gin macro {name} is not set; pass --gin.{name}=... or bind it in a gin file."
     else:
-      message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+      message = _without_gin_call_lines(str(e))
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 

@@ -37,10 +37,10 @@ def test_ppo_raises_the_length_reward(sft_dir, tmp_path):
       f"INIT_CHECKPOINT = '{sft_dir}'", "PPO_STEPS = 50", "LOG_EVERY = 10",
       "CHECKPOINT_EVERY = 50", *QUIET])
   scores = gin_runs.logged(text, "objective/scores")
-  assert len(scores) == 5
+  assert len(scores) == 10  # every 5 steps: the trainer logs at least every 10% of a run
   # Rewards are 0 or -1: the mean over 80 responses rises by > 0.1 from the first ten
   # steps to the last ten.
-  assert scores[-1] > scores[0] + 0.1, scores
+  assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.1, scores
 
 
 def test_ppo_logs_trl_metric_names(tmp_path):

@@ -6,6 +6,11 @@
 `--gin.NAME=value` is shorthand for `--gin_bindings='NAME = value'`; values are gin
 literals (strings need quotes: --gin.MODEL_DIR="'/tmp/run'"). Files are looked up in the
 search paths, then in the repository root (so `configs/...` works from anywhere).
+
+Mistakes stop a run in one line: a macro set on the command line or at the top level of a
+run file (not a preset) that nothing reads, a literal of the wrong type for an annotated
+parameter, an unquoted string, a misspelled configurable or parameter (with the closest
+known name).
 """
 from __future__ import annotations
 
@@ -234,7 +239,8 @@ def check_value_types() -> None:
     for arg, value in params.items():
       via = []
       while (isinstance(value, gin.config.ConfigurableReference)
-             and value.config_key[1] == _MACRO and value.config_key in config):
+             and value.config_key[1] == _MACRO and value.config_key in config
+             and value.config_key[0] not in via):
         via.append(value.config_key[0])
         value = config[value.config_key].get("value")
       if arg not in hints or not isinstance(value, (bool, int, float, str, type(None))):

@@ -5,7 +5,8 @@ r"""Train a model: `python -m deranj.train --gin_file=... [--gin.NAME=value ...]
 
 MODEL_DIR, the objective, model, task and optimizer all come from gin (see
 `deranj.training.trainer.train`). Running the same command again resumes from the latest
-checkpoint in MODEL_DIR; a finished run returns at once.
+checkpoint in MODEL_DIR; a finished run returns at once. Ctrl-C stops a run with its
+checkpoints intact (a save in progress completes first).
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from deranj.training import trainer  # noqa: E402
 
 # Errors that are the user's to fix: one line, no traceback.
 _USER_ERRORS = (gin_utils.GinConfigError, trainer.TrainingError, checkpoints.CheckpointError,
-                objectives.ObjectiveError, optimizers.OptimizerConfigError,
-                trainer.TrainingDivergedError, partitioning.PartitioningError,
-                files.DataError, loading.ModelLoadError, losses.NonFiniteError)
+                checkpoints.RunDirectoryBusyError, objectives.ObjectiveError,
+                optimizers.OptimizerConfigError, trainer.TrainingDivergedError,
+                partitioning.PartitioningError, files.DataError, loading.ModelLoadError,
+                losses.NonFiniteError)
 
 
 def _is_gin_value_error(error: Exception) -> bool:
@@ -43,6 +45,23 @@ def _is_gin_value_error(error: Exception) -> bool:
   return bool(built) and built.group(1) != "train"
 
 
+def _without_gin_call_lines(text: str) -> str:
+  """An error on one line. gin appends "In call to configurable 'X' (<function ...>)" per
+  configurable it was building: kept as the names (not for `train`, whose errors name their
+  binding), without the function reprs."""
+  parts, building = [], []
+  for line in (line.strip() for line in text.splitlines()):
+    call = re.match(r"In call to configurable '([\w.]+)'", line)
+    if call:
+      if call.group(1) != "train":
+        building.append(call.group(1))
+    elif line:
+      parts.append(line)
+  if building:
+    parts.append(f"(building gin configurable {' <- '.join(building)})")
+  return " | ".join(parts)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f"error: unexpected arguments {argv[1:]}; settings go through gin "
@@ -51,6 +70,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     gin_utils.parse_gin_flags()
     gin_utils.build(trainer.train)
+  except KeyboardInterrupt as e:  # the trainer's message names the last checkpoint
+    print(str(e) or "interrupted", file=sys.stderr)
+    sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, _USER_ERRORS) and not _is_gin_value_error(e):
       raise
@@ -59,7 +81,7 @@ def main(argv: Sequence[str]) -> None:
       name = missing_macro.group(1)
       message = f"gin macro {name} is not set; pass --gin.{name}=... or bind it in a gin file."
     else:
-      message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+      message = _without_gin_call_lines(str(e))
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 

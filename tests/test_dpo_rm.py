@@ -249,7 +249,7 @@ def dpo_run(tmp_path_factory):
 def test_dpo_raises_the_margins(dpo_run, tiny):
   model_dir, result, text = dpo_run
   margins = logged(text, "rewards/margins")
-  assert len(margins) == DPO_STEPS // 4
+  assert len(margins) == DPO_STEPS // 2  # LOG_EVERY = 4, but at least every 10% of the run
   assert margins[-1] > margins[0] + 0.4 and margins[-1] > 0.5, margins
   assert set(result["train"]) >= {"loss", "rewards/chosen", "rewards/rejected",
                                   "rewards/margins", "rewards/accuracies", "logps/chosen",

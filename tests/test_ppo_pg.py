@@ -37,10 +37,10 @@ def test_ppo_raises_the_length_reward(sft_dir, tmp_path):
       f"INIT_CHECKPOINT = '{sft_dir}'", "PPO_STEPS = 50", "LOG_EVERY = 10",
       "CHECKPOINT_EVERY = 50", *QUIET])
   scores = gin_runs.logged(text, "objective/scores")
-  assert len(scores) == 5
+  assert len(scores) == 10  # every 5 steps: the trainer logs at least every 10% of a run
   # Rewards are 0 or -1: the mean over 80 responses rises by > 0.1 from the first ten
   # steps to the last ten.
-  assert scores[-1] > scores[0] + 0.1, scores
+  assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.1, scores
 
 
 def test_ppo_logs_trl_metric_names(tmp_path):
@@ -100,10 +100,13 @@ def test_smaller_beta_ends_further_from_the_reference_with_more_reward(sft_dir, 
   extra = [] if objective == "ppo" else PG_LENGTH_REWARD
   final = {}
   for beta in (0.01, 0.1, 1.0):
-    result, _ = gin_runs.gin_train(files, tmp_path / f"beta{beta}", [
+    _, text = gin_runs.gin_train(files, tmp_path / f"beta{beta}", [
         f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {beta}", f"{steps} = 60",
-        "LOG_EVERY = 20", "CHECKPOINT_EVERY = 60", *extra, *QUIET])
-    final[beta] = result["train"]
+        "LOG_EVERY = 20", "CHECKPOINT_EVERY = 60", *extra, *QUIET,
+        "train.derive_seed = False"])  # common random numbers: only beta differs
+    # Means over the second half of the run (logged every 6 steps: 10% of 60).
+    final[beta] = {k: np.mean(gin_runs.logged(text, k)[-5:])
+                   for k in ("objective/kl", "objective/scores")}
   print({b: (m["objective/kl"], m["objective/scores"]) for b, m in final.items()})
   assert final[0.01]["objective/kl"] > final[0.1]["objective/kl"] > final[1.0]["objective/kl"]
   assert final[0.01]["objective/scores"] > final[1.0]["objective/scores"]

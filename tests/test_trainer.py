@@ -61,7 +61,12 @@ def test_smoke_run_writes_everything(smoke_run):
   assert os.listdir(os.path.join(model_dir, "eval"))
   assert "SFT_STEPS = 8" in open(os.path.join(model_dir, "config.gin")).read()
   lines = [l for l in text.splitlines() if l.startswith("[train]")]
-  assert len(lines) == 4 and "steps/s" in lines[-1] and "ETA" in lines[-1]
+  # LOG_EVERY = 2, but 8 steps log at least every 10%: every step.
+  assert [l.split()[2] for l in lines] == [f"{k}/8" for k in range(1, 9)]
+  assert "steps/s" in lines[-1] and "ETA" in lines[-1]
+  seed = trainer.run_seed(0, objectives.SFT(None))
+  assert f"[setup] seed {seed} = hash(0/sft); train.derive_seed = False uses 0" in text
+  assert not os.path.exists(os.path.join(model_dir, checkpoints.LOCK_FILE))  # released
   assert set(result["eval"]) >= {"loss", "accuracy", "rouge1", "rouge2", "rougeL"}
   # The exported model is the trained params, readable by the sampler's loader.
   params = exported_params(model_dir)
@@ -235,6 +240,65 @@ def test_microbatches_average_the_microbatch_gradients():
   np.testing.assert_allclose(grads["w"], expected, rtol=1e-6)
   np.testing.assert_allclose(metrics["loss"], np.mean([loss_fn(params, b, None)[0]
                                                        for b in halves]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("log_every,num_steps,expected", [
+    (50, 40, 4), (2, 8, 1), (10, 1000, 10), (50, 5, 1), (7, 70, 7)])
+def test_log_interval_is_at_most_a_tenth_of_the_run(log_every, num_steps, expected):
+  assert trainer.log_interval(log_every, num_steps) == expected
+
+
+def _built_objective(files, bindings):
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin(files, ["MODEL_DIR = '/tmp/unused'", *bindings])
+    return gin.query_parameter("train.objective").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+
+
+def test_seed_is_derived_from_the_objective_and_beta():
+  ppo = ["configs/runs/ppo_length.gin", "configs/presets/smoke.gin"]
+  dpo = ["configs/runs/dpo.gin", "configs/presets/smoke.gin"]
+  seeds = {(name, beta): trainer.run_seed(0, _built_objective(files, [f"BETA = {beta}"]))
+           for name, files in [("ppo", ppo), ("dpo", dpo)] for beta in (0.1, 0.2)}
+  assert len(set(seeds.values())) == 4, seeds  # every (objective, beta): its own seed
+  assert trainer.run_seed(0, _built_objective(ppo, ["BETA = 0.1"])) == seeds["ppo", 0.1]
+  assert trainer.run_seed(1, _built_objective(ppo, ["BETA = 0.1"])) != seeds["ppo", 0.1]
+  # Common random numbers on request: SEED itself.
+  assert trainer.run_seed(5, _built_objective(ppo, ["BETA = 0.2"]), derive=False) == 5
+
+
+def test_model_dir_lock_names_the_holder_and_a_dead_holder_never_blocks(tmp_path):
+  with checkpoints.RunLock(str(tmp_path)):
+    with open(tmp_path / checkpoints.LOCK_FILE) as f:
+      assert f.read().strip() == str(os.getpid())
+    with pytest.raises(checkpoints.RunDirectoryBusyError, match=rf"pid {os.getpid()}\)"):
+      checkpoints.RunLock(str(tmp_path))
+  assert not (tmp_path / checkpoints.LOCK_FILE).exists()
+  # A lock file left by a process that died (the kernel dropped its lock).
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  (tmp_path / checkpoints.LOCK_FILE).write_text(dead + "\n")
+  lock = checkpoints.RunLock(str(tmp_path))
+  assert (tmp_path / checkpoints.LOCK_FILE).read_text().strip() == str(os.getpid())
+  lock.release()
+
+
+def test_failed_start_leaves_no_event_files(tmp_path):
+  """A pickle-only Hugging Face directory as INIT_CHECKPOINT: refused with sampling's
+  message, and MODEL_DIR is left without train/ eval/ (or a lock)."""
+  init = tmp_path / "hf_pickle"
+  init.mkdir()
+  (init / "config.json").write_text(json.dumps({
+      "vocab_size": 4096, "d_model": 128, "d_kv": 32, "d_ff": 512, "num_heads": 4,
+      "num_layers": 3, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}))
+  (init / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+  model_dir = tmp_path / "run"
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=rf"INIT_CHECKPOINT '{init}': .*only pickle weights.*safetensors"):
+    gin_train(str(model_dir), [f"INIT_CHECKPOINT = '{init}'"])
+  assert os.listdir(model_dir) == []
 
 
 def test_cli_reports_bad_gin_in_one_line(tmp_path):

@@ -6,6 +6,7 @@ A run directory (MODEL_DIR) holds
                                       (deranj_model.json + params.msgpack), for sampling
   config.gin                          the operative gin config
   train/, eval/                       TensorBoard event files
+  .lock                               held (flock) by the run using the directory
 
 orbax writes each step into a temporary directory and renames it when complete, so a
 save cut short by a crash is never listed as a step; leftovers are removed on the next
@@ -14,7 +15,12 @@ directory, a deranj model directory, or another run's MODEL_DIR.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -28,9 +34,80 @@ from deranj.models import loading
 CHECKPOINTS_DIR = "checkpoints"
 _METADATA_FILE = "_CHECKPOINT_METADATA"  # written by orbax when a step is finalised
 MODEL_EXPORT_DIR = "model"
+LOCK_FILE = ".lock"
 
 
 CheckpointError = hf.CheckpointError  # one class: train.py's handler also sees HF errors
+
+
+class RunDirectoryBusyError(RuntimeError):
+  """MODEL_DIR is held by another live run; the message names its pid."""
+
+
+class RunLock:
+  """An exclusive flock on MODEL_DIR/.lock, holding the owner's pid.
+
+  The kernel drops the lock when its process dies, so a stale file never blocks. The
+  file is removed on release; a waiter that locked the removed file retries on the new one.
+  """
+
+  def __init__(self, model_dir: str):
+    self.path = os.path.join(model_dir, LOCK_FILE)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+          os.close(fd)
+          raise
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirectoryBusyError(
+            f"{model_dir} is in use by another training run (pid {owner}); wait for it to "
+            "end or choose another MODEL_DIR.") from None
+      try:
+        same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)  # the holder removed this file while we waited: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(self.path)
+    os.close(self._fd)
+    self._fd = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+  """Ctrl-C waits for the block to end, then raises KeyboardInterrupt: a save completes
+  instead of being torn down in orbax's event loop."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
 
 
 def _abstract(tree):
@@ -59,8 +136,9 @@ class Checkpointer:
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}))
-    saved = self.manager.save(step, args=args, force=force)
-    self.manager.wait_until_finished()
+    with _sigint_deferred():
+      saved = self.manager.save(step, args=args, force=force)
+      self.manager.wait_until_finished()
     return saved
 
   def restore(self, step: int, target):
@@ -145,7 +223,7 @@ def load_init_params(spec: str, expected_shapes: Any, *, policy_key: str = "poli
         params = params[policy_key]
     else:
       _, params = loading.load_model(export if os.path.isdir(export) else spec)
-  except loading.ModelLoadError as e:
+  except (loading.ModelLoadError, hf.CheckpointError) as e:
     raise CheckpointError(f"INIT_CHECKPOINT {spec!r}: {e}") from None
   shapes = jax.tree_util.tree_map(np.shape, params)
   if shapes != expected_shapes:

@@ -37,11 +37,8 @@ class MetricsLogger:
   def __init__(self, model_dir: Optional[str], num_steps: int, *, stream=None):
     self.num_steps = num_steps
     self.stream = stream or sys.stdout
-    self._writers = {}
-    if model_dir:
-      for name in ("train", "eval"):
-        self._writers[name] = metric_writers.create_default_writer(
-            f"{model_dir}/{name}", asynchronous=False, just_logging=False)
+    self._model_dir = model_dir
+    self._writers = {}  # created at their first write: a failed start leaves no event files
     self._start_time = None
     self._start_step = 0
 
@@ -50,6 +47,14 @@ class MetricsLogger:
     steady-state steps."""
     self._start_time = time.time()
     self._start_step = step
+
+  def _write_scalars(self, name: str, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._model_dir:
+      return
+    if name not in self._writers:
+      self._writers[name] = metric_writers.create_default_writer(
+          f"{self._model_dir}/{name}", asynchronous=False, just_logging=False)
+    self._writers[name].write_scalars(step, dict(scalars))
 
   def line(self, text: str) -> None:
     print(text, file=self.stream, flush=True)
@@ -63,8 +68,7 @@ class MetricsLogger:
     scalars = {**metrics, "learning_rate": learning_rate}
     if math.isfinite(rate):
       scalars["steps_per_second"] = rate
-    if "train" in self._writers:
-      self._writers["train"].write_scalars(step, scalars)
+    self._write_scalars("train", step, scalars)
     shown = [k for k in _HEADLINE if k in metrics][:5]
     parts = [f"[train] step {step}/{self.num_steps}"]
     parts += [f"{k} {_format_value(metrics[k])}" for k in shown]
@@ -75,8 +79,7 @@ class MetricsLogger:
     self.line("  ".join(parts))
 
   def write_eval(self, step: int, metrics: Mapping[str, float]) -> None:
-    if "eval" in self._writers:
-      self._writers["eval"].write_scalars(step, dict(metrics))
+    self._write_scalars("eval", step, metrics)
     body = "  ".join(f"{k} {_format_value(v)}" for k, v in sorted(metrics.items()))
     self.line(f"[eval]  step {step}/{self.num_steps}  {body}")
 
@@ -84,3 +87,4 @@ class MetricsLogger:
     for writer in self._writers.values():
       writer.flush()
       writer.close()
+    self._writers = {}

@@ -7,12 +7,16 @@
 
 A run resumes from the latest checkpoint in MODEL_DIR. Batch k and the step's rng depend
 on (seed, k) alone, so a resumed run takes exactly the steps an uninterrupted one would.
-A non-finite loss stops the run, naming the step, before anything after the last good
-checkpoint is saved.
+The seed is derived from SEED, the objective and its β (`run_seed`), so runs of a β sweep
+draw their own batches and rollouts; `train.derive_seed = False` uses SEED as is (common
+random numbers across runs). A non-finite loss stops the run, naming the step, before
+anything after the last good checkpoint is saved. One run at a time holds MODEL_DIR.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import math
 import os
 import time
@@ -45,6 +49,10 @@ class TrainingDivergedError(FloatingPointError):
   """A non-finite loss or gradient; the message names the step and the last checkpoint."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C during the loop; the message names the last checkpoint."""
+
+
 @gin.configurable
 def build_model(config: t5.T5Config = gin.REQUIRED, *, z_loss: float = 1e-4,
                 label_smoothing: float = 0.0) -> models_base.EncoderDecoderModel:
@@ -59,6 +67,27 @@ def _check_settings(**settings) -> None:
   if settings["batch_size"] % settings["num_microbatches"]:
     raise TrainingError(f"train.batch_size={settings['batch_size']} is not divisible by "
                         f"train.num_microbatches={settings['num_microbatches']}.")
+
+
+def _seed_salt(seed: int, objective: objectives.Objective) -> str:
+  beta = getattr(objective, "beta", None)
+  return f"{seed}/{objective.name}" + ("" if beta is None else f"/beta={float(beta)!r}")
+
+
+def run_seed(seed: int, objective: objectives.Objective, derive: bool = True) -> int:
+  """The seed a run uses: `seed` itself, or (`derive`) a stable hash of it with the
+  objective's name and KL strength β, so that models retrained at β/λ are not copies of
+  one trajectory of batches and rollouts."""
+  if not derive:
+    return seed
+  digest = hashlib.sha256(_seed_salt(seed, objective).encode()).digest()
+  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def log_interval(log_every: int, num_steps: int) -> int:
+  """Steps between progress lines: `log_every`, or less so that a run logs at least every
+  ~10% of its steps."""
+  return min(log_every, max(1, num_steps // 10))
 
 
 def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
@@ -83,7 +112,8 @@ def _first_bad_step(pending: list[tuple[int, dict]]) -> Optional[tuple[int, str]
 def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gin.REQUIRED,
           task: str = gin.REQUIRED, num_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, inputs_length: int = 512, targets_length: int = 64,
-          init_checkpoint: Optional[str] = None, seed: int = 0, num_microbatches: int = 1,
+          init_checkpoint: Optional[str] = None, seed: int = 0, derive_seed: bool = True,
+          num_microbatches: int = 1,
           log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: Optional[int] = 3,
           eval_every: int = 0, eval_split: Optional[str] = "validation",
           eval_examples: Optional[int] = 256, eval_batch_size: Optional[int] = None,
@@ -100,134 +130,146 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
     partitioner = partitioning.Partitioner()
   model_dir = os.path.abspath(model_dir)
   os.makedirs(model_dir, exist_ok=True)
-  log = metrics_lib.MetricsLogger(model_dir, num_steps, stream=stream)
-  log.line(f"[setup] {objective.name} on {task!r} in {model_dir}")
+  with contextlib.ExitStack() as cleanup:  # closed in reverse: the lock last
+    cleanup.enter_context(checkpoints.RunLock(model_dir))
+    log = metrics_lib.MetricsLogger(model_dir, num_steps, stream=stream)
+    cleanup.callback(log.close)
+    log.line(f"[setup] {objective.name} on {task!r} in {model_dir}")
+    given, seed = seed, run_seed(seed, objective, derive_seed)
+    log.line(f"[setup] seed {seed}" + (
+        f" = hash({_seed_salt(given, objective)}); train.derive_seed = False uses {given}"
+        if derive_seed else " (train.seed as is: train.derive_seed = False)"))
 
-  # Data: batch k is a function of (seed, k).
-  lengths = {"inputs": inputs_length, "targets": targets_length}
-  tasks.register_t5_tasks()
-  train_split = pipeline.load(task, "train", lengths, keep_texts=False,
-                              max_examples=max_train_examples)
-  objective.check_features(train_split.features, f"task {task!r}")
-  eval_data = None
-  if eval_split:
-    split = pipeline.load(task, eval_split, lengths, max_examples=eval_examples)
-    vocabulary = next(iter(seqio.get_mixture_or_task(task).output_features.values())).vocabulary
-    eval_data = objectives.EvalData(split.features, split.texts,
-                                    lambda ids: vocabulary.decode([int(i) for i in ids]))
+    # Data: batch k is a function of (seed, k).
+    lengths = {"inputs": inputs_length, "targets": targets_length}
+    tasks.register_t5_tasks()
+    train_split = pipeline.load(task, "train", lengths, keep_texts=False,
+                                max_examples=max_train_examples)
+    objective.check_features(train_split.features, f"task {task!r}")
+    eval_data = None
+    if eval_split:
+      split = pipeline.load(task, eval_split, lengths, max_examples=eval_examples)
+      vocabulary = next(iter(seqio.get_mixture_or_task(task).output_features.values())).vocabulary
+      eval_data = objectives.EvalData(split.features, split.texts,
+                                      lambda ids: vocabulary.decode([int(i) for i in ids]))
 
-  # Params: INIT_CHECKPOINT (or random) -> the objective's trainable and frozen trees.
-  init_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-  model = objective.model
-  base_params = None
-  if init_checkpoint:
-    base_params = checkpoints.load_init_params(init_checkpoint, model.param_shapes())
-    log.line(f"[setup] initialised from {init_checkpoint}")
-  elif objective.frozen_logical_axes():
-    raise TrainingError(f"the {objective.name} objective needs train.init_checkpoint (the "
-                        "SFT model that is also its frozen reference).")
-  else:
-    base_params = model.init_params(init_rng)
-  params = objective.init_params(init_rng, base_params)
-  frozen = objective.frozen_params(base_params)
-  del base_params
-  params = partitioner.shard_params(params, objective.param_logical_axes())
-  if frozen:
-    frozen = partitioner.shard_params(frozen, objective.frozen_logical_axes())
-    # Own buffers: the trainable params (donated each step) may start as the same arrays.
-    frozen = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))(frozen)
+    # Params: INIT_CHECKPOINT (or random) -> the objective's trainable and frozen trees.
+    init_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    model = objective.model
+    base_params = None
+    if init_checkpoint:
+      base_params = checkpoints.load_init_params(init_checkpoint, model.param_shapes())
+      log.line(f"[setup] initialised from {init_checkpoint}")
+    elif objective.frozen_logical_axes():
+      raise TrainingError(f"the {objective.name} objective needs train.init_checkpoint (the "
+                          "SFT model that is also its frozen reference).")
+    else:
+      base_params = model.init_params(init_rng)
+    params = objective.init_params(init_rng, base_params)
+    frozen = objective.frozen_params(base_params)
+    del base_params
+    params = partitioner.shard_params(params, objective.param_logical_axes())
+    if frozen:
+      frozen = partitioner.shard_params(frozen, objective.frozen_logical_axes())
+      # Own buffers: the trainable params (donated each step) may start as the same arrays.
+      frozen = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))(frozen)
 
-  train_features = objective.prepare_features(train_split.features, frozen,
-                                              eval_batch_size or batch_size)
-  stream_ = pipeline.BatchStream(train_features, batch_size, seed)
-  del train_split
+    train_features = objective.prepare_features(train_split.features, frozen,
+                                                eval_batch_size or batch_size)
+    stream_ = pipeline.BatchStream(train_features, batch_size, seed)
+    del train_split
 
-  schedule = optimizers.learning_rate_schedule(num_steps)
-  optimizer = optimizers.make_optimizer(schedule)
-  state = objectives.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=jax.jit(optimizer.init)(params))
-  # One fixed placement for every state leaf, in and out of the step: params as the
-  # rules say, optimizer moments as propagated from them, scalars replicated. Without
-  # it the second step would see new shardings and compile again.
-  state_shardings = jax.tree_util.tree_map(
-      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
-      else partitioner.replicated, state)
-  state = jax.device_put(state, state_shardings)
-  ckpt = checkpoints.Checkpointer(model_dir, save_every=checkpoint_every,
-                                  keep=keep_checkpoints)
-  for path in ckpt.set_aside:
-    log.line(f"[setup] {path}: an unfinished checkpoint, set aside")
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, state)
-    log.line(f"[setup] resumed from {ckpt.directory}/{latest}")
-  start = int(state.step)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-  log.line(f"[setup] {num_params / 1e6:.2f}M trainable parameters, steps {start}..{num_steps}, "
-           f"batch {batch_size}, mesh {dict(partitioner.mesh.shape)}")
+    schedule = optimizers.learning_rate_schedule(num_steps)
+    optimizer = optimizers.make_optimizer(schedule)
+    state = objectives.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                  opt_state=jax.jit(optimizer.init)(params))
+    # One fixed placement for every state leaf, in and out of the step: params as the
+    # rules say, optimizer moments as propagated from them, scalars replicated. Without
+    # it the second step would see new shardings and compile again.
+    state_shardings = jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+        else partitioner.replicated, state)
+    state = jax.device_put(state, state_shardings)
+    ckpt = checkpoints.Checkpointer(model_dir, save_every=checkpoint_every,
+                                    keep=keep_checkpoints)
+    cleanup.callback(ckpt.close)
+    for path in ckpt.set_aside:
+      log.line(f"[setup] {path}: an unfinished checkpoint, set aside")
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state = ckpt.restore(latest, state)
+      log.line(f"[setup] resumed from {ckpt.directory}/{latest}")
+    start = int(state.step)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    log.line(f"[setup] {num_params / 1e6:.2f}M trainable parameters, steps {start}..{num_steps}, "
+             f"batch {batch_size}, mesh {dict(partitioner.mesh.shape)}")
+    every = log_interval(log_every, num_steps)
 
-  step_fn = jax.jit(functools.partial(objective.train_step, optimizer=optimizer,
-                                      num_microbatches=num_microbatches),
-                    out_shardings=(state_shardings, partitioner.replicated), donate_argnums=0)
-  last_saved = latest
-  pending: list[tuple[int, dict]] = []
-  logged: dict[str, float] = {}
+    step_fn = jax.jit(functools.partial(objective.train_step, optimizer=optimizer,
+                                        num_microbatches=num_microbatches),
+                      out_shardings=(state_shardings, partitioner.replicated), donate_argnums=0)
+    last_saved = latest
+    pending: list[tuple[int, dict]] = []
+    logged: dict[str, float] = {}
 
-  def flush(step: int) -> None:
-    nonlocal pending, logged
-    if not pending:
-      return
-    pending = jax.device_get(pending)
-    bad = _first_bad_step(pending)
-    if bad is not None:
-      where = (f"the last good checkpoint is {ckpt.directory}/{last_saved}" if last_saved
-               is not None else "no checkpoint was saved")
-      raise TrainingDivergedError(f"step {bad[0]}: {bad[1]}; training stopped ({where}).")
-    logged = _mean_metrics(pending)
-    log.write_train(step, logged, float(schedule(step)))
-    pending = []
+    def flush(step: int) -> None:
+      nonlocal pending, logged
+      if not pending:
+        return
+      pending = jax.device_get(pending)
+      bad = _first_bad_step(pending)
+      if bad is not None:
+        where = (f"the last good checkpoint is {ckpt.directory}/{last_saved}" if last_saved
+                 is not None else "no checkpoint was saved")
+        raise TrainingDivergedError(f"step {bad[0]}: {bad[1]}; training stopped ({where}).")
+      logged = _mean_metrics(pending)
+      log.write_train(step, logged, float(schedule(step)))
+      pending = []
 
-  eval_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
 
-  def evaluate(step: int) -> None:
-    nonlocal eval_metrics
-    if eval_data is None:
-      return
-    t0 = time.time()
-    eval_metrics = objective.evaluate(state.params, frozen, eval_data,
-                                      jax.random.fold_in(eval_rng, step),
-                                      eval_batch_size or batch_size)
-    log.write_eval(step, {**eval_metrics, "eval_seconds": time.time() - t0})
+    def evaluate(step: int) -> None:
+      nonlocal eval_metrics
+      if eval_data is None:
+        return
+      t0 = time.time()
+      eval_metrics = objective.evaluate(state.params, frozen, eval_data,
+                                        jax.random.fold_in(eval_rng, step),
+                                        eval_batch_size or batch_size)
+      log.write_eval(step, {**eval_metrics, "eval_seconds": time.time() - t0})
 
-  try:
-    for step in range(start, num_steps):
-      batch = partitioner.shard_batch(stream_.batch_at(step))
-      state, step_metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
-      pending.append((step + 1, step_metrics))
-      done = step + 1
-      if step == start:
-        jax.block_until_ready(state.step)
-        log.start(step + 1)  # rates exclude the compiling step
+    try:
+      for step in range(start, num_steps):
+        batch = partitioner.shard_batch(stream_.batch_at(step))
+        state, step_metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
+        pending.append((step + 1, step_metrics))
+        done = step + 1
+        if step == start:
+          jax.block_until_ready(state.step)
+          log.start(step + 1)  # rates exclude the compiling step
+          _write_operative_config(model_dir)
+        if done % every == 0 or done == num_steps:
+          flush(done)
+        if done % checkpoint_every == 0 or done == num_steps:
+          flush(done)
+          ckpt.save(done, state, force=done == num_steps)
+          last_saved = done
+        if eval_every and done % eval_every == 0 and done != num_steps:
+          evaluate(done)
+      if latest is None or latest < num_steps or not checkpoints.is_finished(model_dir):
+        evaluate(num_steps)
+        objective.export(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR), state.params,
+                         objective=objective.name, steps=num_steps,
+                         init_checkpoint=init_checkpoint, task=task)
         _write_operative_config(model_dir)
-      if done % log_every == 0 or done == num_steps:
-        flush(done)
-      if done % checkpoint_every == 0 or done == num_steps:
-        flush(done)
-        ckpt.save(done, state, force=done == num_steps)
-        last_saved = done
-      if eval_every and done % eval_every == 0 and done != num_steps:
-        evaluate(done)
-    if latest is None or latest < num_steps or not checkpoints.is_finished(model_dir):
-      evaluate(num_steps)
-      objective.export(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR), state.params,
-                       objective=objective.name, steps=num_steps,
-                       init_checkpoint=init_checkpoint, task=task)
-      _write_operative_config(model_dir)
-      log.line(f"[done] model in {model_dir}/{checkpoints.MODEL_EXPORT_DIR}")
-  finally:
-    ckpt.close()
-    log.close()
-  return {"train": logged, "eval": eval_metrics, "state": state}
+        log.line(f"[done] model in {model_dir}/{checkpoints.MODEL_EXPORT_DIR}")
+    except KeyboardInterrupt:
+      last = ckpt.latest_step()
+      where = (f"the last checkpoint is {ckpt.directory}/{last}" if last is not None
+               else "no checkpoint was saved")
+      raise TrainingInterrupted(f"training interrupted; {where} (run the same command again "
+                                "to resume).") from None
+    return {"train": logged, "eval": eval_metrics, "state": state}
 
 
 def _write_operative_config(model_dir: str) -> None:

@@ -324,3 +324,11 @@ def test_every_run_file_parses_with_every_preset(run, preset):
     assert gin.query_parameter("train.objective") is not None
   finally:
     gin.clear_config()
+
+
+def test_export_records_a_relative_init_checkpoint_as_absolute(tmp_path, monkeypatch):
+  (tmp_path / "runs" / "sft").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  assert trainer._recorded_path("runs/sft") == str(tmp_path / "runs" / "sft")
+  assert trainer._recorded_path("tiny") == "tiny"  # a name, not a path
+  assert trainer._recorded_path(None) is None

@@ -29,6 +29,7 @@ import numpy as np
 import seqio
 
 from deranj import partitioning
+from deranj.data import files
 from deranj.data import pipeline
 from deranj.data import tasks
 from deranj.models import base as models_base
@@ -260,7 +261,7 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
         evaluate(num_steps)
         objective.export(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR), state.params,
                          objective=objective.name, steps=num_steps,
-                         init_checkpoint=init_checkpoint, task=task)
+                         init_checkpoint=_recorded_path(init_checkpoint), task=task)
         _write_operative_config(model_dir)
         log.line(f"[done] model in {model_dir}/{checkpoints.MODEL_EXPORT_DIR}")
     except KeyboardInterrupt:
@@ -272,9 +273,14 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
     return {"train": logged, "eval": eval_metrics, "state": state}
 
 
+def _recorded_path(checkpoint: Optional[str]) -> Optional[str]:
+  """A local INIT_CHECKPOINT as an absolute path, so the export's record (which
+  `deranj.sample` reads to find the reference) holds from any directory."""
+  if checkpoint and os.path.exists(checkpoint):
+    return os.path.abspath(checkpoint)
+  return checkpoint
+
+
 def _write_operative_config(model_dir: str) -> None:
-  path = os.path.join(model_dir, "config.gin")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with files.atomic_write(os.path.join(model_dir, "config.gin")) as f:
     f.write(gin.operative_config_str())
-  os.replace(tmp, path)

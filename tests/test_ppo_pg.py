@@ -9,6 +9,7 @@ import pytest
 
 import gin_runs
 from deranj.models import loading
+from deranj.training import objectives
 from deranj.training import ppo
 from deranj.training import rollouts
 from deranj.training import trainer
@@ -118,3 +119,15 @@ def test_unreachable_length_reward_is_refused_with_its_numbers(tmp_path):
     gin_runs.gin_train(PG, tmp_path, ["PolicyGradient.reward = @LengthReward()", *QUIET])
   model, _ = loading.load_model("tiny", dropout_rate=0.0)
   ppo.PPO(model, rollouts.LengthReward(24, 30), max_decode_len=24)  # reachable: accepted
+
+
+@pytest.mark.parametrize("files,owner", [(PPO, "PPO"), (PG, "PolicyGradient")])
+def test_temperature_other_than_one_is_refused_naming_the_binding(tmp_path, files, owner):
+  """Rollouts at T != 1 would be scored as if drawn from pi_theta: refused, not ignored."""
+  extra = [] if owner == "PPO" else PG_LENGTH_REWARD
+  with pytest.raises(objectives.ObjectiveError,
+                     match=rf"{owner}\.temperature=0\.7: .* remove the binding "
+                           rf"{owner}\.temperature\."):
+    gin_runs.gin_train(files, tmp_path, [f"{owner}.temperature = 0.7", *extra, *QUIET])
+  model, _ = loading.load_model("tiny", dropout_rate=0.0)
+  ppo.PPO(model, rollouts.LengthReward(8, 14), max_decode_len=24, temperature=1.0)  # accepted

@@ -58,6 +58,22 @@ def check_reachable(reward: Any, max_decode_len: int, owner: str) -> None:
         f"bind LengthReward.l_min / l_max (e.g. to %L_MIN / %L_MAX).")
 
 
+def check_temperature(temperature: float, owner: str) -> None:
+  """Refuses rollouts at temperature != 1.
+
+  The objective, reward - beta * KL(pi_theta || pi_ref), is about pi_theta itself: the
+  KL penalty, PPO's ratios and the score-function gradient all take log pi_theta of
+  the sampled tokens, which is only right when the tokens were sampled from pi_theta.
+  Scoring the tempered distribution instead would optimise pi_theta^(1/T), not the
+  exported model. So the sampler must run at T = 1.
+  """
+  if temperature != 1.0:
+    raise objectives.ObjectiveError(
+        f"{owner}.temperature={temperature}: the KL-regularised objective needs rollouts "
+        f"sampled from the policy itself (temperature 1); remove the binding "
+        f"{owner}.temperature.")
+
+
 class RolloutObjective(objectives.Objective):
   """What PPO and policy gradient share: a policy sampled on prompts, scored by `reward`,
   with a KL penalty of strength `beta` against the frozen starting model (`ref`)."""
@@ -67,6 +83,7 @@ class RolloutObjective(objectives.Objective):
   def __init__(self, model: models_base.EncoderDecoderModel, reward: Any, *, beta: float,
                max_decode_len: int, temperature: float, eos_id: int):
     check_reachable(reward, max_decode_len, type(self).__name__)
+    check_temperature(temperature, type(self).__name__)
     self.model, self.reward, self.beta = model, reward, beta
     self.max_decode_len, self.temperature, self.eos_id = max_decode_len, temperature, eos_id
 

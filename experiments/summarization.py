@@ -10,9 +10,12 @@ when already finished; see common.py):
      It stands in for the human labellers and for PaLM 2 (Gao et al. 2023's synthetic
      setting): it labels the training pairs and judges the samples;
   3. `pairs/{train,validation}.jsonl`: two SFT samples per prompt of the TASK's train
-     (validation) split, the one with the higher gold reward `chosen`, ties dropped;
-     PreferencePair JSONL, read back as the `preference_pairs` task
-     (`preference_pairs_dir.path = DIR/pairs`). The validation pairs are held out;
+     (validation) split, labelled by Bradley-Terry on the gold reward (the first chosen
+     with probability sigmoid(r_a - r_b), seeded per pair; `stages.LABEL_RULE`, also in
+     `pairs/labels.json` and figN.json's "pairs"), as human labels are noisy;
+     PreferencePair JSONL with the sampled token ids, read back as the
+     `preference_pairs` task (`preference_pairs_dir.path = DIR/pairs`), so the reward
+     model and DPO train on exactly those ids. The validation pairs are held out;
   4. the figure's aligned model at β and models retrained at β/λ (the driver's
      `train_aligned`), from the SFT model on those pairs;
   5. one DeRa sweep over the λ grid from (SFT, aligned) on held-out (test) prompts, one
@@ -102,7 +105,7 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
   ref, sft_params = common.load_policy(ctx.sft_dir)
   with timer("pairs"):
     pair_stats = stages.make_pairs(ctx, macros, grid, (ref, sft_params), gold,
-                                   jax.random.fold_in(rng, stages.PAIR_SAMPLES))
+                                   jax.random.fold_in(rng, stages.PAIR_SAMPLES), args.seed)
   if prepare:
     with timer(prepare[0]):
       trained.append(prepare[1](ctx))

@@ -80,6 +80,7 @@ def _check(result, workdir, figure, lams):
   assert saved["pairs"]["rule"] == stages.LABEL_RULE  # Bradley-Terry labels, written down
   pairs = stages.preferences.read_pairs(os.path.join(workdir, "pairs", "train.jsonl"))
   assert all(p.has_ids for p in pairs)  # the sampled ids, for DPO and the reward model
+  assert saved["win_rate_interval"]["resamples"] == 2000  # bootstrapped over prompts
   assert [r["lam"] for r in saved["per_lam"]] == lams
   n = saved["num_prompts"] * saved["samples_per_prompt"]
   held_out = saved["held_out_pairs"]
@@ -133,7 +134,9 @@ def test_report_says_when_spearman_is_undefined(capsys):
             "agreement": {"gold/vs_sft": {"spearman": None, "mean_abs_difference": 0.0}},
             "trained_runs": 0, "wall_seconds": {"sft": 1.0}}
   summarization.report(result)
-  assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in out
+  assert "| 2 | 0.05 | 0.50 [0.20, 0.80] |" in out  # win rates with their intervals
 
 
 def test_parse_lams_one_rule_one_line_errors():

@@ -35,18 +35,36 @@ def model_pairwise_accuracy(model, params, pairs: dict, batch_size: int) -> floa
       logps["rejected"], (pairs["rejected_decoder_target_tokens"] > 0).sum(1))
 
 
+# The bootstrap's numpy stream: default_rng([seed, BOOTSTRAP, comparison]).
+BOOTSTRAP = 1_000_000
+
+
 class Judging:
-  """Both judges on one set of held-out prompts; outcomes for the first response."""
+  """Both judges on one set of held-out prompts; outcomes for the first response.
+
+  `prompts` [P * K, S] holds K samples of each of P prompts, prompt-major; win rates
+  come with 95% intervals from a bootstrap over the P prompts
+  (`win_rates.clustered_win_rate`, `num_resamples` resamples).
+  """
 
   def __init__(self, gold: judges.RewardModelJudge, prompts: np.ndarray,
-               references: Sequence[str], seed: int):
+               references: Sequence[str], seed: int, samples_per_prompt: int,
+               num_resamples: int = win_rates.DEFAULT_RESAMPLES):
     self.gold, self.prompts, self.references = gold, prompts, list(references)
     self.seed = seed
+    self.num_prompts = len(prompts) // samples_per_prompt
+    self.num_resamples = num_resamples
     self._calls = 0
 
   def _rng(self) -> np.random.Generator:
     self._calls += 1  # fresh swaps per comparison, reproducible from the seed
     return np.random.default_rng([self.seed, self._calls])
+
+  def _win_rate(self, outcomes: np.ndarray) -> dict:
+    self._calls += 1
+    return win_rates.clustered_win_rate(
+        outcomes, self.num_prompts, num_resamples=self.num_resamples,
+        seed=(self.seed, BOOTSTRAP, self._calls)).to_dict()
 
   def compare(self, tokens_a: np.ndarray, tokens_b: np.ndarray) -> dict:
     """{judge: WinRate dict} of A against B, row i of each on the same prompt."""
@@ -55,8 +73,7 @@ class Judging:
     rouge = judges.judge_with_position_swap(judges.rouge_l_judge, stages.decode_all(tokens_a),
                                             stages.decode_all(tokens_b), self.references,
                                             rng=self._rng())
-    return {"gold": win_rates.win_rate(gold).to_dict(),
-            "rouge_l": win_rates.win_rate(rouge).to_dict()}
+    return {"gold": self._win_rate(gold), "rouge_l": self._win_rate(rouge)}
 
   def describe(self, tokens: np.ndarray) -> dict:
     lengths = np.asarray(rewards.response_lengths(tokens))

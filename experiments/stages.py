@@ -9,6 +9,7 @@ samples do not depend on the rest of the grid). No two methods share random numb
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zlib
 from typing import Optional, Sequence
@@ -31,6 +32,7 @@ PAIRS = "pairs"
 METHODS = ("dera", "retrained", "dera_resampled")
 # Streams of the driver's seed; retrained models fold their run name into RETRAINED.
 DERA, DERA_RESAMPLED, RETRAINED, SFT, PAIR_SAMPLES = 0, 1, 2, 3, 100
+PAIR_LABELS = 101  # numpy streams of the pairs' Bradley-Terry labels (LABEL_RULE)
 
 
 # ----------------------------------------------------------------------------- grid
@@ -172,25 +174,56 @@ class Context:
             f"preference_pairs_dir.path = '{self.pairs_dir}'"]
 
 
-def label_pairs(prompts: Sequence[str], responses_a: Sequence[str],
-                responses_b: Sequence[str], scores_a, scores_b
-                ) -> list[preferences.PreferencePair]:
-  """Pairs of responses -> PreferencePairs, the higher-scored response `chosen`.
+# How make_pairs labels a pair, written to DIR/pairs/labels.json and the figures' JSON.
+LABEL_RULE = ("bradley_terry: of two SFT samples, the first is chosen with probability "
+              "sigmoid(r_gold(a) - r_gold(b)), one draw per pair from numpy's "
+              f"default_rng([seed, {PAIR_LABELS}, split, pair]); equal rewards are a coin "
+              "flip and no pair is dropped")
+LABELS_FILE = "labels.json"
 
-  Pairs with equal scores or identical texts carry no preference and are dropped.
+
+def bradley_terry_choices(scores_a, scores_b, seed: Sequence[int]) -> np.ndarray:
+  """[N] bool, True where pair i's first response is chosen: with probability
+  sigmoid(scores_a[i] - scores_b[i]), drawn by pair i's own generator
+  `default_rng([*seed, i])`, so a pair's label does not depend on the other pairs.
+
+  Labels drawn from the gold reward's Bradley-Terry model, not argmax: on
+  deterministic labels the Bradley-Terry fit is unbounded and DPO has no optimum that
+  depends on beta.
+  """
+  margin = np.asarray(scores_a, np.float64) - np.asarray(scores_b, np.float64)
+  p_first = 0.5 * (1.0 + np.tanh(0.5 * margin))  # sigmoid, without overflow
+  draws = np.array([np.random.default_rng([*seed, i]).random() for i in range(len(margin))])
+  return draws < p_first
+
+
+def label_pairs(prompts: Sequence[str], responses_a: Sequence[str],
+                responses_b: Sequence[str], scores_a, scores_b, seed: Sequence[int],
+                ids: Optional[tuple[Sequence, Sequence, Sequence]] = None
+                ) -> list[preferences.PreferencePair]:
+  """Pairs of responses -> PreferencePairs labelled by `bradley_terry_choices`.
+
+  `ids`: (prompt ids, ids of a, ids of b), one id tuple per pair each, kept on the
+  pairs so that training sees the sampled ids (see `preferences`).
   """
   scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
-  if not len(prompts) == len(responses_a) == len(responses_b) == len(scores_a) == len(
-      scores_b):
-    raise ValueError(f"{len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} "
-                     f"responses, {len(scores_a)} and {len(scores_b)} scores: give one "
+  n = len(prompts)
+  sizes = [len(responses_a), len(responses_b), len(scores_a), len(scores_b),
+           *(len(x) for x in ids or ())]
+  if any(size != n for size in sizes):
+    raise ValueError(f"{n} prompts, {len(responses_a)} and {len(responses_b)} responses, "
+                     f"{len(scores_a)} and {len(scores_b)} scores"
+                     f"{', ids ' + str([len(x) for x in ids]) if ids else ''}: give one "
                      "of each per pair.")
+  first = bradley_terry_choices(scores_a, scores_b, seed)
+  ids = ids or ([None] * n,) * 3
   pairs = []
-  for x, a, b, sa, sb in zip(prompts, responses_a, responses_b, scores_a, scores_b):
-    if a == b or sa == sb:
-      continue
-    chosen, rejected = (a, b) if sa > sb else (b, a)
-    pairs.append(preferences.PreferencePair(prompt=x, chosen=chosen, rejected=rejected))
+  for i in range(n):
+    order = (0, 1) if first[i] else (1, 0)
+    texts, sides = (responses_a[i], responses_b[i]), (ids[1][i], ids[2][i])
+    pairs.append(preferences.PreferencePair(
+        prompt=prompts[i], chosen=texts[order[0]], rejected=texts[order[1]],
+        prompt_ids=ids[0][i], chosen_ids=sides[order[0]], rejected_ids=sides[order[1]]))
   return pairs
 
 
@@ -204,21 +237,44 @@ def decode_all(tokens: np.ndarray) -> list[str]:
   return [tokenizer.decode(row) for row in np.asarray(tokens)]
 
 
-def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array) -> dict:
-  """Writes DIR/pairs/{train,validation}.jsonl unless both exist; returns their sizes.
+def _check_labels_file(pairs_dir: str) -> dict:
+  """The reused pairs' labels.json; a one-line error when they were labelled otherwise."""
+  path = os.path.join(pairs_dir, LABELS_FILE)
+  labels = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      labels = json.load(f)
+  if labels.get("rule") != LABEL_RULE:
+    raise SystemExit(
+        f"error: {pairs_dir}: these preference pairs were not labelled by the current rule "
+        f"({labels.get('rule', 'no ' + LABELS_FILE + ', an older labelling')}); delete "
+        "the pairs directory and the runs trained on them (proxy_rm, pg_*, dpo_*) to "
+        "label them again.")
+  return labels
 
-  Two SFT samples per prompt of the TASK's train (validation) split, the one with the
-  higher gold reward `chosen`, ties dropped.
+
+def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array,
+               seed: int) -> dict:
+  """Writes DIR/pairs/{train,validation}.jsonl and labels.json unless they exist;
+  returns the labelling rule and each split's statistics.
+
+  Two SFT samples per prompt of the TASK's train (validation) split, labelled by
+  Bradley-Terry on the gold reward (`label_pairs`, LABEL_RULE, seeded by `seed`); the
+  pairs keep the sampled token ids.
   """
+  splits = (("train", grid.pair_prompts), ("validation", grid.val_pair_prompts))
+  paths = [os.path.join(ctx.pairs_dir, f"{split}.jsonl") for split, _ in splits]
+  if all(os.path.isfile(p) for p in paths):
+    labels = _check_labels_file(ctx.pairs_dir)
+    for (split, _), path in zip(splits, paths):
+      labels[split] = {**labels.get(split, {}), "pairs": len(preferences.read_pairs(path)),
+                       "reused": True}
+    return labels
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
   model, params = sft
-  stats = {}
-  for i, (split, size) in enumerate((("train", grid.pair_prompts),
-                                     ("validation", grid.val_pair_prompts))):
-    path = os.path.join(ctx.pairs_dir, f"{split}.jsonl")
-    if os.path.isfile(path):
-      stats[split] = {"pairs": len(preferences.read_pairs(path)), "reused": True}
-      continue
+  labels = {"rule": LABEL_RULE, "seed": seed}
+  labelled = []
+  for i, (split, size) in enumerate(splits):
     data = pipeline.load(macros["TASK"], split, lengths, max_examples=size)
     prompts = data.features["encoder_input_tokens"]
     common.log(f"   labelling {len(prompts)} {split} prompts' SFT sample pairs")
@@ -227,11 +283,23 @@ def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array
                           jax.random.fold_in(rng, i))
     scores = gold.rewards(np.repeat(prompts, 2, axis=0), tokens)
     texts = decode_all(tokens)
-    pairs = label_pairs(documents(data), texts[0::2], texts[1::2], scores[0::2], scores[1::2])
-    if not pairs:
-      raise RuntimeError(f"no {split} preference pairs: all {len(prompts)} SFT sample "
-                         "pairs tied under the gold reward model.")
+    ids = [preferences.sampled_ids(row) for row in tokens]
+    pairs = label_pairs(documents(data), texts[0::2], texts[1::2], scores[0::2],
+                        scores[1::2], seed=(seed, PAIR_LABELS, i),
+                        ids=([preferences.sampled_ids(p) for p in prompts], ids[0::2],
+                             ids[1::2]))
+    margin = scores[0::2] - scores[1::2]
+    chosen_is_a = np.array([p.chosen_ids == a for p, a in zip(pairs, ids[0::2])])
+    labels[split] = {
+        "prompts": int(len(prompts)), "pairs": len(pairs),
+        "mean_abs_gold_margin": float(np.mean(np.abs(margin))),
+        # How noisy the labels are: pairs whose chosen response has the lower gold reward.
+        "chosen_lower_gold": float(np.mean(np.where(chosen_is_a, margin < 0, margin > 0))),
+        "identical_pairs": int(sum(a == b for a, b in zip(ids[0::2], ids[1::2]))),
+    }
+    labelled.append(pairs)
+  # labels.json first: pairs files without it would read as an older labelling.
+  common.write_json(os.path.join(ctx.pairs_dir, LABELS_FILE), labels)
+  for path, pairs in zip(paths, labelled):
     preferences.write_pairs(path, pairs)
-    stats[split] = {"prompts": int(len(prompts)), "pairs": len(pairs),
-                    "mean_abs_gold_margin": float(np.mean(np.abs(scores[0::2] - scores[1::2])))}
-  return stats
+  return labels

@@ -10,16 +10,20 @@ when already finished; see common.py):
      It stands in for the human labellers and for PaLM 2 (Gao et al. 2023's synthetic
      setting): it labels the training pairs and judges the samples;
   3. `pairs/{train,validation}.jsonl`: two SFT samples per prompt of the TASK's train
-     (validation) split, the one with the higher gold reward `chosen`, ties dropped;
-     PreferencePair JSONL, read back as the `preference_pairs` task
-     (`preference_pairs_dir.path = DIR/pairs`). The validation pairs are held out;
+     (validation) split, labelled by Bradley-Terry on the gold reward (the first chosen
+     with probability sigmoid(r_a - r_b), seeded per pair; `stages.LABEL_RULE`, also in
+     `pairs/labels.json` and figN.json's "pairs"), as human labels are noisy;
+     PreferencePair JSONL with the sampled token ids, read back as the
+     `preference_pairs` task (`preference_pairs_dir.path = DIR/pairs`), so the reward
+     model and DPO train on exactly those ids. The validation pairs are held out;
   4. the figure's aligned model at β and models retrained at β/λ (the driver's
      `train_aligned`), from the SFT model on those pairs;
   5. one DeRa sweep over the λ grid from (SFT, aligned) on held-out (test) prompts, one
      compiled sampler; samples of SFT and of every retrained model; importance-resampled
      DeRa (the exact sequence-level mixture);
   6. judges: the gold reward model (with the random position swap of App. D.3) and
-     ROUGE-L against the references. Win rates with 95% intervals (a) against SFT,
+     ROUGE-L against the references. Win rates with 95% intervals from a bootstrap
+     over prompts (--bootstrap_resamples; a prompt's samples move together) (a) against SFT,
      (b) against the β model, (c) DeRa against the model retrained at the same λ; eq. 14
      pairwise accuracy of every DeRa and retrained model on the held-out pairs;
   7. `figN.json` and `figN.png`.
@@ -58,7 +62,13 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
                       help="comma-separated λ grid (1 is added); default: the preset's "
                       "SUMMARIZATION_LAMS")
   parser.add_argument("--seed", type=int, default=0)
-  return parser.parse_args(argv)
+  parser.add_argument("--bootstrap_resamples", type=int, default=win_rates.DEFAULT_RESAMPLES,
+                      help="resamples of the prompts for the win rates' 95%% intervals "
+                      "(samples of one prompt are resampled together)")
+  args = parser.parse_args(argv)
+  if args.bootstrap_resamples < 100:
+    parser.error(f"--bootstrap_resamples={args.bootstrap_resamples}: at least 100.")
+  return args
 
 
 def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], description: str,
@@ -102,7 +112,7 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
   ref, sft_params = common.load_policy(ctx.sft_dir)
   with timer("pairs"):
     pair_stats = stages.make_pairs(ctx, macros, grid, (ref, sft_params), gold,
-                                   jax.random.fold_in(rng, stages.PAIR_SAMPLES))
+                                   jax.random.fold_in(rng, stages.PAIR_SAMPLES), args.seed)
   if prepare:
     with timer(prepare[0]):
       trained.append(prepare[1](ctx))
@@ -139,7 +149,8 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
 
   with timer("judging"):
     references = np.repeat(np.asarray(test.texts["targets"], object), samples).tolist()
-    judge = judging.Judging(gold, np.repeat(prompts, samples, axis=0), references, args.seed)
+    judge = judging.Judging(gold, np.repeat(prompts, samples, axis=0), references, args.seed,
+                            samples, args.bootstrap_resamples)
     beta_tokens = tokens["retrained"][lams.index(1.0)]
     per_lam = []
     for i, lam in enumerate(lams):
@@ -179,6 +190,9 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
       "figure": figure, "aligner": aligner, "preset": args.preset, "beta": args.beta,
       "lams": lams, "seed": args.seed, "num_prompts": int(len(prompts)),
       "samples_per_prompt": samples, "pairs": pair_stats,
+      "win_rate_interval": {"confidence": 0.95, "method": "percentile bootstrap over "
+                            "prompts (a prompt's samples resampled together)",
+                            "resamples": args.bootstrap_resamples},
       "held_out_pairs": int(len(held_out["encoder_input_tokens"])),
       "sft": {**judge.describe(sft_tokens), "pairwise_accuracy": sft_acc},
       "per_lam": per_lam,
@@ -198,16 +212,21 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
 
 
 def report(result: dict) -> None:
-  """A markdown table of the gold judge's win rates and eq. 14 accuracies."""
+  """A markdown table of the gold judge's win rates (95% intervals bootstrapped over
+  prompts) and eq. 14 accuracies."""
   common.log("\n| λ | β/λ | DeRa vs SFT | retrained vs SFT | SIR vs SFT | DeRa vs π(β) | "
              "retrained vs π(β) | DeRa vs retrained | acc DeRa | acc retrained |\n"
              "|---|---|---|---|---|---|---|---|---|---|")
+
+  def g(row, method, key):
+    w = row[method]["gold"][key]
+    return f"{w['rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}]"
+
   for r in result["per_lam"]:
-    g = lambda m, k: r[m]["gold"][k]["rate"]  # noqa: E731
-    common.log(f"| {r['lam']:.4g} | {r['beta_over_lam']:.4g} | {g('dera', 'vs_sft'):.2f} | "
-               f"{g('retrained', 'vs_sft'):.2f} | {g('dera_resampled', 'vs_sft'):.2f} | "
-               f"{g('dera', 'vs_beta'):.2f} | {g('retrained', 'vs_beta'):.2f} | "
-               f"{g('dera', 'vs_retrained'):.2f} | {r['dera']['pairwise_accuracy']:.2f} | "
+    common.log(f"| {r['lam']:.4g} | {r['beta_over_lam']:.4g} | {g(r, 'dera', 'vs_sft')} | "
+               f"{g(r, 'retrained', 'vs_sft')} | {g(r, 'dera_resampled', 'vs_sft')} | "
+               f"{g(r, 'dera', 'vs_beta')} | {g(r, 'retrained', 'vs_beta')} | "
+               f"{g(r, 'dera', 'vs_retrained')} | {r['dera']['pairwise_accuracy']:.2f} | "
                f"{r['retrained']['pairwise_accuracy']:.2f} |")
   agree = result["agreement"]["gold/vs_sft"]
   common.log(f"\ngold judge vs SFT: Spearman ρ(DeRa, retrained) = {common.spearman_text(agree)}, "

@@ -2,6 +2,7 @@
 smoke-preset runs through gin (DPO margins grow, the reward model beats chance on held-out
 pairs), NaN reward stops, reward-model export and bit-identical DPO resumes."""
 import functools
+import json
 import os
 import re
 
@@ -14,7 +15,11 @@ import pytest
 import gin_runs
 
 from deranj.data import corpora
+from deranj.data import files
 from deranj.data import pipeline
+from deranj.data import preferences
+from deranj.data import tasks
+from deranj.data import tokenizer
 from deranj.models import base
 from deranj.models import loading
 from deranj.training import checkpoints
@@ -130,6 +135,64 @@ def test_embedded_news_preferences_are_the_news_pairs_corrupted():
     assert p.rejected != p.chosen and sorted(p.rejected.split()) == sorted(p.chosen.split())
   with pytest.raises(ValueError, match="corruption='typos'"):
     corpora.news_preference_pairs("train", "typos")
+
+
+def test_sampled_pair_ids_come_back_unchanged_through_the_task(tmp_path):
+  """Pairs keep the ids they were sampled as: ids that decoding and tokenising again
+  would merge, and a response cut at the maximum length (no EOS) that re-tokenising
+  would cut shorter and end with EOS."""
+  sp = tokenizer.processor()
+  split_the = [sp.piece_to_id(p) for p in ("\u2581t", "h", "e")]
+  assert tokenizer.encode(tokenizer.decode(split_the)) != split_the  # the premise
+  width = LENGTHS["targets"]
+  chosen_row = split_the + [1] + [0] * (width - 4)  # a sampler's row: tokens, EOS, PAD
+  cut_row = (tokenizer.encode("a long sentence about the weather") * width)[:width]
+  prompt_row = tokenizer.encode("summarize: one document") + [1, 0, 0]
+  pair = preferences.PreferencePair(
+      "one document", tokenizer.decode(chosen_row), tokenizer.decode(cut_row),
+      preferences.sampled_ids(prompt_row), preferences.sampled_ids(chosen_row),
+      preferences.sampled_ids(cut_row))
+  assert pair.chosen_ids == tuple(split_the) + (1,) and pair.rejected_ids == tuple(cut_row)
+  features = {}
+  text_pair = preferences.PreferencePair(pair.prompt, pair.chosen, pair.rejected)
+  for name, pairs in (("with_ids", [pair, pair]), ("text_only", [text_pair, text_pair])):
+    directory = tmp_path / name
+    preferences.write_pairs(str(directory / "train.jsonl"), pairs)
+    assert preferences.read_pairs(str(directory / "train.jsonl")) == pairs
+    tasks.register_preference_pairs(f"pairs_{name}", str(directory))
+    split = pipeline.load(f"pairs_{name}", "train", LENGTHS)
+    assert split.texts["chosen"][0] == "the"  # the text stays, for humans
+    features[name] = {k: v[0] for k, v in split.features.items()}
+  got = features["with_ids"]
+  pad = lambda ids, n: np.pad(ids, (0, n - len(ids)))  # noqa: E731
+  np.testing.assert_array_equal(got["encoder_input_tokens"],
+                                pad(prompt_row[:-2], LENGTHS["inputs"]))
+  np.testing.assert_array_equal(got["chosen_decoder_target_tokens"], chosen_row)
+  np.testing.assert_array_equal(got["rejected_decoder_target_tokens"], cut_row)
+  assert got["rejected_decoder_loss_weights"].sum() == width  # no EOS added, none cut
+  # Through the text the same pair would train on other ids.
+  text = features["text_only"]
+  assert not np.array_equal(text["chosen_decoder_target_tokens"], chosen_row)
+  assert text["rejected_decoder_target_tokens"][width - 1] == 1  # cut, then EOS
+
+
+def test_pair_ids_errors_name_file_and_line(tmp_path):
+  path = tmp_path / "train.jsonl"
+  with_ids = {"prompt": "p", "chosen": "c", "rejected": "r", "prompt_ids": [5, 1],
+              "chosen_ids": [7, 1], "rejected_ids": [8, 9]}
+  path.write_text(json.dumps(with_ids) + "\n" + json.dumps(
+      {"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+  with pytest.raises(files.DataError, match=re.escape(f"{path}:2: token ids on some records")):
+    preferences.read_pairs(str(path))
+  path.write_text(json.dumps({**with_ids, "chosen_ids": [7, 0, 1]}) + "\n")
+  with pytest.raises(files.DataError, match=re.escape(f"{path}:1: field 'chosen_ids' should")):
+    preferences.read_pairs(str(path))
+  path.write_text(json.dumps({**with_ids, "prompt_ids": None}) + "\n")
+  with pytest.raises(files.DataError, match=re.escape(f"{path}:1: field 'prompt_ids' should "
+                                                      "be a list")):
+    preferences.read_pairs(str(path))
+  with pytest.raises(ValueError, match="give all of"):
+    preferences.write_pairs(str(path), [preferences.PreferencePair("p", "c", "r", None, (7,))])
 
 
 def test_embedded_news_preferences_task_reads_its_gin_setting():

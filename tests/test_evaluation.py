@@ -140,6 +140,47 @@ def test_win_rate_interval_covers_narrows_and_counts_ties_half():
     win_rates.win_rate([])
 
 
+def test_clustered_interval_is_wider_when_samples_of_a_prompt_agree():
+  rng = np.random.default_rng(0)
+  prompts, k = 40, 8
+  # Perfectly correlated: each prompt is won (or lost) by all its samples.
+  correlated = np.repeat(rng.random(prompts) < 0.5, k).astype(float)
+  naive, clustered = (win_rates.win_rate(correlated),
+                      win_rates.clustered_win_rate(correlated, prompts, seed=1))
+  width = lambda w: w.high - w.low  # noqa: E731
+  assert clustered.rate == naive.rate and clustered.n == naive.n == prompts * k
+  # The effective sample size is the number of prompts, so wider by about sqrt(k) = 2.8.
+  assert width(clustered) > 2 * width(naive), (clustered, naive)
+  # Independent samples: about the naive interval (ratio ~1, Monte-Carlo spread ~10%).
+  independent = (rng.random(prompts * k) < 0.5).astype(float)
+  ratio = width(win_rates.clustered_win_rate(independent, prompts, seed=1)) / width(
+      win_rates.win_rate(independent))
+  assert 0.75 < ratio < 1.3, ratio
+
+
+def test_clustered_interval_by_hand_and_its_settings():
+  # Two prompts, one always won, one always lost: a resample of two prompts has rate
+  # 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4.
+  outcomes = [1, 1, 1, 0, 0, 0]
+  wide = win_rates.clustered_win_rate(outcomes, 2, confidence=0.95, seed=3)
+  assert (wide.rate, wide.low, wide.high, wide.n) == (0.5, 0.0, 1.0, 6)
+  narrow = win_rates.clustered_win_rate(outcomes, 2, confidence=0.4, seed=3)
+  assert (narrow.low, narrow.high) == (0.5, 0.5)  # the 30% and 70% quantiles
+  # Seeded: the same seed gives the same interval, the number of resamples is honoured.
+  x = np.repeat(np.random.default_rng(2).random(10), 3)
+  assert (win_rates.clustered_win_rate(x, 10, seed=(4, 1))
+          == win_rates.clustered_win_rate(x, 10, seed=(4, 1)))
+  assert (win_rates.clustered_win_rate(x, 10, seed=4, num_resamples=100)
+          != win_rates.clustered_win_rate(x, 10, seed=4, num_resamples=5000))
+  assert win_rates.clustered_win_rate([1, 0], 1) == win_rates.WinRate(0.5, 0.0, 1.0, 2)
+  assert win_rates.clustered_win_rate([0.5] * 6, 3).to_dict() == {
+      "rate": 0.5, "low": 0.5, "high": 0.5, "n": 6}
+  with pytest.raises(ValueError, match="num_resamples=10"):
+    win_rates.clustered_win_rate(x, 10, num_resamples=10)
+  with pytest.raises(ValueError, match="do not split into 4 equal clusters"):
+    win_rates.clustered_win_rate(x, 4)
+
+
 def test_pairwise_accuracy_matches_loop_and_normalises_by_length():
   rng = np.random.default_rng(0)
   n = 50

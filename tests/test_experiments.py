@@ -11,15 +11,53 @@ from experiments import stages
 from experiments import summarization
 
 
-def test_label_pairs_prefers_the_higher_score_and_drops_ties():
-  pairs = stages.label_pairs(
-      ["doc one", "doc two", "doc three", "doc four"],
-      ["a1", "a2", "same", "a4"], ["b1", "b2", "same", "b4"],
-      scores_a=[0.5, -1.0, 3.0, 2.0], scores_b=[0.1, 1.0, 0.0, 2.0])
-  assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
-      ("doc one", "a1", "b1"), ("doc two", "b2", "a2")]  # identical texts, equal scores out
+@pytest.mark.parametrize("margin", [-3.0, 0.0, 1.0])
+def test_bradley_terry_labels_follow_the_sigmoid_of_the_margin(margin):
+  n = 4000
+  first = stages.bradley_terry_choices(np.full(n, 2.0 + margin), np.full(n, 2.0), (7, 0))
+  p = 1 / (1 + np.exp(-margin))
+  # Binomial: 4 standard deviations of the frequency (a fixed seed, so no flakes).
+  assert abs(first.mean() - p) < 4 * np.sqrt(p * (1 - p) / n), (first.mean(), p)
+  # Each pair draws from its own generator: its label does not depend on the others.
+  np.testing.assert_array_equal(
+      stages.bradley_terry_choices(np.full(10, 2.0 + margin), np.full(10, 2.0), (7, 0)),
+      first[:10])
+  other_seed = stages.bradley_terry_choices(np.full(n, 2.0 + margin), np.full(n, 2.0), (8, 0))
+  assert not np.array_equal(other_seed, first)
+
+
+def test_label_pairs_keep_ties_identical_texts_and_the_sampled_ids():
+  prompts = [f"doc {i}" for i in range(400)]
+  a, b = [f"a{i}" for i in range(400)], [f"b{i}" for i in range(400)]
+  a[0] = b[0] = "same"
+  ids = ([(9, i + 2, 1) for i in range(400)], [(5, i + 2) for i in range(400)],
+         [(6, i + 2, 1) for i in range(400)])
+  pairs = stages.label_pairs(prompts, a, b, np.zeros(400), np.zeros(400), (0, 1), ids=ids)
+  assert len(pairs) == 400  # equal scores and identical texts are kept
+  assert pairs[0].chosen == pairs[0].rejected == "same"
+  chose_a = [p.chosen_ids == ids[1][i] for i, p in enumerate(pairs)]
+  assert 0.4 < np.mean(chose_a) < 0.6  # a tie is a coin flip
+  for i, p in enumerate(pairs):  # texts and ids go together
+    assert p.prompt_ids == ids[0][i]
+    assert (p.chosen, p.rejected, p.chosen_ids, p.rejected_ids) == (
+        (a[i], b[i], ids[1][i], ids[2][i]) if chose_a[i] else (b[i], a[i], ids[2][i], ids[1][i]))
   with pytest.raises(ValueError, match="one of each per pair"):
-    stages.label_pairs(["x"], ["a"], ["b", "c"], [1.0], [0.0])
+    stages.label_pairs(["x"], ["a"], ["b", "c"], [1.0], [0.0], (0,))
+
+
+def test_pairs_labelled_by_another_rule_are_not_reused(tmp_path):
+  ctx = stages.Context("smoke", str(tmp_path))
+  for split in ("train", "validation"):
+    stages.preferences.write_pairs(os.path.join(ctx.pairs_dir, f"{split}.jsonl"),
+                                   [stages.preferences.PreferencePair("p", "c", "r")])
+  grid = stages.Grid([1.0], 1, 1, 1, 1, 1, 1)
+  with pytest.raises(SystemExit, match=r"not labelled by the current rule \(no labels\.json"):
+    stages.make_pairs(ctx, {}, grid, None, None, None, seed=0)
+  stages.common.write_json(os.path.join(ctx.pairs_dir, "labels.json"),
+                           {"rule": stages.LABEL_RULE, "seed": 3, "train": {"pairs": 1}})
+  labels = stages.make_pairs(ctx, {}, grid, None, None, None, seed=0)
+  assert labels["rule"] == stages.LABEL_RULE and labels["seed"] == 3
+  assert labels["validation"] == {"pairs": 1, "reused": True}
 
 
 def test_documents_strip_the_task_prefix():
@@ -39,6 +77,10 @@ def _check(result, workdir, figure, lams):
   with open(os.path.join(workdir, f"fig{figure}.json")) as f:
     saved = json.load(f)
   assert saved["lams"] == lams
+  assert saved["pairs"]["rule"] == stages.LABEL_RULE  # Bradley-Terry labels, written down
+  pairs = stages.preferences.read_pairs(os.path.join(workdir, "pairs", "train.jsonl"))
+  assert all(p.has_ids for p in pairs)  # the sampled ids, for DPO and the reward model
+  assert saved["win_rate_interval"]["resamples"] == 2000  # bootstrapped over prompts
   assert [r["lam"] for r in saved["per_lam"]] == lams
   n = saved["num_prompts"] * saved["samples_per_prompt"]
   held_out = saved["held_out_pairs"]
@@ -92,7 +134,9 @@ def test_report_says_when_spearman_is_undefined(capsys):
             "agreement": {"gold/vs_sft": {"spearman": None, "mean_abs_difference": 0.0}},
             "trained_runs": 0, "wall_seconds": {"sft": 1.0}}
   summarization.report(result)
-  assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in out
+  assert "| 2 | 0.05 | 0.50 [0.20, 0.80] |" in out  # win rates with their intervals
 
 
 def test_parse_lams_one_rule_one_line_errors():

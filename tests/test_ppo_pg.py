@@ -9,6 +9,8 @@ import pytest
 
 import gin_runs
 from deranj.models import loading
+from deranj.training import objectives
+from deranj.training import policy_gradient
 from deranj.training import ppo
 from deranj.training import rollouts
 from deranj.training import trainer
@@ -118,3 +120,43 @@ def test_unreachable_length_reward_is_refused_with_its_numbers(tmp_path):
     gin_runs.gin_train(PG, tmp_path, ["PolicyGradient.reward = @LengthReward()", *QUIET])
   model, _ = loading.load_model("tiny", dropout_rate=0.0)
   ppo.PPO(model, rollouts.LengthReward(24, 30), max_decode_len=24)  # reachable: accepted
+
+
+@pytest.mark.parametrize("files,owner", [(PPO, "PPO"), (PG, "PolicyGradient")])
+def test_temperature_other_than_one_is_refused_naming_the_binding(tmp_path, files, owner):
+  """Rollouts at T != 1 would be scored as if drawn from pi_theta: refused, not ignored."""
+  extra = [] if owner == "PPO" else PG_LENGTH_REWARD
+  with pytest.raises(objectives.ObjectiveError,
+                     match=rf"{owner}\.temperature=0\.7: .* remove the binding "
+                           rf"{owner}\.temperature\."):
+    gin_runs.gin_train(files, tmp_path, [f"{owner}.temperature = 0.7", *extra, *QUIET])
+  model, _ = loading.load_model("tiny", dropout_rate=0.0)
+  ppo.PPO(model, rollouts.LengthReward(8, 14), max_decode_len=24, temperature=1.0)  # accepted
+
+
+@pytest.mark.parametrize("owner", ["PPO", "PolicyGradient"])
+def test_evaluation_logs_the_kl_to_the_optimum(owner):
+  """With a constant reward pi*(beta) = pi_ref: the estimate is 0 for the reference and
+  positive for any other policy; S samples per prompt, at least 2."""
+  model, base = loading.load_model("tiny", dropout_rate=0.0)
+  cls = ppo.PPO if owner == "PPO" else policy_gradient.PolicyGradient
+  constant = rollouts.LengthReward(0, 8)  # every response of <= 8 tokens scores 0
+  objective = cls(model, constant, max_decode_len=8, eval_num_samples=4)
+  with pytest.raises(objectives.ObjectiveError, match=rf"{owner}\.eval_num_samples=1: "):
+    cls(model, constant, max_decode_len=8, eval_num_samples=1)
+  frozen = objective.frozen_params(base)
+  prompts = {"encoder_input_tokens": jnp.asarray([[5, 6, 7, 1], [8, 9, 1, 0], [10, 1, 0, 0]],
+                                                 jnp.int32)}
+  leaves, tree = jax.tree_util.tree_flatten(base)
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  moved = jax.tree_util.tree_unflatten(tree, [
+      x + 0.5 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)])
+  step = jax.jit(objective.eval_step)
+  got = {}
+  for name, policy in (("reference", base), ("moved", moved)):
+    params = objective.init_params(jax.random.PRNGKey(1), policy)
+    got[name] = step(params, frozen, prompts, jax.random.PRNGKey(2))
+  assert abs(float(got["reference"]["objective/kl_to_optimum"])) < 1e-6
+  assert float(got["moved"]["objective/kl_to_optimum"]) > 1e-3
+  assert float(got["moved"]["objective/kl"]) > 1e-3

@@ -14,7 +14,8 @@ Preference tasks (features `inputs`, `chosen`, `rejected`):
                     against a corrupted copy (rejected), as
                     `embedded_news_preferences_settings` says (corpora.news_preference_pairs)
   preference_pairs  pairs the experiments write, `preference_pairs_dir.path/{split}.jsonl`
-                    (more with `register_preference_pairs(name, directory)`)
+                    (more with `register_preference_pairs(name, directory)`); pairs
+                    with sampled token ids give exactly those ids (no re-tokenising)
 
 Directories are gin bindings read when a dataset is built, not at import, e.g.
   --gin_bindings="tldr_sft_dir.path='/data/tldr'"
@@ -125,9 +126,14 @@ def _summary_dataset(examples: Sequence[corpora.SummaryExample]) -> tf.data.Data
 
 
 def _pair_dataset(pairs: Sequence[preferences.PreferencePair]) -> tf.data.Dataset:
-  return tf.data.Dataset.from_tensor_slices({
-      field: tf.constant([getattr(p, field) for p in pairs], tf.string)
-      for field in preferences.FIELDS})
+  columns = {field: tf.constant([getattr(p, field) for p in pairs], tf.string)
+             for field in preferences.FIELDS}
+  if pairs and pairs[0].has_ids:  # read_pairs: on every record or on none
+    for field in preferences.ID_FIELDS:
+      rows = [getattr(p, field) for p in pairs]
+      columns[field] = tf.RaggedTensor.from_row_lengths(
+          tf.constant([i for row in rows for i in row], tf.int32), [len(r) for r in rows])
+  return tf.data.Dataset.from_tensor_slices(columns)
 
 
 def _xsum_dataset(split: str, shuffle_files: bool = False,
@@ -213,13 +219,28 @@ def summarize_prompt(example, prefix: str = PREFIX):
 
 @seqio.map_over_dataset
 def preference_prompt(example, prefix: str = PREFIX):
-  """{prompt, chosen, rejected} -> {inputs: prefix + prompt, chosen, rejected}."""
+  """{prompt, chosen, rejected} -> {inputs: prefix + prompt, chosen, rejected}; sampled
+  token ids, when the pairs have them, pass through."""
   return {"inputs": tf.strings.join([prefix, example["prompt"]]),
-          "chosen": example["chosen"], "rejected": example["rejected"]}
+          "chosen": example["chosen"], "rejected": example["rejected"],
+          **{f: example[f] for f in preferences.ID_FIELDS if f in example}}
+
+
+@seqio.map_over_dataset
+def use_sampled_ids(example):
+  """Pairs with sampled token ids train on those ids exactly, in place of their texts'
+  tokens (which may differ, and end with an EOS even where the sampler cut a response)."""
+  if "chosen_ids" not in example:
+    return example
+  example = dict(example)
+  for feature, field in zip(("inputs", "chosen", "rejected"), preferences.ID_FIELDS):
+    example[feature] = tf.cast(example.pop(field), example[feature].dtype)
+  return example
 
 
 def _add_task(name: str, dataset_fn, to_features, feature_names: Sequence[str],
-              vocabulary: Optional[seqio.Vocabulary]) -> seqio.Task:
+              vocabulary: Optional[seqio.Vocabulary], last: Sequence[Callable] = ()
+              ) -> seqio.Task:
   vocabulary = vocabulary or tokenizer.get_vocabulary()
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)  # re-registration replaces (re-imports, experiments)
@@ -231,6 +252,7 @@ def _add_task(name: str, dataset_fn, to_features, feature_names: Sequence[str],
           seqio.preprocessors.tokenize,
           seqio.CacheDatasetPlaceholder(),
           seqio.preprocessors.append_eos_after_trim,
+          *last,
       ],
       output_features={f: seqio.Feature(vocabulary, add_eos=True) for f in feature_names},
       metric_fns=[])
@@ -241,7 +263,7 @@ def register_preference_pairs(name: str, directory: str,
   """A preference task over `<directory>/<split>.jsonl` files of PreferencePair records."""
   return _add_task(name, functools.partial(_preference_pairs_dataset, directory=directory,
                                            name=name),
-                   preference_prompt, PREFERENCE_FEATURES, vocabulary)
+                   preference_prompt, PREFERENCE_FEATURES, vocabulary, [use_sampled_ids])
 
 
 def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = "") -> list[str]:
@@ -256,7 +278,8 @@ def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = 
   for name, fn in summarization.items():
     _add_task(name + suffix, fn, summarize_prompt, SUMMARIZATION_FEATURES, vocabulary)
   for name, fn in preference.items():
-    _add_task(name + suffix, fn, preference_prompt, PREFERENCE_FEATURES, vocabulary)
+    _add_task(name + suffix, fn, preference_prompt, PREFERENCE_FEATURES, vocabulary,
+              [use_sampled_ids])
   return [n + suffix for n in (*summarization, *preference)]
 
 

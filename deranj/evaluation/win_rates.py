@@ -40,7 +40,9 @@ def win_rate(outcomes, confidence: float = 0.95) -> WinRate:
   rate +- z * std / sqrt(N), with the sample std (ddof=1) of the outcomes, so ties
   shrink it as they should, and z the normal quantile at (1 + confidence) / 2;
   clipped to [0, 1]. Deterministic (no resampling). With N = 1 the std is undefined
-  and the interval is [0, 1]; when all outcomes agree it collapses to the rate.
+  and the interval is [0, 1]; when all outcomes agree it collapses to the rate. For
+  several samples per prompt use `clustered_win_rate`: this one treats them as
+  independent.
 
   Args:
     outcomes: [N] outcomes for A in [0, 1].
@@ -55,6 +57,45 @@ def win_rate(outcomes, confidence: float = 0.95) -> WinRate:
   z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
   half = z * float(x.std(ddof=1)) / np.sqrt(n)
   return WinRate(rate, float(max(0.0, rate - half)), float(min(1.0, rate + half)), int(n))
+
+
+DEFAULT_RESAMPLES = 2000
+
+
+def clustered_win_rate(outcomes, num_clusters: int, *, confidence: float = 0.95,
+                       num_resamples: int = DEFAULT_RESAMPLES,
+                       seed: Union[int, Sequence[int]] = 0) -> WinRate:
+  """Win rate of A with a percentile bootstrap interval that resamples prompts.
+
+  The N = C * K outcomes come in C equal clusters, cluster-major (K samples of each of
+  C prompts). Samples of one prompt are correlated (an easy prompt is won by every
+  sample), so `win_rate`'s interval, which treats all N as independent, is too narrow.
+  Here each of `num_resamples` resamples draws C prompts with replacement, each with
+  all its K outcomes; the interval is the (1 -+ confidence) / 2 quantiles of the
+  resampled rates (numpy's default_rng(seed), so reproducible). With one cluster the
+  spread is unknown and the interval is [0, 1].
+
+  Args:
+    outcomes: [C * K] outcomes for A in [0, 1], cluster-major.
+    num_clusters: C.
+    confidence: two-sided coverage, in (0, 1).
+    num_resamples: bootstrap resamples (>= 100).
+    seed: the resampling's seed (an int or a sequence of ints).
+  """
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+  if num_resamples < 100:
+    raise ValueError(f"num_resamples={num_resamples}: the bootstrap needs at least 100 "
+                     "resamples for its quantiles.")
+  x = _outcomes(outcomes)
+  means = _cluster_means(x, num_clusters)
+  rate = float(x.mean())
+  if num_clusters == 1:
+    return WinRate(rate, 0.0, 1.0, int(x.size))
+  picks = np.random.default_rng(seed).integers(0, num_clusters, (num_resamples, num_clusters))
+  rates = means[picks].mean(axis=1)
+  low, high = np.quantile(rates, [(1 - confidence) / 2, (1 + confidence) / 2])
+  return WinRate(rate, float(low), float(high), int(x.size))
 
 
 def pairwise_accuracy(logp_chosen, len_chosen, logp_rejected, len_rejected) -> float:
@@ -188,6 +229,14 @@ def spearman(x, y) -> float:
   return spearman_test(x, y).rho
 
 
+def _cluster_means(values, num_clusters: int) -> np.ndarray:
+  """[C * K] cluster-major values -> [C] cluster means."""
+  x = np.asarray(values, np.float64).ravel()
+  if num_clusters < 1 or x.size == 0 or x.size % num_clusters:
+    raise ValueError(f"{x.size} values do not split into {num_clusters} equal clusters.")
+  return x.reshape(num_clusters, -1).mean(axis=1)
+
+
 def clustered_mean_se(values, num_clusters: int) -> tuple[float, float]:
   """Mean of [C * K] values in C equal clusters (cluster-major, e.g. K samples per
   prompt) and its standard error from the C cluster means, std(ddof=1) / sqrt(C).
@@ -195,10 +244,7 @@ def clustered_mean_se(values, num_clusters: int) -> tuple[float, float]:
   Samples of one prompt are correlated; treating all C * K as independent would
   understate the error. NaN standard error for one cluster.
   """
-  x = np.asarray(values, np.float64).ravel()
-  if num_clusters < 1 or x.size == 0 or x.size % num_clusters:
-    raise ValueError(f"{x.size} values do not split into {num_clusters} equal clusters.")
-  means = x.reshape(num_clusters, -1).mean(axis=1)
+  means = _cluster_means(values, num_clusters)
   se = float(means.std(ddof=1) / np.sqrt(num_clusters)) if num_clusters > 1 else float("nan")
   return float(means.mean()), se
 

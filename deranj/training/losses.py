@@ -337,6 +337,54 @@ def policy_gradient_loss(seq_logprobs: Array, rewards: Array,
   return loss, jax.lax.stop_gradient(metrics)
 
 
+# ----------------------------------------------------------------------------- optimum
+
+
+def kl_to_optimum(rewards: Array, logp: Array, logp_ref: Array, beta: float,
+                  num_samples: int) -> Array:
+  """KL(pi || pi*(beta)) estimated from samples of pi, averaged over prompts.
+
+  pi*(beta) = pi_ref exp(r / beta) / Z_beta maximises r - beta * KL(pi || pi_ref). With
+  R = r - beta * (log pi - log pi_ref) on responses y ~ pi(.|x), E_pi[exp(R / beta)] =
+  Z_beta, so per prompt
+
+    KL(pi || pi*(beta)) = log E_pi[exp(R / beta)] - E_pi[R / beta].
+
+  Each prompt's S samples estimate both expectations (log-mean-exp minus mean). The
+  estimate is >= 0, exactly 0 when pi = pi*(beta) (R is then constant), and biased low
+  by about Var(exp(R / beta)) / (2 S E[exp(R / beta)]^2) (Jensen), so compare runs at
+  one S.
+
+  Args:
+    rewards: [P * S] r(x, y); row p * S + s is sample s of prompt p (the sampler's
+      `num_decodes` layout).
+    logp: [P * S] log pi(y | x), summed over the response's tokens.
+    logp_ref: [P * S] log pi_ref(y | x).
+    beta: the KL strength (> 0).
+    num_samples: S >= 2.
+
+  Returns:
+    The mean over the P prompts of their estimates, a float32 scalar.
+
+  Raises:
+    ValueError: for beta <= 0, S < 2, or rows not a multiple of S.
+  """
+  if not beta > 0:
+    raise ValueError(f"kl_to_optimum: beta must be > 0, got {beta}.")
+  rows = rewards.shape[0]
+  if num_samples < 2 or rows % num_samples or not rewards.shape == logp.shape == logp_ref.shape:
+    raise ValueError(f"kl_to_optimum: rewards {rewards.shape}, logp {logp.shape} and logp_ref "
+                     f"{logp_ref.shape} must be [P * S] with S = num_samples = {num_samples} "
+                     ">= 2 samples per prompt.")
+  z = (rewards.astype(jnp.float32) / beta
+       - (logp.astype(jnp.float32) - logp_ref.astype(jnp.float32)))
+  z = z.reshape(rows // num_samples, num_samples)
+  # Centred first: log-mean-exp(z - mean z) is the difference, without cancellation.
+  z = z - jnp.mean(z, axis=1, keepdims=True)
+  per_prompt = jax.nn.logsumexp(z, axis=1) - jnp.log(num_samples)
+  return jnp.mean(per_prompt)
+
+
 # ----------------------------------------------------------------------------- checks
 
 

@@ -7,6 +7,7 @@ one gradient step on REINFORCE with a leave-one-out baseline:
   loss = -mean_i (R_i - mean_{j != i} R_j) * log pi(y_i|x)
 
 The frozen params are the reference (the INIT_CHECKPOINT SFT model) and the reward's.
+Evaluation samples `eval_num_samples` responses per prompt (see `rollouts.RolloutObjective`).
 """
 from __future__ import annotations
 
@@ -32,18 +33,19 @@ class PolicyGradient(rollouts.RolloutObjective):
 
   def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED,
                reward: Any = gin.REQUIRED, *, beta: float = 0.1, num_samples: int = 4,
-               max_decode_len: int = 64, temperature: float = 1.0, eos_id: int = 1):
+               max_decode_len: int = 64, temperature: float = 1.0, eos_id: int = 1,
+               eval_num_samples: int = 4):
     if num_samples < 2:
       raise objectives.ObjectiveError(
           f"PolicyGradient.num_samples={num_samples}: the leave-one-out baseline needs >= 2.")
     super().__init__(model, reward, beta=beta, max_decode_len=max_decode_len,
-                     temperature=temperature, eos_id=eos_id)
+                     temperature=temperature, eos_id=eos_id, eval_num_samples=eval_num_samples)
     self.num_samples = num_samples
 
-  def _rollout(self, params, frozen, prompts, rng):
+  def _rollout(self, params, frozen, prompts, rng, num_samples):
     rollout = rollouts.sample_rollout(
         self.model, params, prompts, rng, max_decode_len=self.max_decode_len,
-        num_samples=self.num_samples, temperature=self.temperature, eos_id=self.eos_id)
+        num_samples=num_samples, temperature=self.temperature, eos_id=self.eos_id)
     ref_logp, _ = rollouts.token_logprobs(self.model, frozen["ref"], rollout)
     scores = self.reward(frozen["reward"], rollout.encoder_input_tokens,
                          rollout.decoder_target_tokens)
@@ -73,7 +75,8 @@ class PolicyGradient(rollouts.RolloutObjective):
 
   def train_step(self, state, frozen, batch, rng, *, optimizer, num_microbatches=1):
     rollout, ref_seq_logp, scores = self._rollout(state.params, frozen,
-                                                  batch["encoder_input_tokens"], rng)
+                                                  batch["encoder_input_tokens"], rng,
+                                                  self.num_samples)
     scored = {**rollout.batch(), "mask": rollout.mask, "ref_logp": ref_seq_logp,
               "scores": scores}
     del scored["decoder_loss_weights"]
@@ -87,10 +90,9 @@ class PolicyGradient(rollouts.RolloutObjective):
     return state, {**metrics, **step_metrics, **nonfinite}
 
   def eval_step(self, params, frozen, batch, rng):
-    """Reward, KL and length of samples on held-out prompts."""
+    """Reward, KL, KL to the optimum and length of samples on held-out prompts."""
     rollout, ref_seq_logp, scores = self._rollout(params, frozen,
-                                                  batch["encoder_input_tokens"], rng)
+                                                  batch["encoder_input_tokens"], rng,
+                                                  self.eval_num_samples)
     logp, _ = rollouts.token_logprobs(self.model, params, rollout)
-    return {"objective/scores": jnp.mean(scores),
-            "objective/kl": jnp.mean(logp.sum(-1) - ref_seq_logp),
-            **rollouts.response_length_metrics(rollout, self.eos_id)}
+    return self.eval_metrics(scores, logp.sum(-1), ref_seq_logp, rollout)

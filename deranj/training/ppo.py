@@ -7,6 +7,7 @@ Each trainer step is one rollout batch:
   3. values from the value model; GAE with `gamma` and `gae_lambda`; advantages whitened;
   4. `num_epochs` passes over the rollout in `num_minibatches` shuffled minibatches, each
      an optimizer update of the clipped policy loss + `vf_coef` x the clipped value loss.
+Evaluation samples `eval_num_samples` responses per prompt (see `rollouts.RolloutObjective`).
 
 Params: {"policy": T5, "value": {"trunk": T5, "head": {kernel [D, 1], bias [1]}}}. The
 value model is a separate T5 initialised from the SFT model; its value at response
@@ -49,12 +50,13 @@ class PPO(rollouts.RolloutObjective):
                num_epochs: int = 4, num_minibatches: int = 1, clip_eps: float = 0.2,
                clip_value: float = 0.2, gamma: float = 1.0, gae_lambda: float = 0.95,
                vf_coef: float = 0.1, value_learning_rate_multiplier: float = 2.0,
-               whiten_rewards: bool = False, temperature: float = 1.0, eos_id: int = 1):
+               whiten_rewards: bool = False, temperature: float = 1.0, eos_id: int = 1,
+               eval_num_samples: int = 4):
     if num_epochs < 1 or num_minibatches < 1:
       raise objectives.ObjectiveError(
           f"PPO: num_epochs ({num_epochs}) and num_minibatches ({num_minibatches}) must be >= 1.")
     super().__init__(model, reward, beta=beta, max_decode_len=max_decode_len,
-                     temperature=temperature, eos_id=eos_id)
+                     temperature=temperature, eos_id=eos_id, eval_num_samples=eval_num_samples)
     self.num_epochs, self.num_minibatches = num_epochs, num_minibatches
     self.clip_eps, self.clip_value, self.gamma, self.gae_lambda = (
         clip_eps, clip_value, gamma, gae_lambda)
@@ -94,11 +96,12 @@ class PPO(rollouts.RolloutObjective):
     values = hidden.astype(jnp.float32) @ head["kernel"][:, 0] + head["bias"][0]
     return values * rollout.mask
 
-  def _score_rollout(self, params, frozen, prompts, rng):
+  def _score_rollout(self, params, frozen, prompts, rng, num_samples=1):
     policy = jax.lax.stop_gradient(params["policy"])
     rollout = rollouts.sample_rollout(self.model, policy, prompts, rng,
                                       max_decode_len=self.max_decode_len,
-                                      temperature=self.temperature, eos_id=self.eos_id)
+                                      num_samples=num_samples, temperature=self.temperature,
+                                      eos_id=self.eos_id)
     logp, logits = rollouts.token_logprobs(self.model, policy, rollout)
     ref_logp, _ = rollouts.token_logprobs(self.model, frozen["ref"], rollout)
     scores = self.reward(frozen["reward"], rollout.encoder_input_tokens,
@@ -175,9 +178,7 @@ class PPO(rollouts.RolloutObjective):
     return state, metrics
 
   def eval_step(self, params, frozen, batch, rng):
-    """Reward, KL and length of samples on held-out prompts."""
+    """Reward, KL, KL to the optimum and length of samples on held-out prompts."""
     rollout, logp, _, ref_logp, scores = self._score_rollout(
-        params, frozen, batch["encoder_input_tokens"], rng)
-    del rollout
-    return {"objective/scores": jnp.mean(scores),
-            "objective/kl": jnp.mean((logp - ref_logp).sum(-1))}
+        params, frozen, batch["encoder_input_tokens"], rng, self.eval_num_samples)
+    return self.eval_metrics(scores, logp.sum(-1), ref_logp.sum(-1), rollout)

@@ -58,17 +58,57 @@ def check_reachable(reward: Any, max_decode_len: int, owner: str) -> None:
         f"bind LengthReward.l_min / l_max (e.g. to %L_MIN / %L_MAX).")
 
 
+def check_temperature(temperature: float, owner: str) -> None:
+  """Refuses rollouts at temperature != 1.
+
+  The objective, reward - beta * KL(pi_theta || pi_ref), is about pi_theta itself: the
+  KL penalty, PPO's ratios and the score-function gradient all take log pi_theta of
+  the sampled tokens, which is only right when the tokens were sampled from pi_theta.
+  Scoring the tempered distribution instead would optimise pi_theta^(1/T), not the
+  exported model. So the sampler must run at T = 1.
+  """
+  if temperature != 1.0:
+    raise objectives.ObjectiveError(
+        f"{owner}.temperature={temperature}: the KL-regularised objective needs rollouts "
+        f"sampled from the policy itself (temperature 1); remove the binding "
+        f"{owner}.temperature.")
+
+
 class RolloutObjective(objectives.Objective):
   """What PPO and policy gradient share: a policy sampled on prompts, scored by `reward`,
-  with a KL penalty of strength `beta` against the frozen starting model (`ref`)."""
+  with a KL penalty of strength `beta` against the frozen starting model (`ref`).
+
+  Evaluation samples `eval_num_samples` responses per held-out prompt and logs, besides
+  reward and KL, `objective/kl_to_optimum`: KL(pi || pi*(beta)) estimated from them
+  (`losses.kl_to_optimum`), 0 only at the objective's optimum.
+  """
 
   required_features = ("encoder_input_tokens",)
 
   def __init__(self, model: models_base.EncoderDecoderModel, reward: Any, *, beta: float,
-               max_decode_len: int, temperature: float, eos_id: int):
-    check_reachable(reward, max_decode_len, type(self).__name__)
+               max_decode_len: int, temperature: float, eos_id: int, eval_num_samples: int):
+    owner = type(self).__name__
+    check_reachable(reward, max_decode_len, owner)
+    check_temperature(temperature, owner)
+    if not beta > 0:
+      raise objectives.ObjectiveError(f"{owner}.beta={beta}: the KL strength must be > 0.")
+    if eval_num_samples < 2:
+      raise objectives.ObjectiveError(
+          f"{owner}.eval_num_samples={eval_num_samples}: the KL to the optimum needs >= 2 "
+          "samples per evaluation prompt (4 or more recommended).")
     self.model, self.reward, self.beta = model, reward, beta
     self.max_decode_len, self.temperature, self.eos_id = max_decode_len, temperature, eos_id
+    self.eval_num_samples = eval_num_samples
+
+  def eval_metrics(self, scores: Array, logp: Array, ref_logp: Array,
+                   rollout: Rollout) -> dict[str, Array]:
+    """Evaluation metrics of `eval_num_samples` samples per prompt: sequence scores and
+    log-probabilities [P * S]."""
+    return {"objective/scores": jnp.mean(scores),
+            "objective/kl": jnp.mean(logp - ref_logp),
+            "objective/kl_to_optimum": losses.kl_to_optimum(
+                scores, logp, ref_logp, self.beta, self.eval_num_samples),
+            **response_length_metrics(rollout, self.eos_id)}
 
   def frozen_params(self, base_params: Params) -> dict[str, Params]:
     return {"ref": base_params, "reward": self.reward.params()}

@@ -158,7 +158,7 @@ def test_figure_drivers_bind_only_macros_their_runs_read(driver_runs, tmp_path, 
   from experiments import fig2_length_reward  # pylint: disable=g-import-not-at-top
   from experiments import fig3_policy_gradient  # pylint: disable=g-import-not-at-top
   from experiments import fig7_dpo  # pylint: disable=g-import-not-at-top
-  from experiments import summarization  # pylint: disable=g-import-not-at-top
+  from experiments import stages  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(fig2_length_reward.pipeline, "load", _stop)  # after the training runs
   monkeypatch.setattr(sys, "argv", ["fig2", "--preset", "smoke", "--workdir",
                                     str(tmp_path / "fig2"), "--lams", "0.5,2"])
@@ -166,7 +166,7 @@ def test_figure_drivers_bind_only_macros_their_runs_read(driver_runs, tmp_path, 
     fig2_length_reward.main()
   with pytest.raises(_Stop):  # sft and gold_rm, then stops loading the gold model
     fig3_policy_gradient.main(["--preset", "smoke", "--workdir", str(tmp_path / "figs")])
-  ctx = summarization.Context("smoke", str(tmp_path / "figs"))
+  ctx = stages.Context("smoke", str(tmp_path / "figs"))
   fig3_policy_gradient.train_proxy(ctx)
   fig3_policy_gradient.train_aligned(ctx, 0.1)
   fig7_dpo.train_aligned(ctx, 0.05)

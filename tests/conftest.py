@@ -1,6 +1,7 @@
 """Shared test set-up: JAX on CPU, deterministic, small."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,6 +10,15 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# One XLA compilation cache per session, cold at the start (what a fresh clone pays): the
+# trainer, PPO and resume tests build identical programs many times over, in this process
+# and in the subprocesses they start (which inherit these variables).
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="deranj-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _MESH_CHECK = pytest.StashKey()
@@ -54,6 +64,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
   if _MESH_CHECK in config.stash:
     config.stash[_MESH_CHECK].stop()
+  if _XLA_CACHE:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -32,13 +32,15 @@ from deranj.models import base
 from deranj.models import t5
 from deranj.training import objectives
 from deranj.training import optimizers
+import tiny_models  # pylint: disable=g-bad-import-order  (tests/, this script's directory)
 
-# Sharded sizes (vocab, heads, d_ff) are divisible by model=4.
-SFT_CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+# Sharded sizes (vocab, heads, d_ff) are divisible by model=4. One layer: sharding rules
+# are per layer, and compiling a second costs seconds.
+SFT_CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
                       dropout_rate=0.0, feed_forward_proj="gated-gelu",
                       tie_word_embeddings=False)
 # A T5 1.0-style reference: tied embedding, so `token_embedder` serves as the softmax too.
-REF_CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+REF_CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
                       dropout_rate=0.0)
 MESHES = {"1x1": (1, 1), "8x1": (8, 1), "2x4": (2, 4)}
 BATCH, SRC_LEN, TGT_LEN, STEPS = 8, 8, 8, 5
@@ -66,10 +68,9 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _host_params(cfg: t5.T5Config, seed: int):
-  # Initialised once, eagerly (jit of the initialisers compiles slower on CPU); every mesh
-  # then starts from the very same host values.
-  model = base.EncoderDecoderModel(t5.Transformer(cfg))
-  return jax.device_get(model.init_params(jax.random.PRNGKey(seed)))
+  # Drawn once with NumPy (flax's initialisers compile for seconds); every mesh then starts
+  # from the very same host values.
+  return tiny_models.random_params(base.EncoderDecoderModel(t5.Transformer(cfg)), seed)
 
 
 def _partitioner(name: str) -> partitioning.Partitioner:

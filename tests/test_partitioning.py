@@ -1,13 +1,9 @@
 """Mesh and logical-axis rules: placement, agreement with one device, error messages.
 
 Multi-device checks run `tests/mesh_check.py` once in a subprocess with 8 forced CPU
-devices (the count is fixed when JAX starts); the rest runs here on one device.
+devices (the count is fixed when JAX starts), started in the background at collection
+(the `mesh_results` fixture, conftest.py); the rest runs here on one device.
 """
-import json
-import os
-import subprocess
-import sys
-
 import gin
 import jax
 import numpy as np
@@ -18,23 +14,8 @@ from deranj.models import base
 from deranj.models import t5
 
 P = jax.sharding.PartitionSpec
-HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-
-
-@pytest.fixture(scope="module")
-def mesh_results():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE),
-                                                    env.get("PYTHONPATH")]))
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "mesh_check.py")], env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  results = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert results["device_count"] == 8
-  return results
 
 
 def _rel(a, b):

@@ -1,5 +1,6 @@
 """PPO and policy gradient through the trainer on the smoke preset."""
 import os
+import shutil
 
 import gin
 import jax
@@ -58,7 +59,7 @@ def test_ppo_resume_is_bit_identical(tmp_path):
   bindings = ["LOG_EVERY = 1", "CHECKPOINT_EVERY = 2", *QUIET]
   gin_runs.gin_train(PPO, straight, ["PPO_STEPS = 4", *bindings])
   gin_runs.gin_train(PPO, split, ["PPO_STEPS = 2", *bindings])
-  os.system(f"rm -rf {split}/model")  # as if stopped after step 2
+  shutil.rmtree(os.path.join(split, "model"))  # as if stopped after step 2
   _, text = gin_runs.gin_train(PPO, split, ["PPO_STEPS = 4", *bindings])
   assert "resumed from" in text
   a, b = gin_runs.exported_params(straight), gin_runs.exported_params(split)

@@ -3,7 +3,7 @@ bad checkpoints, schedules and gradient accumulation."""
 import io
 import json
 import os
-import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,12 +95,18 @@ def test_rerun_of_a_finished_run_trains_nothing(smoke_run):
   assert os.path.getmtime(os.path.join(model_dir, "model", loading.MSGPACK_FILE)) == before
 
 
-def test_sigkill_then_rerun_is_bit_identical(tmp_path):
-  reference = str(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def resume_reference(tmp_path_factory):
+  """The resume tests' run, uninterrupted."""
+  reference = str(tmp_path_factory.mktemp("reference"))
   gin_train(reference, RESUME_BINDINGS)
+  return reference
 
+
+@pytest.mark.parametrize("kill_after", [4, 8])
+def test_sigkill_then_rerun_is_bit_identical(resume_reference, tmp_path, kill_after):
+  reference = resume_reference
   killed = str(tmp_path / "killed")
-  kill_after = random.Random(os.getpid()).choice([4, 8])
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(train_command(killed), cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -121,12 +127,13 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path):
 
 def test_half_written_checkpoint_is_never_the_latest(smoke_run, tmp_path):
   model_dir = str(tmp_path / "run")
-  os.system(f"cp -r {smoke_run[0]} {model_dir}")
+  shutil.copytree(smoke_run[0], model_dir)
   ckpt_dir = os.path.join(model_dir, "checkpoints")
-  os.system(f"rm -rf {model_dir}/model")  # not finished: the rerun must restore
+  shutil.rmtree(os.path.join(model_dir, "model"))  # not finished: the rerun must restore
   # A save cut short: orbax's temporary directory, and a step directory never finalised.
-  os.system(f"cp -r {ckpt_dir}/8 {ckpt_dir}/12.orbax-checkpoint-tmp-1234")
-  os.system(f"cp -r {ckpt_dir}/8 {ckpt_dir}/16 && rm {ckpt_dir}/16/_CHECKPOINT_METADATA")
+  shutil.copytree(f"{ckpt_dir}/8", f"{ckpt_dir}/12.orbax-checkpoint-tmp-1234")
+  shutil.copytree(f"{ckpt_dir}/8", f"{ckpt_dir}/16")
+  os.remove(f"{ckpt_dir}/16/_CHECKPOINT_METADATA")
   with open(os.path.join(ckpt_dir, "16", "params", "garbage"), "w") as f:
     f.write("x")
   ckpt = checkpoints.Checkpointer(model_dir, save_every=4)
@@ -139,7 +146,8 @@ def test_half_written_checkpoint_is_never_the_latest(smoke_run, tmp_path):
 
 def test_corrupt_checkpoint_names_its_path(smoke_run, tmp_path):
   model_dir = str(tmp_path / "run")
-  os.system(f"cp -r {smoke_run[0]} {model_dir} && rm -rf {model_dir}/model")
+  shutil.copytree(smoke_run[0], model_dir)
+  shutil.rmtree(os.path.join(model_dir, "model"))
   params_dir = os.path.join(model_dir, "checkpoints", "8", "params")
   for root, _, names in os.walk(params_dir):
     for name in names:

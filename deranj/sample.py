@@ -28,6 +28,7 @@ import numpy as np
 
 from deranj import dera
 from deranj import gin_utils
+from deranj import progress as progress_lib
 from deranj.data import batching
 from deranj.data import files
 from deranj.data import tokenizer
@@ -242,34 +243,11 @@ def check_vocabularies(choice: Choice, ref, al, tok: Tokenizer, spm_model: Optio
         "SampleConfig.spm_model to the models' tokenizer.")
 
 
-class _Progress:
-  """Prompts done, prompts/s and ETA on stderr: after the first (compiling) call, then at
-  most every PROGRESS_EVERY_S seconds, and at the end."""
-
-  def __init__(self, total: int, lams: int, samples: int):
-    self.total = total
-    self.what = f"prompts x {lams} lam" + (f" x {samples} samples" if samples > 1 else "")
-    self.start = self.last = time.time()
-    self.first = None  # (time, done) after the first call, which includes compiling
-
-  def update(self, done: int) -> None:
-    now = time.time()
-    if self.first is not None and done < self.total and now - self.last < PROGRESS_EVERY_S:
-      return
-    if self.first is None or done == self.first[1]:
-      rate = done / max(now - self.start, 1e-9)
-    else:
-      rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
-    text = f"sampled {done}/{self.total} {self.what} ({rate:.2f} prompts/s"
-    if done < self.total:
-      text += f", ETA {(self.total - done) / rate:.0f} s)"
-    else:
-      text += f", {now - self.start:.1f} s in all)"
-    if self.first is None:
-      self.first = (now, done)
-      text += " (the first call compiles)" if done < self.total else ""
-    say(text)
-    self.last = now
+def _progress(total: int, lams: int, samples: int) -> progress_lib.Progress:
+  """Prompts done, prompts/s and ETA on stderr."""
+  what = f"prompts x {lams} lam" + (f" x {samples} samples" if samples > 1 else "")
+  return progress_lib.Progress(total, what, write=say, verb="sampled", rate_unit="prompts",
+                               every_s=PROGRESS_EVERY_S)
 
 
 def run(config: SampleConfig, lams: list[float], input_path: str, output_path: str,
@@ -293,7 +271,7 @@ def run(config: SampleConfig, lams: list[float], input_path: str, output_path: s
   per_call = config.batch_size
   lam_rows = np.tile(np.asarray(lams, np.float32), per_call)
   records = []
-  progress = _Progress(len(prompts), len(lams), config.num_decodes)
+  progress = _progress(len(prompts), len(lams), config.num_decodes)
   for chunk in batching.fixed_size_chunks(len(prompts), per_call):
     first, real = chunk.start, chunk.size
     rows = np.repeat(tokens[chunk.rows], len(lams), axis=0)

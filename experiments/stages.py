@@ -19,6 +19,7 @@ import numpy as np
 
 from deranj import decoding
 from deranj import profiling
+from deranj import progress as progress_lib
 from deranj.data import batching
 from deranj.data import pipeline
 from deranj.data import preferences
@@ -102,7 +103,10 @@ def sample_dera(realigner, prompts, lams, samples, chunk, rng, candidates=0):
       return res.samples.tokens, res.ess
     return realigner.sample(enc, lam, key).tokens, None
 
-  tokens, ess = batching.map_in_fixed_batches(one, (rows, lam_rows), chunk, pass_number=True)
+  progress = progress_lib.Progress(len(rows), "rows", write=common.log,
+                                   verb="   sampled SIR" if candidates else "   sampled DeRa")
+  tokens, ess = batching.map_in_fixed_batches(one, (rows, lam_rows), chunk, pass_number=True,
+                                              on_batch=progress.update)
 
   def by_lam(x):  # rows prompt-major, then lam, then sample -> [lam, prompt * sample, ...]
     x = x.reshape((len(prompts), len(lams), samples) + x.shape[1:])

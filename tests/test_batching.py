@@ -39,3 +39,9 @@ def test_map_refuses_empty_or_ragged_inputs():
     batching.map_in_fixed_batches(lambda a: a, (np.zeros((0, 2)),), 2)
   with pytest.raises(ValueError, match="non-zero first dimension"):
     batching.map_in_fixed_batches(lambda a, b: a, (np.zeros(3), np.zeros(4)), 2)
+
+
+def test_on_batch_reports_real_rows_done():
+  done = []
+  batching.map_in_fixed_batches(lambda a: a, (np.arange(7),), 3, on_batch=done.append)
+  assert done == [3, 6, 7]  # the padded last batch counts its one real row

@@ -180,8 +180,8 @@ def test_run_samples_an_aligned_run_against_its_init_checkpoint(tmp_path, runs, 
 
 def test_progress_lines(monkeypatch, capsys):
   clock = iter([0.0, 10.0, 12.0, 16.0, 20.0])
-  monkeypatch.setattr(sample.time, "time", lambda: next(clock))
-  progress = sample._Progress(10, 2, 3)  # starts at t=0
+  monkeypatch.setattr(sample.progress_lib.time, "time", lambda: next(clock))
+  progress = sample._progress(10, 2, 3)  # starts at t=0
   progress.update(2)  # t=10: the first call, compiling included
   progress.update(4)  # t=12: under PROGRESS_EVERY_S since the last line
   progress.update(6)  # t=16: 4 prompts in the 6 s since the first call

@@ -10,7 +10,7 @@ same values whatever the padding holds.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -39,7 +39,8 @@ def fixed_size_chunks(num_rows: int, batch_size: int) -> list[Chunk]:
 
 
 def map_in_fixed_batches(fn: Callable[..., Any], arrays: Sequence[Any], batch_size: int, *,
-                         pass_number: bool = False) -> Any:
+                         pass_number: bool = False,
+                         on_batch: Optional[Callable[[int], None]] = None) -> Any:
   """fn over [batch_size] slices of `arrays` (each [N, ...]), outputs joined back to [N].
 
   Args:
@@ -47,6 +48,7 @@ def map_in_fixed_batches(fn: Callable[..., Any], arrays: Sequence[Any], batch_si
       array or a pytree of arrays, each [batch_size, ...].
     arrays: inputs sharing their first dimension N > 0.
     batch_size: rows per call.
+    on_batch: called with the number of real rows done after each batch (progress).
 
   Returns:
     fn's output structure with NumPy leaves [N, ...].
@@ -62,4 +64,6 @@ def map_in_fixed_batches(fn: Callable[..., Any], arrays: Sequence[Any], batch_si
     out = fn(chunk.number, *batch) if pass_number else fn(*batch)
     outs.append(jax.tree_util.tree_map(lambda x, k=chunk.size: np.asarray(x)[:k],
                                        jax.device_get(out)))
+    if on_batch is not None:
+      on_batch(chunk.start + chunk.size)
   return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)

@@ -103,7 +103,8 @@ def resume_reference(tmp_path_factory):
   return reference
 
 
-@pytest.mark.parametrize("kill_after", [4, 8])
+# Killed once the first checkpoint is written (default run) or the second (slow).
+@pytest.mark.parametrize("kill_after", [4, pytest.param(8, marks=pytest.mark.slow)])
 def test_sigkill_then_rerun_is_bit_identical(resume_reference, tmp_path, kill_after):
   reference = resume_reference
   killed = str(tmp_path / "killed")

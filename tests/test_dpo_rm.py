@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gin_runs
+import numerics
 
 from deranj.data import corpora
 from deranj.data import files
@@ -242,12 +243,16 @@ def test_dpo_loss_matches_numpy(tiny, loss_type):
     expected = np.mean((h - 1 / (2 * beta)) ** 2)
   chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
-  np.testing.assert_allclose(metrics["rewards/chosen"], chosen_rewards.mean(), rtol=1e-4,
-                             atol=1e-6)
-  np.testing.assert_allclose(metrics["rewards/rejected"], rejected_rewards.mean(), rtol=1e-4,
-                             atol=1e-6)
-  np.testing.assert_allclose(metrics["rewards/margins"],
-                             (chosen_rewards - rejected_rewards).mean(), rtol=1e-4, atol=1e-6)
+  # Implicit rewards are beta x differences of float32 sums over the target length:
+  # rounded at the scale of the sums, not of their difference.
+  terms = LENGTHS["targets"]
+  numerics.assert_close_f32(metrics["rewards/chosen"], chosen_rewards.mean(), terms,
+                            beta * np.mean(np.abs(pc) + np.abs(rc)))
+  numerics.assert_close_f32(metrics["rewards/rejected"], rejected_rewards.mean(), terms,
+                            beta * np.mean(np.abs(pr) + np.abs(rr)))
+  numerics.assert_close_f32(metrics["rewards/margins"],
+                            (chosen_rewards - rejected_rewards).mean(), terms,
+                            beta * np.mean(np.abs(pc) + np.abs(rc) + np.abs(pr) + np.abs(rr)))
   np.testing.assert_allclose(metrics["rewards/accuracies"],
                              np.mean(chosen_rewards > rejected_rewards), rtol=1e-6)
   np.testing.assert_allclose(metrics["logps/chosen"], pc.mean(), rtol=1e-5)
@@ -283,9 +288,16 @@ def test_precomputed_reference_gives_the_same_loss(tiny):
   loss_a, metrics_a = loss_fn(policy, params, {k: v[rows] for k, v in features.items()}, None)
   loss_b, metrics_b = loss_fn(policy, params, {k: v[rows] for k, v in extended.items()}, None)
   assert float(loss_a) != np.log(2.0)
-  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  # The reference's float32 sums come from other batches: rewards, margins and the loss
+  # (slope <= beta in h) round at beta x the summed log-probabilities' scale, which the
+  # reference shares with the policy (a 5% perturbation of it).
+  logps = abs(float(metrics_a["logps/chosen"])) + abs(float(metrics_a["logps/rejected"]))
+  scale = {k: abs(float(metrics_a[k])) if k.startswith("logps/") else
+           2 * precomputed.beta * logps for k in metrics_a}
+  terms = LENGTHS["targets"]
+  numerics.assert_close_f32(loss_b, loss_a, terms, 2 * precomputed.beta * logps)
   for key in metrics_a:
-    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=1e-5, atol=1e-6)
+    numerics.assert_close_f32(metrics_b[key], metrics_a[key], terms, scale[key], key)
 
 
 def test_bad_dpo_settings_name_the_binding(tiny):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import numerics
 import tiny_models
 
 from deranj import dera
@@ -70,7 +71,14 @@ def test_reward_model_judge_matches_rewards():
   direct = jax.jit(rm.rewards)
   r_a = np.asarray(direct(params, jnp.asarray(prompts), jnp.asarray(a)))
   r_b = np.asarray(direct(params, jnp.asarray(prompts), jnp.asarray(b)))
-  np.testing.assert_allclose(judge.rewards(prompts, a), r_a, rtol=1e-5, atol=1e-5)
+  # Batches of 8 against one batch of 11: the head's dot product over d_model rounds at
+  # the scale sum |pooled| * |kernel| (|pooled| <= the largest encoder output).
+  pooled_bound = np.abs(np.asarray(jax.jit(lambda p, x: rm.module.apply(
+      {"params": p}, x, method=t5.Transformer.encode))(
+          {k: params[k] for k in ("token_embedder", "encoder")},
+          jnp.asarray(rewards.join_prompt_response(jnp.asarray(prompts), jnp.asarray(a)))))).max()
+  scale = pooled_bound * np.abs(params["head"]["kernel"]).sum()
+  numerics.assert_close_f32(judge.rewards(prompts, a), r_a, CFG.d_model, scale)
   expected = np.where(r_a > r_b, 1.0, np.where(r_a < r_b, 0.0, 0.5))
   np.testing.assert_array_equal(got, expected)
   assert np.all(got[:3] == 0.5) and set(got[3:]) <= {0.0, 1.0} and len(set(got[3:])) == 2

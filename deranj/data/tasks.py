@@ -32,13 +32,13 @@ import functools
 import os
 from typing import Callable, Optional, Sequence
 
-import gin
 import seqio
 import tensorflow as tf
 
 from deranj.data import corpora
 from deranj.data import files
 from deranj.data import preferences
+from deranj.data import settings
 from deranj.data import synthetic
 from deranj.data import tldr
 from deranj.data import tokenizer
@@ -55,48 +55,16 @@ PREFERENCE_FEATURES = ("inputs", "chosen", "rejected")
 # ----------------------------------------------------------------------------- settings
 
 
-@gin.configurable
-def xsum_data_dir(path: Optional[str] = None) -> Optional[str]:
-  """TFDS data directory holding (or to hold) the prepared `xsum` dataset."""
-  return path
-
-
-@gin.configurable
-def xsum_manual_dir(path: Optional[str] = None) -> Optional[str]:
-  """Where xsum-extracts-from-downloads.tar.gz is; None: <xsum data dir>/downloads/manual,
-  TFDS's default manual directory."""
-  return path
-
-
-@gin.configurable
-def tldr_sft_dir(path: Optional[str] = None) -> Optional[str]:
-  return path
-
-
-@gin.configurable
-def tldr_preferences_dir(path: Optional[str] = None) -> Optional[str]:
-  return path
-
-
-@gin.configurable
-def preference_pairs_dir(path: Optional[str] = None) -> Optional[str]:
-  return path
-
-
-@gin.configurable
-def synthetic_summ_settings(seed: int = 0, train_examples: int = 10_000,
-                            eval_examples: int = 500) -> tuple[int, dict[str, int]]:
-  """Seed and examples per split of the `synthetic_summ` task."""
-  return seed, {"train": train_examples, "validation": eval_examples, "test": eval_examples}
-
-
-@gin.configurable
-def embedded_news_preferences_settings(corruption: str = "reverse_letters",
-                                       seed: int = 0) -> tuple[str, int]:
-  """How the `embedded_news_preferences` task corrupts its rejected summaries:
-  'reverse_letters' or 'shuffle_words' (seeded by `seed`); see
-  `deranj.data.corpora.news_preference_pairs`."""
-  return corruption, seed
+# The settings' gin names live in deranj.data.settings (no TensorFlow there, so a command
+# line is parsed before TensorFlow loads); re-exported here.
+xsum_data_dir = settings.xsum_data_dir
+xsum_manual_dir = settings.xsum_manual_dir
+tldr_sft_dir = settings.tldr_sft_dir
+tldr_preferences_dir = settings.tldr_preferences_dir
+preference_pairs_dir = settings.preference_pairs_dir
+synthetic_summ_settings = settings.synthetic_summ_settings
+embedded_news_preferences_settings = settings.embedded_news_preferences_settings
+t5_spm_model = settings.t5_spm_model
 
 
 def _binding(setting: Callable[..., object]) -> str:
@@ -284,12 +252,6 @@ def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = 
 
 
 TASK_NAMES = register_tasks()
-
-
-@gin.configurable
-def t5_spm_model(path: Optional[str] = None) -> Optional[str]:
-  """A released T5's SentencePiece model (its spiece.model), for the `_t5` tasks."""
-  return path
 
 
 def register_t5_tasks() -> list[str]:

@@ -9,8 +9,6 @@ import sys
 import time
 from typing import Mapping, Optional
 
-from clu import metric_writers
-
 # Shown first on the progress line, in this order; the rest only go to TensorBoard.
 _HEADLINE = ("loss", "accuracy", "objective/scores", "objective/kl", "response/length",
              "rewards/margins", "rewards/accuracies")
@@ -52,6 +50,9 @@ class MetricsLogger:
     if not self._model_dir:
       return
     if name not in self._writers:
+      # clu's writers load TensorFlow: imported at the first write, so a command that
+      # stops before training starts quickly.
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self._writers[name] = metric_writers.create_default_writer(
           f"{self._model_dir}/{name}", asynchronous=False, just_logging=False)
     self._writers[name].write_scalars(step, dict(scalars))

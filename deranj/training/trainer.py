@@ -26,12 +26,10 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 
 from deranj import partitioning
 from deranj.data import files
-from deranj.data import pipeline
-from deranj.data import tasks
+from deranj.data import settings  # noqa: F401  (the data settings' gin names)
 from deranj.models import base as models_base
 from deranj.models import t5
 from deranj.training import checkpoints
@@ -141,7 +139,11 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
         f" = hash({_seed_salt(given, objective)}); train.derive_seed = False uses {given}"
         if derive_seed else " (train.seed as is: train.derive_seed = False)"))
 
-    # Data: batch k is a function of (seed, k).
+    # Data: batch k is a function of (seed, k). seqio and the tasks load TensorFlow:
+    # imported here, so that a command line's mistakes stop `deranj.train` before it.
+    import seqio  # pylint: disable=g-import-not-at-top
+    from deranj.data import pipeline  # pylint: disable=g-import-not-at-top
+    from deranj.data import tasks  # pylint: disable=g-import-not-at-top
     lengths = {"inputs": inputs_length, "targets": targets_length}
     tasks.register_t5_tasks()
     train_split = pipeline.load(task, "train", lengths, keep_texts=False,

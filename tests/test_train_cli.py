@@ -115,3 +115,16 @@ def test_ctrl_c_during_a_save_exits_in_one_line_with_the_checkpoint_intact(tmp_p
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
               for a, b in zip(leaves, jax.tree_util.tree_leaves(tiny)))
   assert moved > 0
+
+
+def test_command_line_is_parsed_before_tensorflow_loads():
+  """TensorFlow (seqio, tf.data, clu's writers) costs seconds: loaded only once training
+  starts, so a mistake on the command line stops at once."""
+  code = ("import sys, gin; from deranj import gin_utils; import deranj.train; "
+          "gin_utils.parse_gin(['configs/runs/sft.gin', 'configs/runs/ppo_length.gin', "
+          "'configs/presets/smoke.gin'], ['tldr_sft_dir.path = \"/x\"']); "
+          "print(sorted(m for m in ('tensorflow', 'seqio', 'clu') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout

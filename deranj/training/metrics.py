@@ -37,6 +37,11 @@ class MetricsLogger:
     self.stream = stream or sys.stdout
     self._model_dir = model_dir
     self._writers = {}  # created at their first write: a failed start leaves no event files
+    # clu's writers load TensorFlow: imported by a logger that will write (not at import,
+    # so that a command line's mistakes stop before TensorFlow loads).
+    if model_dir:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self._metric_writers = metric_writers
     self._start_time = None
     self._start_step = 0
 
@@ -50,10 +55,7 @@ class MetricsLogger:
     if not self._model_dir:
       return
     if name not in self._writers:
-      # clu's writers load TensorFlow: imported at the first write, so a command that
-      # stops before training starts quickly.
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self._writers[name] = metric_writers.create_default_writer(
+      self._writers[name] = self._metric_writers.create_default_writer(
           f"{self._model_dir}/{name}", asynchronous=False, just_logging=False)
     self._writers[name].write_scalars(step, dict(scalars))
 

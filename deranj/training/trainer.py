@@ -19,6 +19,8 @@ import functools
 import hashlib
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -239,8 +241,11 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
                                         eval_batch_size or batch_size)
       log.write_eval(step, {**eval_metrics, "eval_seconds": time.time() - t0})
 
+    stop = _StopRequest()
     try:
       for step in range(start, num_steps):
+        if stop.requested:
+          raise KeyboardInterrupt
         batch = partitioner.shard_batch(stream_.batch_at(step))
         state, step_metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
         pending.append((step + 1, step_metrics))
@@ -270,7 +275,31 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
                else "no checkpoint was saved")
       raise TrainingInterrupted(f"training interrupted; {where} (run the same command again "
                                 "to resume).") from None
+    finally:
+      stop.close()
     return {"train": logged, "eval": eval_metrics, "state": state}
+
+
+class _StopRequest:
+  """Ctrl-C (SIGINT) asks the loop to stop between steps, so it never lands inside a
+  save or a compiled step (where orbax's or XLA's threads can be left hanging); a second
+  Ctrl-C stops at once. Only the main thread can own the handler."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, *_):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
 
 
 def _recorded_path(checkpoint: Optional[str]) -> Optional[str]:

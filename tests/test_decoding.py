@@ -100,6 +100,7 @@ def test_first_token_frequencies_match_mixed_softmax(pair):
   prompt = PROMPTS[:1]
   start = {"encoder_input_tokens": prompt, "decoder_input_tokens": jnp.zeros((1, 1), jnp.int32)}
   h = decoding.dera_logits(ref.logits(ref_p, start)[0, 0], al.logits(al_p, start)[0, 0], lam)
+  h = decoding.mask_pad(h, 0)  # PAD is never sampled
   probs = np.exp(_np_log_softmax(h))
   n = 20000
   out = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=1).sample(
@@ -110,7 +111,8 @@ def test_first_token_frequencies_match_mixed_softmax(pair):
   expected = np.append(probs[keep], probs[~keep].sum()) * n
   assert stats.chisquare(observed, expected).pvalue > 1e-3
   # The wrong lam is rejected by the same test.
-  h_wrong = decoding.dera_logits(ref.logits(ref_p, start)[0, 0], al.logits(al_p, start)[0, 0], 1.0)
+  h_wrong = decoding.mask_pad(decoding.dera_logits(
+      ref.logits(ref_p, start)[0, 0], al.logits(al_p, start)[0, 0], 1.0), 0)
   p_wrong = np.exp(_np_log_softmax(h_wrong))
   expected_wrong = np.append(p_wrong[keep], p_wrong[~keep].sum()) * n
   assert stats.chisquare(observed, expected_wrong).pvalue < 1e-6
@@ -168,13 +170,16 @@ def test_statistics_match_teacher_forcing(pair):
   lp_al = _np_log_softmax(al.logits(al_p, batch))
   lam64 = lam.astype(np.float64)[:, None, None]
   geo = (1 - lam64) * lp_ref + lam64 * lp_al
+  geo[..., 0] = -np.inf  # PAD is never sampled: every normaliser is over the other ids
   log_z = np.log(np.exp(geo).sum(-1))  # [B, T]
   log_q = geo - log_z[..., None]
   mask = np.arange(tokens.shape[1])[None] < np.asarray(out.lengths)[:, None]
   at = lambda lp: np.take_along_axis(lp, tokens[..., None], -1)[..., 0]
   q = np.exp(log_q)
-  kl = (q * (log_q - lp_ref)).sum(-1)
-  np.testing.assert_allclose(out.logq, (at(log_q) * mask).sum(-1), atol=1e-4, rtol=1e-5)
+  ref_sampled = lp_ref[..., 1:] - np.log(np.exp(lp_ref[..., 1:]).sum(-1, keepdims=True))
+  kl = (q[..., 1:] * (log_q[..., 1:] - ref_sampled)).sum(-1)
+  np.testing.assert_allclose(out.logq, np.where(mask, at(log_q), 0).sum(-1), atol=1e-4,
+                             rtol=1e-5)
   np.testing.assert_allclose(out.logp_ref, (at(lp_ref) * mask).sum(-1), atol=1e-4, rtol=1e-5)
   np.testing.assert_allclose(out.logp_aligned, (at(lp_al) * mask).sum(-1), atol=1e-4, rtol=1e-5)
   np.testing.assert_allclose(out.log_weight, (log_z * mask).sum(-1), atol=1e-4, rtol=1e-5)
@@ -184,11 +189,10 @@ def test_statistics_match_teacher_forcing(pair):
     assert np.all(row[length:] == 0)
     if length < tokens.shape[1]:
       assert row[length - 1] == 1
-  # score() masks id 0 as padding, so compare rows where no PAD was sampled mid-sequence.
-  clean = ~np.any((tokens == 0) & mask, axis=1)
-  assert clean.any()
-  np.testing.assert_allclose(np.asarray(realigner.score(PROMPTS, out.tokens, lam))[clean],
-                             np.asarray(out.logq)[clean], atol=1e-4)
+  # No PAD mid-sequence, and score() is the distribution sampled.
+  assert not np.any((tokens == 0) & mask)
+  np.testing.assert_allclose(np.asarray(realigner.score(PROMPTS, out.tokens, lam)),
+                             np.asarray(out.logq), atol=1e-4)
 
 
 def test_score_against_float64(pair):
@@ -200,7 +204,9 @@ def test_score_against_float64(pair):
   h_ref = np.asarray(ref.logits(ref_p, batch), np.float64)
   h_al = np.asarray(al.logits(al_p, batch), np.float64)
   lam64 = lam.astype(np.float64)[:, None, None]
-  lq = _np_log_softmax(lam64 * h_al + (1 - lam64) * h_ref)
+  h = lam64 * h_al + (1 - lam64) * h_ref
+  h[..., 0] = -np.inf  # scored as sampled: PAD excluded
+  lq = _np_log_softmax(h)
   t = np.asarray(targets)
   expected = (np.take_along_axis(lq, t[..., None], -1)[..., 0] * (t > 0)).sum(-1)
   got = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=6).score(PROMPTS, targets, lam)
@@ -212,7 +218,8 @@ def test_greedy_follows_argmax(pair):
   out = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=7).sample(
       PROMPTS, 1.5, jax.random.PRNGKey(0), temperature=0.0)
   batch = {"encoder_input_tokens": PROMPTS, "decoder_input_tokens": base.shift_right(out.tokens)}
-  h = decoding.dera_logits(ref.logits(ref_p, batch), al.logits(al_p, batch), 1.5)
+  h = decoding.mask_pad(decoding.dera_logits(ref.logits(ref_p, batch), al.logits(al_p, batch),
+                                             1.5), 0)
   greedy = np.asarray(jnp.argmax(h, -1))
   mask = np.arange(7)[None] < np.asarray(out.lengths)[:, None]
   np.testing.assert_array_equal(np.where(mask, greedy, 0), out.tokens)

@@ -208,7 +208,7 @@ def test_score_against_float64(pair):
   h[..., 0] = -np.inf  # scored as sampled: PAD excluded
   lq = _np_log_softmax(h)
   t = np.asarray(targets)
-  expected = (np.take_along_axis(lq, t[..., None], -1)[..., 0] * (t > 0)).sum(-1)
+  expected = np.where(t > 0, np.take_along_axis(lq, t[..., None], -1)[..., 0], 0).sum(-1)
   got = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=6).score(PROMPTS, targets, lam)
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 

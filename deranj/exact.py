@@ -27,6 +27,14 @@ reported next to any result computed from the renormalised table.
     cond_opt = token_conditionals(logp_opt, world.responses)
     logp_dera = dera_from_conditionals(cond_ref, cond_opt, lam=2.0)
     kl(logp_dera, optimal_policy(logp_ref, r, beta=0.25)).mean
+
+A closed world: when the model's vocabulary is PAD, EOS and `content_ids` only and the
+set includes cut responses (`allow_truncated=True`, max_len = the sampler's
+max_decode_len), the set is the sampler's whole support; `sequence_logprobs(...,
+exclude_pad=True)` then scores what the sampler draws (it never emits PAD) and sums to
+one up to float error. Training against the world: `GoldReward` is `gold_reward` as a
+rollout reward (gin), and `KLToOptimum` a `train.eval_hook` logging the exact KL of the
+model being trained to pi*(beta) (experiments/exact_world.py uses both).
 """
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ common.PRESET_FILES.update({f"exact_{k}": v for k, v in PRESETS.items()})
 
 # kind: (run gin file, reward the optimum is of, extra bindings)
 OBJECTIVES = {
-    "ppo": ("configs/runs/ppo_length.gin", "length", ()),
     "pg": ("configs/runs/pg_reward.gin", "gold", ("PolicyGradient.reward = @GoldReward()",)),
+    "ppo": ("configs/runs/ppo_length.gin", "length", ()),
     "dpo": ("configs/runs/dpo.gin", "gold", ()),
 }
 MACROS = ("WORLD_PROMPTS", "WORLD_CONTENT_IDS", "WORLD_MAX_LEN", "WORLD_SEED", "REF_SCALE",

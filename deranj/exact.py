@@ -270,6 +270,16 @@ def sequence_logprobs(model: models_base.EncoderDecoderModel, params, prompts, r
       prompts, responses, batch_size)
 
 
+def reward_table(reward: Callable, prompts, responses, *, batch_size: int = 1024
+                 ) -> np.ndarray:
+  """r(x, y) of every (prompt, response) under a rollout reward object (`GoldReward`,
+  a learned reward model's `LearnedReward`, ...): [P, N] float64."""
+  params = reward.params()
+  score = jax.jit(lambda p, enc, tgt: reward(p, enc, tgt))
+  return _batched_scores(lambda enc, tgt: score(params, enc, tgt), prompts, responses,
+                         batch_size)
+
+
 def dera_sequence_logprobs(realigner: dera.Realigner, prompts, responses, lam, *,
                            batch_size: int = 1024) -> np.ndarray:
   """log q_lam(y|x) of every response under DeRa (`Realigner.score`): [P, N] float64.

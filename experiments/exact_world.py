@@ -27,7 +27,10 @@ the driver resumes):
                      output distribution, exact.sir_distribution);
        retrained     the model trained at BETA / lam;
      and the expected reward of pi*(BETA / lam), DeRa and the retrained model;
-  6. W/exact_world.json and W/exact_world.png: per objective (rows) (i) KL to
+  6. with PROXY_RM_STEPS > 0, Figure 3's proxy path: a reward model trained on the
+     pairs, its exact table over the world, and policy gradient on it at BETA, measured
+     against the proxy's optimum and the gold one (`proxy` in the JSON);
+  7. W/exact_world.json and W/exact_world.png: per objective (rows) (i) KL to
      pi*(BETA / lam) against lam, (ii) expected reward against lam, (iii) the
      KL-to-optimum training curves.
 """
@@ -60,7 +63,8 @@ OBJECTIVES = {
 }
 MACROS = ("WORLD_PROMPTS", "WORLD_CONTENT_IDS", "WORLD_MAX_LEN", "WORLD_SEED", "REF_SCALE",
           "SFT_EXAMPLES_PER_PROMPT", "PAIRS_PER_PROMPT", "GOLD_SEED", "GOLD_SCALE", "L_MIN",
-          "L_MAX", "BETA", "LAMS", "RETRAIN_LAMS", "SIR_CANDIDATES", "SIR_DRAWS")
+          "L_MAX", "BETA", "LAMS", "RETRAIN_LAMS", "SIR_CANDIDATES", "SIR_DRAWS",
+          "PROXY_RM_STEPS")
 TARGET_KL = 0.02  # nats per prompt, the issue's bar for a converged run
 CURVE_FILE = "exact_kl.jsonl"
 
@@ -106,17 +110,58 @@ def write_pairs(data_dir: str, world: exact.World, logp_ref: np.ndarray, gold: n
                             world.responses[rejected.reshape(-1)])
 
 
-def run_bindings(workdir: str, kind: str, beta: float) -> list[str]:
-  run_gin, reward, extra = OBJECTIVES[kind]
-  del run_gin
+def run_bindings(workdir: str, kind: str, beta: float, *, reward: str = "",
+                 tables: str = "tables.npz", extra: tuple[str, ...] = ()) -> list[str]:
+  """A run's gin bindings: BETA, the SFT model, the world's data and the KL hook
+  (against the optimum of `reward`, default the objective's, in `tables`)."""
+  _, default_reward, default_extra = OBJECTIVES.get(kind, ("", "", ()))
   model_dir = common.run_dir(workdir, kind, beta)
   return [f"BETA = {beta!r}", f"INIT_CHECKPOINT = '{os.path.join(workdir, 'sft')}'",
           f"exact_world_dir.path = '{os.path.join(workdir, 'data')}'",
           "train.eval_every = %EVAL_EVERY", "train.eval_hook = @KLToOptimum()",
           "KLToOptimum.model = @build_model()",
-          f"KLToOptimum.tables = '{os.path.join(workdir, 'tables.npz')}'",
-          f"KLToOptimum.reward = '{reward}'", "KLToOptimum.beta = %BETA",
-          f"KLToOptimum.log_file = '{os.path.join(model_dir, CURVE_FILE)}'", *extra]
+          f"KLToOptimum.tables = '{os.path.join(workdir, tables)}'",
+          f"KLToOptimum.reward = '{reward or default_reward}'", "KLToOptimum.beta = %BETA",
+          f"KLToOptimum.log_file = '{os.path.join(model_dir, CURVE_FILE)}'",
+          *(extra or default_extra)]
+
+
+def proxy_stage(workdir: str, world: exact.World, logp_ref: np.ndarray,
+                rewards: dict[str, np.ndarray], m: dict, preset: str) -> dict:
+  """Figure 3's proxy path: a reward model trained on the DPO pairs, policy gradient on
+  it at BETA, against the exact optimum of the learned reward (its table over the
+  world) and the gold one."""
+  from deranj.training import rollouts  # pylint: disable=g-import-not-at-top
+  rm_dir = os.path.join(workdir, "rm")
+  common.train("configs/runs/reward_model.gin", preset, rm_dir,
+               [f"INIT_CHECKPOINT = '{os.path.join(workdir, 'sft')}'",
+                f"exact_world_dir.path = '{os.path.join(workdir, 'data')}'",
+                f"RM_STEPS = {m['PROXY_RM_STEPS']}"])
+  proxy = exact.reward_table(rollouts.LearnedReward(rm_dir), world.prompts, world.responses)
+  proxy = proxy - proxy.mean(axis=1, keepdims=True)  # a per-prompt constant changes no optimum
+  exact.save_tables(os.path.join(workdir, "tables_proxy.npz"), world, logp_ref,
+                    {"proxy": proxy, "gold": rewards["gold"]})
+  beta = m["BETA"]
+  run = common.run_dir(workdir, "pg_proxy", beta)
+  common.train(OBJECTIVES["pg"][0], preset, run, run_bindings(
+      workdir, "pg_proxy", beta, reward="proxy", tables="tables_proxy.npz",
+      extra=("PolicyGradient.reward = @LearnedReward()", f"LearnedReward.checkpoint = '{rm_dir}'")))
+  table, missing = model_table(run, world)
+  opt_proxy = exact.optimal_policy(logp_ref, proxy, beta)
+  opt_gold = exact.optimal_policy(logp_ref, rewards["gold"], beta)
+  gold_centered = rewards["gold"] - rewards["gold"].mean()
+  return {
+      "beta": beta, "missing_mass_max": float(missing.max()),
+      "final_kl_to_proxy_optimum": exact.kl(table, opt_proxy).mean,
+      "final_kl_to_gold_optimum": exact.kl(table, opt_gold).mean,
+      "kl_proxy_optimum_to_gold_optimum": exact.kl(opt_proxy, opt_gold).mean,
+      "proxy_gold_correlation": float(np.mean([np.corrcoef(p, gold_centered)[0, 1]
+                                               for p in proxy])),
+      "gold_reward": {"pg_on_proxy": exact.expected(table, rewards["gold"]).mean,
+                      "proxy_optimum": exact.expected(opt_proxy, rewards["gold"]).mean,
+                      "gold_optimum": exact.expected(opt_gold, rewards["gold"]).mean,
+                      "reference": exact.expected(logp_ref, rewards["gold"]).mean},
+      "curve": read_curve(run)}
 
 
 def read_curve(model_dir: str) -> list[list[float]]:
@@ -248,6 +293,14 @@ def report(result: dict) -> None:
                  f"{x['kl_sir_trained'][n]:.4f} | {ret} |")
 
 
+def report_proxy(proxy: dict) -> None:
+  common.log(f"\nproxy reward model (correlation with gold {proxy['proxy_gold_correlation']:.3f}): "
+             f"PG at β = {proxy['beta']:g} ends at KL {proxy['final_kl_to_proxy_optimum']:.4f} "
+             f"to the proxy's optimum, {proxy['final_kl_to_gold_optimum']:.4f} to the gold "
+             f"one (the optima differ by {proxy['kl_proxy_optimum_to_gold_optimum']:.4f}); "
+             "gold reward " + ", ".join(f"{k} {v:.3f}" for k, v in proxy["gold_reward"].items()))
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -276,6 +329,10 @@ def main(argv=None) -> dict:
       for beta in betas(m):
         common.train(run_gin, preset, common.run_dir(workdir, kind, beta),
                      run_bindings(workdir, kind, beta))
+  proxy = None
+  if m["PROXY_RM_STEPS"] > 0:
+    with timer("proxy"):
+      proxy = proxy_stage(workdir, world, logp_ref, rewards, m, preset)
   with timer("measure"):
     result = {
         "preset": args.preset, "beta": m["BETA"], "lams": m["LAMS"],
@@ -288,6 +345,7 @@ def main(argv=None) -> dict:
                       "kl_sft_to_data": exact.kl(logp_ref, source).mean,
                       "kl_data_to_sft": exact.kl(source, logp_ref).mean},
         **measure(workdir, world, logp_ref, rewards, m),
+        "proxy": proxy,
     }
     result["runs_meeting_target"] = sorted(
         k for k, v in result["runs"].items() if v["final_kl"] <= TARGET_KL)
@@ -295,6 +353,8 @@ def main(argv=None) -> dict:
   common.write_json(os.path.join(workdir, "exact_world.json"), result)
   plot(result, os.path.join(workdir, "exact_world.png"))
   report(result)
+  if proxy:
+    report_proxy(proxy)
   common.log(f"\nwrote {workdir}/exact_world.json and exact_world.png "
              f"({sum(timer.seconds.values()):.0f} s)")
   return result

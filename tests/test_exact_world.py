@@ -93,6 +93,10 @@ def test_gold_reward_object_matches_the_table(world):
   want = exact.gold_reward(world.responses, CONTENT, seed=3, scale=2.0)
   assert np.std(want) > 1.0  # not a constant
   np.testing.assert_allclose(got, want, rtol=1e-6 * L, atol=1e-6 * L * np.abs(want).max())
+  table = exact.reward_table(reward, world.prompts, world.responses, batch_size=1000)
+  assert table.shape == (len(world.prompts), len(world.responses))
+  np.testing.assert_allclose(table, np.broadcast_to(want, table.shape), rtol=1e-6 * L,
+                             atol=1e-6 * L * np.abs(want).max())
   with pytest.raises(ValueError, match="content_ids"):
     exact.GoldReward((1, 2))
 

@@ -14,18 +14,20 @@ caches)` callback, so this module knows nothing of T5.
 Per sequence it accumulates, over emitted tokens (EOS included, nothing after it):
   logq        log-probability under the distribution actually sampled from
               (after temperature and top-k/top-p; 0 for greedy decoding);
-  logp        [B, M] each model's own log-probability of the sequence;
+  logp        [B, M] each model's own log-probability of the sequence, as that model
+              samples alone (PAD excluded, temperature 1);
   log_weight  sum_t log Z_t with Z_t = sum_{v != PAD} prod_m p_m,t(v)^w_m, the
               per-token normalisers of the geometric mixture. At temperature 1 with no
               filtering, exp(log_weight) is proportional to (exact mixture)/(q), the
               importance weight used by sampling-importance-resampling;
-  kl_ref      sum_t KL(q_t || p_ref,t), exact over the vocabulary, p_ref,t being the
-              reference's own sampling distribution (PAD excluded, temperature 1).
+  kl_ref      sum_t KL(q_t || p_ref,t), exact over the vocabulary.
+Models' distributions p_m,t are as they sample alone (PAD excluded), so lam = 0 gives
+logq = logp_ref and kl_ref = 0, and SIR's target is the mixture of what each model draws.
 
 PAD (id `pad_id`, 0) is never emitted: it would end a response without EOS and punch a
 hole in the response mask. Every rule (greedy included) samples from the mixture with
-PAD's logit at NEG_INF (probability 0), and Z_t sums over the same support, so the importance weights stay
-exact for the distribution actually sampled.
+PAD's logit at NEG_INF (probability 0), and Z_t sums over the same support, so the
+importance weights stay exact for the distribution actually sampled.
 """
 from __future__ import annotations
 
@@ -175,7 +177,8 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array
     logits, caches = tokens_to_logits(state.last_token, state.caches)  # [M, B, V]
     logits = logits.astype(f32)
     mixed = mask_pad(mixture_logits(logits, weights), config.pad_id)  # [B, V]
-    model_logp = jax.nn.log_softmax(logits, axis=-1)  # [M, B, V]
+    # Each model as it samples alone: PAD excluded.
+    model_logp = jax.nn.log_softmax(mask_pad(logits, config.pad_id), axis=-1)  # [M, B, V]
     # log Z_t of the geometric mixture prod_m p_m^w_m over the sampled support.
     log_z = jax.nn.logsumexp(mask_pad(mixture_logits(model_logp, weights), config.pad_id),
                              axis=-1)  # [B]
@@ -190,9 +193,7 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array
       q = jnp.exp(q_logp)
       token = sample_from_probs(jax.random.fold_in(rng, state.step), q)
     token = token.astype(jnp.int32)
-    # Against the reference as it samples (PAD excluded), so lam = 0 gives 0.
-    ref_logp = jax.nn.log_softmax(mask_pad(logits[0], config.pad_id), axis=-1)
-    kl = jnp.sum(jnp.where(q > 0, q * (q_logp - ref_logp), 0.0), axis=-1)
+    kl = jnp.sum(jnp.where(q > 0, q * (q_logp - model_logp[0]), 0.0), axis=-1)
 
     live = ~state.ended
     token = jnp.where(live, token, 0)

@@ -35,6 +35,16 @@ def pair():
 PROMPTS = jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0], [11, 1, 0, 0, 0]])
 
 
+def _without_pad(logits, pad_column=False):
+  """float64 logits with PAD (id 0) at -inf; `pad_column`: prepend that column instead."""
+  x = np.asarray(logits, np.float64)
+  if pad_column:
+    return np.concatenate([np.full(x.shape[:-1] + (1,), -np.inf), x], axis=-1)
+  x = x.copy()
+  x[..., 0] = -np.inf
+  return x
+
+
 def _np_log_softmax(x):
   x = np.asarray(x, np.float64)
   m = x.max(-1, keepdims=True)
@@ -166,22 +176,23 @@ def test_statistics_match_teacher_forcing(pair):
   tokens = np.asarray(out.tokens)
   batch = {"encoder_input_tokens": PROMPTS, "decoder_target_tokens": out.tokens,
            "decoder_input_tokens": base.shift_right(out.tokens)}
-  lp_ref = _np_log_softmax(ref.logits(ref_p, batch))  # [B, T, V]
-  lp_al = _np_log_softmax(al.logits(al_p, batch))
+  # Each model as it samples alone: PAD never drawn.
+  lp_ref = _np_log_softmax(_without_pad(ref.logits(ref_p, batch)))  # [B, T, V]
+  lp_al = _np_log_softmax(_without_pad(al.logits(al_p, batch)))
   lam64 = lam.astype(np.float64)[:, None, None]
-  geo = (1 - lam64) * lp_ref + lam64 * lp_al
-  geo[..., 0] = -np.inf  # PAD is never sampled: every normaliser is over the other ids
+  geo = _without_pad((1 - lam64) * lp_ref[..., 1:] + lam64 * lp_al[..., 1:], pad_column=True)
   log_z = np.log(np.exp(geo).sum(-1))  # [B, T]
   log_q = geo - log_z[..., None]
   mask = np.arange(tokens.shape[1])[None] < np.asarray(out.lengths)[:, None]
   at = lambda lp: np.take_along_axis(lp, tokens[..., None], -1)[..., 0]
-  q = np.exp(log_q)
-  ref_sampled = lp_ref[..., 1:] - np.log(np.exp(lp_ref[..., 1:]).sum(-1, keepdims=True))
-  kl = (q[..., 1:] * (log_q[..., 1:] - ref_sampled)).sum(-1)
+  q = np.exp(log_q[..., 1:])
+  kl = (q * (log_q[..., 1:] - lp_ref[..., 1:])).sum(-1)
   np.testing.assert_allclose(out.logq, np.where(mask, at(log_q), 0).sum(-1), atol=1e-4,
                              rtol=1e-5)
-  np.testing.assert_allclose(out.logp_ref, (at(lp_ref) * mask).sum(-1), atol=1e-4, rtol=1e-5)
-  np.testing.assert_allclose(out.logp_aligned, (at(lp_al) * mask).sum(-1), atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(out.logp_ref, np.where(mask, at(lp_ref), 0).sum(-1), atol=1e-4,
+                             rtol=1e-5)
+  np.testing.assert_allclose(out.logp_aligned, np.where(mask, at(lp_al), 0).sum(-1), atol=1e-4,
+                             rtol=1e-5)
   np.testing.assert_allclose(out.log_weight, (log_z * mask).sum(-1), atol=1e-4, rtol=1e-5)
   np.testing.assert_allclose(out.kl_ref, (kl * mask).sum(-1), atol=1e-4, rtol=1e-5)
   # Tokens are 0 after EOS, and lengths count up to and including EOS.

@@ -40,19 +40,21 @@ def _log_softmax(x):
 
 
 def _replay(table, weights, tokens):
-  """float64 per-sequence (log q over non-PAD ids, log Z over non-PAD ids, sum_t
-  sum_m w_m log p_m) along the sampled tokens."""
-  table = np.asarray(table, np.float64)
-  model_logp = _log_softmax(table)  # [M, V, V]
+  """float64 per-sequence (log q, log Z, sum_t sum_m w_m log p_m) along the sampled
+  tokens, every distribution over the ids other than PAD."""
+  table = np.array(table, np.float64)
+  table[:, :, PAD] = -np.inf
+  model_logp = _log_softmax(table)  # [M, V, V], each model as it samples alone
   logq, log_z, mix = np.zeros(len(tokens)), np.zeros(len(tokens)), np.zeros(len(tokens))
   for b, row in enumerate(np.asarray(tokens)):
     last = 0
     for tok in row:
       w = np.asarray(weights[b], np.float64)
-      mixed = np.einsum("m,mv->v", w, table[:, last])
+      mixed = np.einsum("m,mv->v", w, np.where(np.isinf(table[:, last]), 0, table[:, last]))
       mixed[PAD] = -np.inf
       logq[b] += _log_softmax(mixed)[tok]
-      mixed_logp = np.einsum("m,mv->v", w, model_logp[:, last])
+      mixed_logp = np.einsum("m,mv->v", w, np.where(np.isinf(model_logp[:, last]), 0,
+                                                     model_logp[:, last]))
       mixed_logp[PAD] = -np.inf
       log_z[b] += np.log(np.exp(mixed_logp).sum())
       mix[b] += mixed_logp[tok]
@@ -100,3 +102,6 @@ def test_single_model_weights_are_bit_exact():
     np.testing.assert_array_equal(mixed.tokens, alone.tokens)
     np.testing.assert_array_equal(mixed.logq, alone.logq)
     np.testing.assert_array_equal(mixed.log_weight, alone.log_weight)
+    # Alone, a model's log q is its own log-probability, and its KL to itself 0.
+    np.testing.assert_allclose(alone.logq, alone.logp[:, 0], rtol=1e-6 * T)
+    np.testing.assert_array_equal(mixed.kl_ref if m == 0 else 0.0, 0.0)

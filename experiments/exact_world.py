@@ -65,6 +65,8 @@ MACROS = ("WORLD_PROMPTS", "WORLD_CONTENT_IDS", "WORLD_MAX_LEN", "WORLD_SEED", "
           "SFT_EXAMPLES_PER_PROMPT", "PAIRS_PER_PROMPT", "GOLD_SEED", "GOLD_SCALE", "L_MIN",
           "L_MAX", "BETA", "LAMS", "RETRAIN_LAMS", "SIR_CANDIDATES", "SIR_DRAWS",
           "PROXY_RM_STEPS")
+COLORS = {"exact": "tab:blue", "trained": "tab:orange", "sir": "tab:green",
+          "retrained": "tab:red"}
 TARGET_KL = 0.02  # nats per prompt, the issue's bar for a converged run
 CURVE_FILE = "exact_kl.jsonl"
 
@@ -241,24 +243,28 @@ def plot(result: dict, path: str) -> None:
     lams = [x["lam"] for x in rows]
     ax = axes[row, 0]
     floor = 1e-8  # log axis: exact zeros (lam = 1) drawn at the floor
-    ax.plot(lams, [max(x["kl_exact_dera"], floor) for x in rows], "o-", label="exact DeRa")
-    ax.plot(lams, [max(x["kl_trained_dera"], floor) for x in rows], "s-", label="trained DeRa")
+    ax.plot(lams, [max(x["kl_exact_dera"], floor) for x in rows], "o-", color=COLORS["exact"],
+            label="exact DeRa")
+    ax.plot(lams, [max(x["kl_trained_dera"], floor) for x in rows], "s-",
+            color=COLORS["trained"], label="trained DeRa")
     n = max(result["sir_candidates"])
     ax.plot(lams, [max(x["kl_sir_trained"][n], floor) for x in rows], "^--",
-            label=f"trained DeRa + SIR (N={n})")
+            color=COLORS["sir"], label=f"trained DeRa + SIR (N={n})")
     ret = [(x["lam"], max(x["kl_retrained"], floor)) for x in rows
            if x["kl_retrained"] is not None]
-    ax.plot(*zip(*ret), "D", ms=8, label="retrained at β/λ")
+    ax.plot(*zip(*ret), "D", ms=8, color=COLORS["retrained"], label="retrained at β/λ")
     ax.set(xscale="log", yscale="log", xlabel="λ", ylabel="KL(· ‖ π*(β/λ)) nats/prompt",
            title=f"{kind}: distance to the optimum at β/λ (β = {result['beta']:g})")
     ax.axhline(TARGET_KL, color="gray", lw=0.8, ls=":")
     ax.legend(fontsize=8)
     ax = axes[row, 1]
     ax.plot(lams, [x["reward_optimum"] for x in rows], "k-", lw=2, label="π*(β/λ)")
-    ax.plot(lams, [x["reward_exact_dera"] for x in rows], "o--", label="exact DeRa")
-    ax.plot(lams, [x["reward_trained_dera"] for x in rows], "s-", label="trained DeRa")
+    ax.plot(lams, [x["reward_exact_dera"] for x in rows], "o--", color=COLORS["exact"],
+            label="exact DeRa")
+    ax.plot(lams, [x["reward_trained_dera"] for x in rows], "s-", color=COLORS["trained"],
+            label="trained DeRa")
     ret = [(x["lam"], x["reward_retrained"]) for x in rows if x["reward_retrained"] is not None]
-    ax.plot(*zip(*ret), "D", ms=8, label="retrained")
+    ax.plot(*zip(*ret), "D", ms=8, color=COLORS["retrained"], label="retrained")
     ax.set(xscale="log", xlabel="λ", ylabel=f"E[{obj['reward']} reward]",
            title=f"{kind}: expected reward")
     ax.legend(fontsize=8)

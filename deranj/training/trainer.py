@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import gin
 import jax
@@ -121,11 +121,14 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
           eval_every: int = 0, eval_split: Optional[str] = "validation",
           eval_examples: Optional[int] = 256, eval_batch_size: Optional[int] = None,
           max_train_examples: Optional[int] = None, partitioner: Any = None,
+          eval_hook: Optional[Callable[[Any, int], Mapping[str, float]]] = None,
           stream=None) -> dict[str, Any]:
   """Trains `objective` on `task` for `num_steps` steps in `model_dir`.
 
-  `eval_every` = 0 evaluates at the end only; `eval_split` = None never. Returns the last
-  logged train metrics and the final evaluation.
+  `eval_every` = 0 evaluates at the end only; `eval_split` = None never. `eval_hook`
+  (params of the policy, step) -> {name: value} runs at step 0 of a fresh run and at
+  every evaluation (also with `eval_split` = None), its metrics written with the eval
+  metrics. Returns the last logged train metrics and the final evaluation.
   """
   _check_settings(num_steps=num_steps, batch_size=batch_size, log_every=log_every,
                   checkpoint_every=checkpoint_every, num_microbatches=num_microbatches)
@@ -233,13 +236,21 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
 
     def evaluate(step: int) -> None:
       nonlocal eval_metrics
-      if eval_data is None:
+      if eval_data is None and eval_hook is None:
         return
       t0 = time.time()
-      eval_metrics = objective.evaluate(state.params, frozen, eval_data,
-                                        jax.random.fold_in(eval_rng, step),
-                                        eval_batch_size or batch_size)
+      metrics = {}
+      if eval_data is not None:
+        metrics = objective.evaluate(state.params, frozen, eval_data,
+                                     jax.random.fold_in(eval_rng, step),
+                                     eval_batch_size or batch_size)
+      if eval_hook is not None:
+        metrics = {**metrics, **eval_hook(objective.policy_params(state.params), step)}
+      eval_metrics = metrics
       log.write_eval(step, {**eval_metrics, "eval_seconds": time.time() - t0})
+
+    if eval_hook is not None and start == 0:
+      log.write_eval(0, dict(eval_hook(objective.policy_params(state.params), 0)))
 
     stop = _StopRequest()
     try:

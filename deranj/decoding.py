@@ -14,12 +14,20 @@ caches)` callback, so this module knows nothing of T5.
 Per sequence it accumulates, over emitted tokens (EOS included, nothing after it):
   logq        log-probability under the distribution actually sampled from
               (after temperature and top-k/top-p; 0 for greedy decoding);
-  logp        [B, M] each model's own log-probability of the sequence;
-  log_weight  sum_t log Z_t with Z_t = sum_v prod_m p_m,t(v)^w_m, the per-token
-              normalisers of the geometric mixture. At temperature 1 with no
+  logp        [B, M] each model's own log-probability of the sequence, as that model
+              samples alone (PAD excluded, temperature 1);
+  log_weight  sum_t log Z_t with Z_t = sum_{v != PAD} prod_m p_m,t(v)^w_m, the
+              per-token normalisers of the geometric mixture. At temperature 1 with no
               filtering, exp(log_weight) is proportional to (exact mixture)/(q), the
               importance weight used by sampling-importance-resampling;
   kl_ref      sum_t KL(q_t || p_ref,t), exact over the vocabulary.
+Models' distributions p_m,t are as they sample alone (PAD excluded), so lam = 0 gives
+logq = logp_ref and kl_ref = 0, and SIR's target is the mixture of what each model draws.
+
+PAD (id `pad_id`, 0) is never emitted: it would end a response without EOS and punch a
+hole in the response mask. Every rule (greedy included) samples from the mixture with
+PAD's logit at NEG_INF (probability 0), and Z_t sums over the same support, so the
+importance weights stay exact for the distribution actually sampled.
 """
 from __future__ import annotations
 
@@ -75,6 +83,17 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
   return logits
 
 
+def mask_pad(logits: Array, pad_id: int) -> Array:
+  """PAD's logit set to NEG_INF (no id masked when pad_id < 0); [..., V] -> [..., V].
+
+  NEG_INF, not -inf: its probability is exactly 0 in float32 while log-probabilities stay
+  finite, so a masked-out PAD position times a zero loss weight is 0, not NaN.
+  """
+  if pad_id < 0:
+    return logits
+  return logits.at[..., pad_id].set(NEG_INF)
+
+
 def sample_from_probs(rng: Array, probs: Array) -> Array:
   """One draw per row of [B, V] probabilities by inverting the CDF.
 
@@ -95,6 +114,7 @@ class SamplingConfig:
   temperature: float = 1.0  # 0 = greedy
   top_k: int = 0  # 0 = full vocabulary
   top_p: float = 1.0
+  pad_id: int = 0  # never sampled; < 0 allows every id
 
   def __post_init__(self):
     if self.max_decode_len < 1:
@@ -156,10 +176,12 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array
   def body(state: SamplingState) -> SamplingState:
     logits, caches = tokens_to_logits(state.last_token, state.caches)  # [M, B, V]
     logits = logits.astype(f32)
-    mixed = mixture_logits(logits, weights)  # [B, V]
-    model_logp = jax.nn.log_softmax(logits, axis=-1)  # [M, B, V]
-    # log Z_t of the geometric mixture prod_m p_m^w_m.
-    log_z = jax.nn.logsumexp(mixture_logits(model_logp, weights), axis=-1)  # [B]
+    mixed = mask_pad(mixture_logits(logits, weights), config.pad_id)  # [B, V]
+    # Each model as it samples alone: PAD excluded.
+    model_logp = jax.nn.log_softmax(mask_pad(logits, config.pad_id), axis=-1)  # [M, B, V]
+    # log Z_t of the geometric mixture prod_m p_m^w_m over the sampled support.
+    log_z = jax.nn.logsumexp(mask_pad(mixture_logits(model_logp, weights), config.pad_id),
+                             axis=-1)  # [B]
 
     if greedy:
       token = jnp.argmax(mixed, axis=-1)

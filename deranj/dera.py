@@ -226,7 +226,8 @@ class Realigner:
   def score(self, encoder_input_tokens, decoder_target_tokens, lam) -> Array:
     """Teacher-forced log q(y|x) per sequence under DeRa at `lam` (temperature 1): [B].
 
-    `decoder_target_tokens` [B, T] are the responses, PAD (0) masked. This is the
+    `decoder_target_tokens` [B, T] are the responses, PAD (0) masked; each token's
+    distribution excludes PAD, as the sampler's does. This is the
     log-likelihood used for pairwise accuracy (paper eq. 14).
     """
     if self.combine == "weights":
@@ -244,6 +245,7 @@ class Realigner:
     logits = jnp.stack([m.logits(p, batch) for m, p in zip(self.models, params)])
     mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
                                     jnp.repeat(weights, targets.shape[1], axis=0))
+    mixed = decoding.mask_pad(mixed, decoding.SamplingConfig.pad_id)  # as sampled
     token_ll = models_base.masked_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets)
     return jnp.sum(token_ll, axis=-1)
 

@@ -27,16 +27,27 @@ reported next to any result computed from the renormalised table.
     cond_opt = token_conditionals(logp_opt, world.responses)
     logp_dera = dera_from_conditionals(cond_ref, cond_opt, lam=2.0)
     kl(logp_dera, optimal_policy(logp_ref, r, beta=0.25)).mean
+
+A closed world: when the model's vocabulary is PAD, EOS and `content_ids` only and the
+set includes cut responses (`allow_truncated=True`, max_len = the sampler's
+max_decode_len), the set is the sampler's whole support; `sequence_logprobs(...,
+exclude_pad=True)` then scores what the sampler draws (it never emits PAD) and sums to
+one up to float error. Training against the world: `GoldReward` is `gold_reward` as a
+rollout reward (gin), and `KLToOptimum` a `train.eval_hook` logging the exact KL of the
+model being trained to pi*(beta) (experiments/exact_world.py uses both).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
+import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from deranj import decoding
 from deranj import dera
 from deranj import rewards as rewards_lib
 from deranj.data import batching
@@ -176,6 +187,32 @@ def gold_weights(content_ids: Iterable[int], seed: int = 0, scale: float = 1.0) 
   return scale * np.random.default_rng(seed).standard_normal(len(ids))
 
 
+@gin.configurable
+class GoldReward:
+  """`gold_reward` as a rollout reward (PolicyGradient.reward / PPO.reward), jnp:
+  sum_v count_v(y) w_v with w = gold_weights(content_ids, seed, scale)."""
+
+  def __init__(self, content_ids: Sequence[int] = gin.REQUIRED, seed: int = 0,
+               scale: float = 1.0):
+    self.content_ids = tuple(int(i) for i in content_ids)
+    if not self.content_ids or min(self.content_ids) <= max(PAD_ID, EOS_ID):
+      raise ValueError(f"GoldReward.content_ids must be ids other than PAD and EOS, got "
+                       f"{list(self.content_ids)}.")
+    self.weights = gold_weights(self.content_ids, seed, scale)
+
+  def params(self) -> dict:
+    return {}
+
+  def logical_axes(self) -> dict:
+    return {}
+
+  def __call__(self, params, prompts: jax.Array, responses: jax.Array) -> jax.Array:
+    del params, prompts
+    ids = jnp.asarray(self.content_ids, responses.dtype)
+    counts = jnp.sum(responses[:, :, None] == ids, axis=1).astype(jnp.float32)  # [B, V]
+    return counts @ jnp.asarray(self.weights, jnp.float32)
+
+
 def gold_reward(responses, content_ids: Iterable[int], seed: int = 0,
                 scale: float = 1.0) -> np.ndarray:
   """A fixed random linear function of token counts: sum_v count_v(y) w_v; [N] float64.
@@ -207,23 +244,40 @@ def _batched_scores(score: Callable, prompts, responses, batch_size: int) -> np.
   return np.asarray(scores, np.float64).reshape(p, n)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _model_scores(model, params, enc, targets):
-  return model.sequence_logprobs(params, enc, targets)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _model_scores(model, params, enc, targets, exclude_pad):
+  if not exclude_pad:
+    return model.sequence_logprobs(params, enc, targets)
+  batch = models_base.response_batch(enc, targets)
+  logits = decoding.mask_pad(model.logits(params, batch), PAD_ID)
+  return jnp.sum(models_base.masked_log_likelihood(logits, targets), axis=-1)
 
 
 def sequence_logprobs(model: models_base.EncoderDecoderModel, params, prompts, responses, *,
-                      batch_size: int = 1024) -> np.ndarray:
+                      exclude_pad: bool = False, batch_size: int = 1024) -> np.ndarray:
   """log pi(y|x) of every response under a deranj model, teacher-forced: [P, N] float64.
 
-  Not renormalised (see `renormalize`). Scores are the model's own float32 sums,
-  widened to float64.
+  `exclude_pad`: each token's distribution without PAD, i.e. the distribution
+  `deranj.decoding` samples from (it never emits PAD); otherwise the model's own
+  softmax. Not renormalised (see `renormalize`). Scores are the model's own float32
+  sums, widened to float64.
   """
   if not hasattr(model, "sequence_logprobs"):
     raise TypeError(f"expected a deranj EncoderDecoderModel, got {type(model).__name__} "
                     "(wrap a t5.Transformer in deranj.models.base.EncoderDecoderModel).")
-  return _batched_scores(lambda enc, tgt: _model_scores(model, params, enc, tgt),
-                         prompts, responses, batch_size)
+  return _batched_scores(
+      lambda enc, tgt: _model_scores(model, params, enc, tgt, bool(exclude_pad)),
+      prompts, responses, batch_size)
+
+
+def reward_table(reward: Callable, prompts, responses, *, batch_size: int = 1024
+                 ) -> np.ndarray:
+  """r(x, y) of every (prompt, response) under a rollout reward object (`GoldReward`,
+  a learned reward model's `LearnedReward`, ...): [P, N] float64."""
+  params = reward.params()
+  score = jax.jit(lambda p, enc, tgt: reward(p, enc, tgt))
+  return _batched_scores(lambda enc, tgt: score(params, enc, tgt), prompts, responses,
+                         batch_size)
 
 
 def dera_sequence_logprobs(realigner: dera.Realigner, prompts, responses, lam, *,
@@ -605,3 +659,71 @@ def realignment_errors(logp_ref, rewards, beta: float, lams: Iterable[float],
                    for n in num_candidates},
     })
   return rows
+
+
+# ----------------------------------------------------------------------------- training hook
+
+def save_tables(path: str, world: World, logp_ref, rewards: dict[str, np.ndarray]) -> None:
+  """A world, its reference table [P, N] (normalised) and named rewards [N] or [P, N],
+  as one .npz file (what `KLToOptimum` reads)."""
+  from deranj.data import files  # pylint: disable=g-import-not-at-top
+  with files.atomic_write(path, "wb") as f:
+    np.savez(f, prompts=world.prompts, responses=world.responses,
+             content_ids=np.asarray(world.content_ids), eos_id=world.eos_id,
+             logp_ref=_check_normalised(logp_ref, "logp_ref"),
+             **{f"reward_{k}": np.asarray(v, np.float64) for k, v in rewards.items()})
+
+
+def load_tables(path: str) -> tuple[World, np.ndarray, dict[str, np.ndarray]]:
+  """(world, logp_ref, rewards) as `save_tables` wrote them."""
+  with np.load(path) as data:
+    world = World(data["prompts"], data["responses"],
+                  tuple(int(i) for i in data["content_ids"]), int(data["eos_id"]))
+    rewards = {k[len("reward_"):]: data[k] for k in data.files if k.startswith("reward_")}
+    return world, data["logp_ref"], rewards
+
+
+@gin.configurable
+class KLToOptimum:
+  """A `train.eval_hook`: the exact KL(pi_trained || pi*(beta)) over the world.
+
+  pi_trained is the model's sampling distribution (PAD excluded) over the world's
+  responses, renormalised over the set (`missing_mass`, what falls outside, is
+  reported: 0 up to float error in a closed world); pi*(beta) is the optimum of
+  `reward` (a name in the tables file) against the tables' reference.
+  Metrics: exact/kl_to_optimum (mean over prompts), exact/kl_to_optimum_max,
+  exact/kl_to_ref, exact/reward (expected), exact/missing_mass (max over prompts).
+  Each call also appends a JSON line to `log_file` when given (for plots).
+  """
+
+  def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED,
+               tables: str = gin.REQUIRED, reward: str = gin.REQUIRED,
+               beta: float = gin.REQUIRED, log_file: Optional[str] = None,
+               batch_size: int = 2048):
+    self.world, self.logp_ref, rewards = load_tables(tables)
+    if reward not in rewards:
+      raise ValueError(f"KLToOptimum.reward={reward!r} is not in {tables} (has "
+                       f"{sorted(rewards)}).")
+    self.model, self.rewards, self.beta = model, rewards[reward], float(beta)
+    self.optimum = optimal_policy(self.logp_ref, self.rewards, self.beta)
+    self.log_file, self.batch_size = log_file, batch_size
+
+  def table(self, params) -> tuple[np.ndarray, np.ndarray]:
+    """(renormalised log pi [P, N], missing mass [P]) of the model at `params`."""
+    return renormalize(sequence_logprobs(self.model, params, self.world.prompts,
+                                         self.world.responses, exclude_pad=True,
+                                         batch_size=self.batch_size))
+
+  def __call__(self, params, step: int) -> dict[str, float]:
+    logp, missing = self.table(params)
+    to_opt = kl(logp, self.optimum)
+    metrics = {"exact/kl_to_optimum": to_opt.mean,
+               "exact/kl_to_optimum_max": float(np.max(to_opt.per_prompt)),
+               "exact/kl_to_ref": kl(logp, self.logp_ref).mean,
+               "exact/reward": expected(logp, self.rewards).mean,
+               "exact/missing_mass": float(np.max(missing))}
+    if self.log_file:
+      import json  # pylint: disable=g-import-not-at-top
+      with open(self.log_file, "a") as f:
+        f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    return metrics

@@ -60,14 +60,16 @@ def _np_log_softmax(x):
 
 def _np_mixture_stats(logits, weights, tokens, lengths):
   """Float64 statistics of sampled `tokens` [B, T] from the mixture with `weights` [B, M],
-  given each model's logits at each step [M, B, T, V] (`decoding.MixtureSamples` fields)."""
-  lp = _np_log_softmax(logits)  # [M, B, T, V]
+  given each model's logits at each step [M, B, T, V] (`decoding.MixtureSamples` fields).
+  PAD (id 0) is never sampled: every distribution is over ids 1..V-1."""
+  lp = _np_log_softmax(np.asarray(logits)[..., 1:])  # [M, B, T, V - 1]
   geo = np.einsum("bm,mbtv->btv", np.asarray(weights, np.float64), lp)
   log_z = np.log(np.exp(geo).sum(-1))  # [B, T]
   log_q = geo - log_z[..., None]
   kl = (np.exp(log_q) * (log_q - lp[0])).sum(-1)
   mask = np.arange(tokens.shape[1])[None] < np.asarray(lengths)[:, None]
-  at = lambda x: np.take_along_axis(x, np.asarray(tokens)[..., None], -1)[..., 0]
+  index = np.maximum(np.asarray(tokens) - 1, 0)[..., None]  # id -> column without PAD
+  at = lambda x: np.take_along_axis(x, index, -1)[..., 0]
   total = lambda x: (x * mask).sum(-1)
   return {"logq": total(at(log_q)), "logp": np.stack([total(at(x)) for x in lp], -1),
           "log_weight": total(log_z), "kl_ref": total(kl)}
@@ -132,7 +134,7 @@ class TableModels:
 
   def outcomes(self, eos=1):
     """Every sequence the sampler can emit: EOS-terminated, or cut at `steps`."""
-    body = [v for v in range(self.vocab) if v != eos]
+    body = [v for v in range(1, self.vocab) if v != eos]  # PAD is never sampled
     seqs = [p + (eos,) for n in range(self.steps) for p in itertools.product(body, repeat=n)]
     return seqs + list(itertools.product(body, repeat=self.steps))
 
@@ -243,6 +245,7 @@ def test_filtering_restricts_support_and_logq(settings):
   tokens = np.asarray(out.tokens)
   mixed = np.einsum("bm,mbtv->btv", weights.astype(np.float64), models.step_logits(tokens))
   scaled = mixed / settings.get("temperature", 1.0)
+  scaled[..., 0] = -np.inf  # PAD is never sampled
   mask = np.arange(models.steps)[None] < np.asarray(out.lengths)[:, None]
   kept = np.ones(scaled.shape, bool)
   if "top_k" in settings:  # first top-k, then the nucleus of what it kept
@@ -259,7 +262,7 @@ def test_filtering_restricts_support_and_logq(settings):
     kept &= in_nucleus
   at = lambda x: np.take_along_axis(x, tokens[..., None], -1)[..., 0]
   assert np.all(at(kept)[mask])
-  assert np.any(kept.sum(-1)[mask] < models.vocab)  # the filter did remove tokens
+  assert np.any(kept.sum(-1)[mask] < models.vocab - 1)  # the filter did remove tokens
   log_q = _np_log_softmax(np.where(kept, scaled, -np.inf))
   expected = (np.where(mask, at(log_q), 0)).sum(-1)
   scale = _logit_scale(models.step_logits(tokens), weights, out.lengths)
@@ -272,6 +275,7 @@ def test_greedy_follows_argmax():
   out = models.sample(weights, jax.random.PRNGKey(0), temperature=0.0)
   _check_eos_layout(out.tokens, out.lengths)
   mixed = np.einsum("bm,mbtv->btv", weights, models.step_logits(out.tokens))
+  mixed[..., 0] = -np.inf  # PAD is never emitted, greedy included
   mask = np.arange(models.steps)[None] < np.asarray(out.lengths)[:, None]
   np.testing.assert_array_equal(np.where(mask, mixed.argmax(-1), 0), out.tokens)
   np.testing.assert_array_equal(out.logq, np.zeros(len(weights)))
@@ -370,13 +374,9 @@ def test_statistics_match_teacher_forcing(realigner):
     assert_close_f32(getattr(out, key), expected[key], CFG.vocab_size, scale, err_msg=key)
   assert_close_f32(out.logp_ref, expected["logp"][:, 0], CFG.vocab_size, scale)
   assert_close_f32(out.logp_aligned, expected["logp"][:, 1], CFG.vocab_size, scale)
-  # score() masks id 0 as padding, so compare rows where no PAD was sampled mid-sequence.
-  tokens = np.asarray(out.tokens)
-  mask = np.arange(tokens.shape[1])[None] < np.asarray(out.lengths)[:, None]
-  clean = ~np.any((tokens == 0) & mask, axis=1)
-  assert clean.any()
-  assert_close_f32(np.asarray(realigner.score(PROMPTS, out.tokens, lam))[clean],
-                   np.asarray(out.logq)[clean], 2 * CFG.vocab_size, scale[clean])
+  # score() teacher-forces what was sampled (PAD is never sampled, so no holes).
+  assert_close_f32(realigner.score(PROMPTS, out.tokens, lam), out.logq, 2 * CFG.vocab_size,
+                   scale)
 
 
 def test_score_against_float64(realigner):

@@ -245,7 +245,14 @@ def _direct_logprobs(model_logits, responses):
   logits = np.asarray(model_logits, np.float64)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   tok = np.take_along_axis(log_probs, responses[..., None], -1)[..., 0]
-  return (tok * (responses > 0)).sum(-1)
+  return np.where(responses > 0, tok, 0.0).sum(-1)
+
+
+def _without_pad(logits):
+  """The logits as the sampler uses them: PAD (id 0) never drawn."""
+  out = np.array(logits, np.float64)
+  out[..., 0] = -np.inf
+  return out
 
 
 def _logits(model, params, prompt, responses):
@@ -268,6 +275,14 @@ def test_sequence_logprobs_of_a_tiny_t5_against_its_logits():
   logp, missing = exact.renormalize(got)
   np.testing.assert_allclose(missing, 1 - np.exp(got).sum(-1), rtol=1e-9)
   assert np.all((missing > 0) & (missing < 1))  # ids outside the world get mass too
+  # The sampler's distribution: PAD's mass goes to the other ids, step by step.
+  sampled = exact.sequence_logprobs(model, params, world.prompts, world.responses,
+                                    exclude_pad=True, batch_size=5)
+  for p, prompt in enumerate(world.prompts):
+    direct = _direct_logprobs(_without_pad(_logits(model, params, prompt, world.responses)),
+                              world.responses)
+    np.testing.assert_allclose(sampled[p], direct, rtol=1e-5)
+  assert np.all(sampled > got)
 
 
 def test_dera_sequence_logprobs_mix_the_models_logits():
@@ -281,7 +296,7 @@ def test_dera_sequence_logprobs_mix_the_models_logits():
   h_al = np.asarray(_logits(aligned, al_p, prompt, world.responses), np.float64)
   for lam in (0.5, 2.0):
     got = exact.dera_sequence_logprobs(realigner, world.prompts, world.responses, lam)
-    direct = _direct_logprobs(lam * h_al + (1 - lam) * h_ref, world.responses)
+    direct = _direct_logprobs(_without_pad(lam * h_al + (1 - lam) * h_ref), world.responses)
     np.testing.assert_allclose(got[0], direct, rtol=1e-5)
 
 

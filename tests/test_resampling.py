@@ -22,8 +22,9 @@ CFG = t5.T5Config(vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=16, num_heads=2, num
 
 
 def _outcomes():
-  """Every sequence the sampler can emit: EOS-terminated, or cut at MAX_LEN."""
-  body = [v for v in range(VOCAB) if v != EOS]
+  """Every sequence the sampler can emit: EOS-terminated, or cut at MAX_LEN (PAD, id 0,
+  is never sampled)."""
+  body = [v for v in range(1, VOCAB) if v != EOS]
   seqs = []
   for n in range(MAX_LEN):
     seqs += [list(p) + [EOS] for p in itertools.product(body, repeat=n)]
@@ -36,10 +37,12 @@ def _log_softmax(x):
 
 
 def _sequence_log_probs(logits, seqs):
-  """Sum of log softmax(logits)[token] over each outcome's own tokens, float64."""
+  """Sum of log softmax(logits)[token] over each outcome's own tokens, float64, each
+  distribution over the ids the sampler draws (PAD excluded)."""
   targets = np.array([s + [0] * (MAX_LEN - len(s)) for s in seqs])
   lengths = np.array([len(s) for s in seqs])
-  tok = np.take_along_axis(_log_softmax(logits), targets[..., None], -1)[..., 0]
+  index = np.maximum(targets - 1, 0)[..., None]  # id -> column without PAD
+  tok = np.take_along_axis(_log_softmax(logits[..., 1:]), index, -1)[..., 0]
   return (tok * (np.arange(MAX_LEN)[None] < lengths[:, None])).sum(-1)
 
 

@@ -19,8 +19,10 @@ import functools
 import hashlib
 import math
 import os
+import signal
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import gin
 import jax
@@ -117,11 +119,14 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
           eval_every: int = 0, eval_split: Optional[str] = "validation",
           eval_examples: Optional[int] = 256, eval_batch_size: Optional[int] = None,
           max_train_examples: Optional[int] = None, partitioner: Any = None,
+          eval_hook: Optional[Callable[[Any, int], Mapping[str, float]]] = None,
           stream=None) -> dict[str, Any]:
   """Trains `objective` on `task` for `num_steps` steps in `model_dir`.
 
-  `eval_every` = 0 evaluates at the end only; `eval_split` = None never. Returns the last
-  logged train metrics and the final evaluation.
+  `eval_every` = 0 evaluates at the end only; `eval_split` = None never. `eval_hook`
+  (params of the policy, step) -> {name: value} runs at step 0 of a fresh run and at
+  every evaluation (also with `eval_split` = None), its metrics written with the eval
+  metrics. Returns the last logged train metrics and the final evaluation.
   """
   _check_settings(num_steps=num_steps, batch_size=batch_size, log_every=log_every,
                   checkpoint_every=checkpoint_every, num_microbatches=num_microbatches)
@@ -233,16 +238,27 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
 
     def evaluate(step: int) -> None:
       nonlocal eval_metrics
-      if eval_data is None:
+      if eval_data is None and eval_hook is None:
         return
       t0 = time.time()
-      eval_metrics = objective.evaluate(state.params, frozen, eval_data,
-                                        jax.random.fold_in(eval_rng, step),
-                                        eval_batch_size or batch_size)
+      metrics = {}
+      if eval_data is not None:
+        metrics = objective.evaluate(state.params, frozen, eval_data,
+                                     jax.random.fold_in(eval_rng, step),
+                                     eval_batch_size or batch_size)
+      if eval_hook is not None:
+        metrics = {**metrics, **eval_hook(objective.policy_params(state.params), step)}
+      eval_metrics = metrics
       log.write_eval(step, {**eval_metrics, "eval_seconds": time.time() - t0})
 
+    if eval_hook is not None and start == 0:
+      log.write_eval(0, dict(eval_hook(objective.policy_params(state.params), 0)))
+
+    stop = _StopRequest()
     try:
       for step in range(start, num_steps):
+        if stop.requested:
+          raise KeyboardInterrupt
         batch = partitioner.shard_batch(stream_.batch_at(step))
         state, step_metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
         pending.append((step + 1, step_metrics))
@@ -272,7 +288,31 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
                else "no checkpoint was saved")
       raise TrainingInterrupted(f"training interrupted; {where} (run the same command again "
                                 "to resume).") from None
+    finally:
+      stop.close()
     return {"train": logged, "eval": eval_metrics, "state": state}
+
+
+class _StopRequest:
+  """Ctrl-C (SIGINT) asks the loop to stop between steps, so it never lands inside a
+  save or a compiled step (where orbax's or XLA's threads can be left hanging); a second
+  Ctrl-C stops at once. Only the main thread can own the handler."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, *_):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
 
 
 def _recorded_path(checkpoint: Optional[str]) -> Optional[str]:

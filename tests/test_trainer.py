@@ -223,6 +223,31 @@ def test_schedules(kind, expected):
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_schedule_counts_train_steps_when_a_step_makes_several_updates():
+  """PPO makes epochs x minibatches optimizer updates per train step; the cosine must end
+  at the run's last train step, not a quarter of the way through."""
+  from deranj.training import ppo  # pylint: disable=g-import-not-at-top
+  from deranj.training import rollouts  # pylint: disable=g-import-not-at-top
+  schedule = optimizers.learning_rate_schedule(100, base_learning_rate=1.0, kind="cosine")
+  objective = ppo.PPO(model=None, reward=rollouts.LengthReward(1, 2), max_decode_len=4,
+                      num_epochs=2, num_minibatches=2)
+  assert objective.updates_per_step == 4
+  per_update = optimizers.per_train_step(schedule, objective.updates_per_step)
+  for step in (0, 25, 50, 99):
+    for update in range(4):  # every update of train step `step`
+      assert float(per_update(4 * step + update)) == float(schedule(step))
+  # Through the optimizer: update 200 (count 199) belongs to train step 49; with a constant
+  # gradient Adam's step is exactly the rate.
+  optimizer = optimizers.make_optimizer(per_update, name="adamw", clip_norm=None)
+  params = {"w": jnp.zeros(())}
+  state = optimizer.init(params)
+  for _ in range(200):
+    updates, state = optimizer.update({"w": jnp.ones(())}, state, params)
+  np.testing.assert_allclose(-float(updates["w"]), float(schedule(49)), rtol=1e-5)
+  assert float(schedule(199)) == 0.0  # counted per update, the cosine would have ended
+  assert optimizers.per_train_step(schedule, 1) is schedule
+
+
 def test_bad_optimizer_settings_name_the_binding():
   with pytest.raises(optimizers.OptimizerConfigError, match="make_optimizer.name"):
     optimizers.make_optimizer(optax.constant_schedule(1.0), name="sgd")

@@ -114,6 +114,9 @@ class Objective:
 
   name = "objective"
   required_features: Sequence[str] = ("encoder_input_tokens",)
+  # Optimizer updates per train step (PPO: epochs x minibatches); the learning-rate
+  # schedule counts train steps, so the trainer divides the optimizer's count by this.
+  updates_per_step: int = 1
 
   model: models_base.EncoderDecoderModel
 

@@ -81,3 +81,13 @@ def make_optimizer(schedule: optax.Schedule, *, name: str = "adamw",
   if clip_norm:
     return optax.chain(optax.clip_by_global_norm(clip_norm), inner)
   return inner
+
+
+def per_train_step(schedule: optax.Schedule, updates_per_step: int) -> optax.Schedule:
+  """The schedule as the optimizer sees it when each train step makes `updates_per_step`
+  updates (PPO's epochs x minibatches): the rate of train step count // updates_per_step,
+  so warmup and decay are in train steps for every objective."""
+  if updates_per_step == 1:
+    return schedule
+  return lambda count: schedule(count // updates_per_step)
+

@@ -58,6 +58,7 @@ class PPO(rollouts.RolloutObjective):
     super().__init__(model, reward, beta=beta, max_decode_len=max_decode_len,
                      temperature=temperature, eos_id=eos_id, eval_num_samples=eval_num_samples)
     self.num_epochs, self.num_minibatches = num_epochs, num_minibatches
+    self.updates_per_step = num_epochs * num_minibatches
     self.clip_eps, self.clip_value, self.gamma, self.gae_lambda = (
         clip_eps, clip_value, gamma, gae_lambda)
     self.vf_coef = vf_coef

@@ -188,7 +188,8 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
     del train_split
 
     schedule = optimizers.learning_rate_schedule(num_steps)
-    optimizer = optimizers.make_optimizer(schedule)
+    optimizer = optimizers.make_optimizer(
+        optimizers.per_train_step(schedule, objective.updates_per_step))
     state = objectives.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                   opt_state=jax.jit(optimizer.init)(params))
     # One fixed placement for every state leaf, in and out of the step: params as the

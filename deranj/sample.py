@@ -296,6 +296,7 @@ def run(config: SampleConfig, lams: list[float], input_path: str, output_path: s
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise; warnings stay
   try:
     gin_utils.parse_gin_flags()
     lams = parse_lams(_LAM.value)

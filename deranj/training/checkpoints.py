@@ -19,8 +19,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import signal
-import threading
 import time
 from typing import Any, Optional
 
@@ -92,24 +90,6 @@ class RunLock:
     self.release()
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-  """Ctrl-C waits for the block to end, then raises KeyboardInterrupt: a save completes
-  instead of being torn down in orbax's event loop."""
-  if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-    yield
-    return
-  received = []
-  signal.signal(signal.SIGINT, lambda *_: received.append(True))
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-  if received:
-    raise KeyboardInterrupt
-
-
 def _abstract(tree):
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -136,9 +116,9 @@ class Checkpointer:
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}))
-    with _sigint_deferred():
-      saved = self.manager.save(step, args=args, force=force)
-      self.manager.wait_until_finished()
+    # Ctrl-C never lands here: the trainer stops between steps (trainer._StopRequest).
+    saved = self.manager.save(step, args=args, force=force)
+    self.manager.wait_until_finished()
     return saved
 
   def restore(self, step: int, target):

@@ -29,9 +29,10 @@ import orbax.checkpoint as ocp
 from deranj.models import hf
 from deranj.models import loading
 
-CHECKPOINTS_DIR = "checkpoints"
+# One run layout: deranj.sample recognises a run directory by the same names.
+CHECKPOINTS_DIR = loading.RUN_CHECKPOINTS_DIR
 _METADATA_FILE = "_CHECKPOINT_METADATA"  # written by orbax when a step is finalised
-MODEL_EXPORT_DIR = "model"
+MODEL_EXPORT_DIR = loading.RUN_MODEL_DIR
 LOCK_FILE = ".lock"
 
 

@@ -1,39 +1,46 @@
-"""Sampling from a token-level mixture of autoregressive models (T5X's decoding.py style).
-
-DeRa (Liu et al. 2024, eq. 9) samples each token from
-
-    q_t = softmax(lam * h_aligned + (1 - lam) * h_ref),
-
-h being the two models' logits on the same prefix. More generally we mix M models
-with per-row weights w [B, M] (model 0 is the reference):  h = sum_m w_m h_m.
+"""Decoding from M autoregressive models with a pluggable step rule (T5X's decoding.py style).
 
 The loop is one `lax.while_loop` over a pure function of `SamplingState`. Models are
 reached only through a `tokens_to_logits(tokens [B], caches) -> (logits [M, B, V],
-caches)` callback, so this module knows nothing of T5.
+caches)` callback, so this module knows nothing of T5. At each step a *rule* (in the
+spirit of T5X's `logit_callback_fn`) maps the models' float32 logits, its per-row
+parameters and a key to the emitted token and the log-probabilities of the distribution
+it used; the loop keeps tokens, EOS, lengths and the statistics below. Rules are frozen
+dataclasses, static under jit: one compilation per rule, any values of its parameters.
 
-Per sequence it accumulates, over emitted tokens (EOS included, nothing after it):
-  logq        log-probability under the distribution actually sampled from
-              (after temperature and top-k/top-p; 0 for greedy decoding);
+  GeometricMixture (DeRa, Liu et al. 2024, eq. 9), parameters weights [B, M]:
+      q_t = softmax(sum_m w_m h_m), e.g. softmax(lam * h_aligned + (1 - lam) * h_ref);
+      sampled, or greedy at temperature 0, after top-k/top-p.
+  AlignmentAware (AAD, Berdoz et al. 2025), parameters alpha [B], models (ref, aligned):
+      greedy: argmax over V_alpha = {v : p_al(v) >= alpha max_u p_al(u)} of
+      log p_al(v) - log p_ref(v) (`aad_select`); at temperature tau > 0, a draw from
+      softmax((log p_al - log p_ref) / tau) restricted to V_alpha.
+
+Per sequence the loop accumulates, over emitted tokens (EOS included, nothing after it):
+  logq        log-probability under the distribution the rule used (after temperature
+              and top-k/top-p; 0 for greedy decoding);
   logp        [B, M] each model's own log-probability of the sequence, as that model
               samples alone (PAD excluded, temperature 1);
-  log_weight  sum_t log Z_t with Z_t = sum_{v != PAD} prod_m p_m,t(v)^w_m, the
-              per-token normalisers of the geometric mixture. At temperature 1 with no
-              filtering, exp(log_weight) is proportional to (exact mixture)/(q), the
-              importance weight used by sampling-importance-resampling;
-  kl_ref      sum_t KL(q_t || p_ref,t), exact over the vocabulary.
+  log_weight  geometric mixture only (None for other rules): sum_t log Z_t with
+              Z_t = sum_{v != PAD} prod_m p_m,t(v)^w_m, the per-token normalisers. At
+              temperature 1 with no filtering, exp(log_weight) is proportional to
+              (exact mixture)/(q), the importance weight used by
+              sampling-importance-resampling;
+  kl_ref      sum_t KL(q_t || p_ref,t), exact over the vocabulary (model 0 is the
+              reference).
 Models' distributions p_m,t are as they sample alone (PAD excluded), so lam = 0 gives
 logq = logp_ref and kl_ref = 0, and SIR's target is the mixture of what each model draws.
 
-PAD (id `pad_id`, 0) is never emitted: it would end a response without EOS and punch a
-hole in the response mask. Every rule (greedy included) samples from the mixture with
-PAD's logit at NEG_INF (probability 0), and Z_t sums over the same support, so the
-importance weights stay exact for the distribution actually sampled.
+PAD (id `pad_id`, 0) is never emitted by any rule: it would end a response without EOS
+and punch a hole in the response mask. Every rule (greedy included) works with PAD's
+logit at NEG_INF (probability 0), and Z_t sums over the same support, so the importance
+weights stay exact for the distribution actually sampled.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
@@ -136,7 +143,7 @@ class SamplingState:
   caches: Any  # one decoding cache per model
   logq: Array  # [B]
   logp: Array  # [B, M]
-  log_weight: Array  # [B]
+  log_weight: Optional[Array]  # [B]; None when the rule has no log Z_t
   kl_ref: Array  # [B]
   lengths: Array  # [B] int32
 
@@ -147,28 +154,138 @@ class MixtureSamples:
   lengths: Array  # [B], tokens emitted, EOS included
   logq: Array  # [B]
   logp: Array  # [B, M]
-  log_weight: Array  # [B]
+  log_weight: Optional[Array]  # [B]; None for rules other than the geometric mixture
   kl_ref: Array  # [B]
 
 
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any]]
 
 
-def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array, rng: Array,
-                   config: SamplingConfig) -> MixtureSamples:
-  """Samples one sequence per row from the per-token mixture of M models.
+class RuleStep(NamedTuple):
+  """What a rule returns at one step."""
+  token: Array  # [B] int32, never PAD
+  logq: Array  # [B, V] log-probabilities of the distribution used (0 / -inf if greedy)
+  log_z: Optional[Array] = None  # [B] log Z_t, for rules that have one
+
+
+def _one_hot_logq(token: Array, vocab: int) -> Array:
+  """The log-probabilities of a greedy choice: 0 at `token`, -inf elsewhere."""
+  return jnp.where(jax.nn.one_hot(token, vocab, dtype=bool), 0.0, -jnp.inf)
+
+
+def _draw(logits: Array, rng: Array, config: SamplingConfig) -> tuple[Array, Array]:
+  """(token [B], log q [B, V]): a draw from softmax(logits / T) after top-k/top-p."""
+  scaled = filter_logits(logits / config.temperature, config.top_k, config.top_p)
+  q_logp = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
+  return sample_from_probs(rng, jnp.exp(q_logp)), q_logp
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometricMixture:
+  """DeRa's rule: q_t = softmax(sum_m w_m h_m); parameters: weights [B, M].
+
+  With M = 2 and weights (1 - lam, lam) this is eq. 9. Its log Z_t is the normaliser
+  of prod_m p_m^w_m over the sampled support (see `log_weight`).
+  """
+
+  def __call__(self, logits: Array, model_logp: Array, weights: Array, rng: Array,
+               config: SamplingConfig) -> RuleStep:
+    mixed = mask_pad(mixture_logits(logits, weights), config.pad_id)  # [B, V]
+    log_z = jax.nn.logsumexp(mask_pad(mixture_logits(model_logp, weights), config.pad_id),
+                             axis=-1)  # [B]
+    if config.temperature == 0:
+      token = jnp.argmax(mixed, axis=-1)
+      return RuleStep(token, _one_hot_logq(token, mixed.shape[-1]), log_z)
+    token, q_logp = _draw(mixed, rng, config)
+    return RuleStep(token, q_logp, log_z)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentAware:
+  """AAD's rule over (reference, aligned) models; parameters: alpha [B] in (0, 1].
+
+  Greedy (temperature 0): `aad_select`. Temperature tau > 0: a draw from
+  softmax((log p_al - log p_ref) / tau) restricted to V_alpha (then top-k/top-p).
+  """
+
+  def __call__(self, logits: Array, model_logp: Array, alpha: Array, rng: Array,
+               config: SamplingConfig) -> RuleStep:
+    del logits  # the rule reads the models' PAD-free log-probabilities
+    if model_logp.shape[0] != 2:
+      raise ValueError(f"AlignmentAware needs 2 models (reference, aligned), got "
+                       f"{model_logp.shape[0]}.")
+    keep, ratio = _aad_candidates(model_logp[0], model_logp[1], alpha)
+    if config.temperature == 0:
+      token = _aad_argmax(keep, ratio, model_logp[1])
+      return RuleStep(token, _one_hot_logq(token, ratio.shape[-1]))
+    token, q_logp = _draw(jnp.where(keep, ratio, NEG_INF), rng, config)
+    return RuleStep(token, q_logp)
+
+
+Rule = Callable[..., RuleStep]
+MIXTURE = GeometricMixture()
+AAD = AlignmentAware()
+
+
+def _aad_candidates(ref_logp: Array, aligned_logp: Array, alpha) -> tuple[Array, Array]:
+  """(V_alpha mask [B, V], log-ratio log p_al - log p_ref [B, V]) from log-probabilities.
+
+  PAD (log-probability ~ NEG_INF) is never in V_alpha for alpha in (0, 1].
+  """
+  alpha = jnp.asarray(alpha, jnp.float32)
+  if alpha.ndim == 1:
+    alpha = alpha[:, None]
+  # p(v) >= alpha * max p, in logs so that tiny alphas and probabilities do not underflow.
+  keep = aligned_logp - jnp.max(aligned_logp, axis=-1, keepdims=True) >= jnp.log(alpha)
+  return keep, aligned_logp - ref_logp
+
+
+def _aad_argmax(keep: Array, ratio: Array, aligned_logp: Array) -> Array:
+  """argmax over `keep` of `ratio`, ties broken towards the higher aligned log-probability."""
+  restricted = jnp.where(keep, ratio, -jnp.inf)
+  best = keep & (restricted == jnp.max(restricted, axis=-1, keepdims=True))
+  return jnp.argmax(jnp.where(best, aligned_logp, -jnp.inf), axis=-1)
+
+
+def aad_select(ref_logits: Array, aligned_logits: Array, alpha, pad_id: int = 0) -> Array:
+  """Alignment-aware decoding's choice per row: [B, V], [B, V], alpha [] or [B] -> [B].
+
+  Candidates V_alpha = {v : p_al(v) >= alpha * max_u p_al(u)}; emits the v in V_alpha
+  maximising log p_al(v) - log p_ref(v) (the token-level implicit reward, up to beta),
+  ties broken towards the higher p_al. Each model's distribution excludes PAD, as the
+  sampler's does; alpha = 1 is greedy decoding of the aligned model.
+  """
+  ref_logp = jax.nn.log_softmax(mask_pad(ref_logits.astype(jnp.float32), pad_id), axis=-1)
+  al_logp = jax.nn.log_softmax(mask_pad(aligned_logits.astype(jnp.float32), pad_id), axis=-1)
+  keep, ratio = _aad_candidates(ref_logp, al_logp, alpha)
+  return _aad_argmax(keep, ratio, al_logp).astype(jnp.int32)
+
+
+def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Any, rng: Array,
+                   config: SamplingConfig, rule: Rule = MIXTURE) -> MixtureSamples:
+  """Decodes one sequence per row with `rule` applied to M models' logits at each step.
 
   Args:
     tokens_to_logits: (tokens [B], caches) -> (logits [M, B, V], caches).
     caches: the models' decoding caches, batch B.
-    weights: [B, M] mixing weights; model 0 is the reference for `kl_ref`.
+    weights: the rule's per-row parameters, leading axis B: mixing weights [B, M] for
+      `GeometricMixture` (model 0 is the reference for `kl_ref`), alpha [B] for
+      `AlignmentAware`.
     rng: PRNG key. Step t uses fold_in(rng, t), so a row's tokens depend only on its
-      own inputs and weights, the key and the batch shape.
+      own inputs and parameters, the key and the batch shape.
     config: static settings.
+    rule: (logits [M, B, V], model log-probs [M, B, V], weights, key, config) ->
+      `RuleStep`; hashable (static under jit).
   """
-  batch, num_models = weights.shape
-  greedy = config.temperature == 0
+  batch = jax.tree_util.tree_leaves(weights)[0].shape[0]
   f32 = jnp.float32
+  # Shapes only (nothing runs): M and V, and whether the rule has a log Z_t.
+  logits_shape = jax.eval_shape(tokens_to_logits, jnp.zeros((batch,), jnp.int32),
+                                caches)[0].shape
+  num_models = logits_shape[0]
+  probe = jax.ShapeDtypeStruct(logits_shape, f32)
+  has_log_z = jax.eval_shape(lambda h, w, key: rule(h, h, w, key, config).log_z, probe,
+                             weights, rng) is not None
 
   def cond(state: SamplingState) -> Array:
     return (state.step < config.max_decode_len) & ~jnp.all(state.ended)
@@ -176,23 +293,12 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array
   def body(state: SamplingState) -> SamplingState:
     logits, caches = tokens_to_logits(state.last_token, state.caches)  # [M, B, V]
     logits = logits.astype(f32)
-    mixed = mask_pad(mixture_logits(logits, weights), config.pad_id)  # [B, V]
     # Each model as it samples alone: PAD excluded.
     model_logp = jax.nn.log_softmax(mask_pad(logits, config.pad_id), axis=-1)  # [M, B, V]
-    # log Z_t of the geometric mixture prod_m p_m^w_m over the sampled support.
-    log_z = jax.nn.logsumexp(mask_pad(mixture_logits(model_logp, weights), config.pad_id),
-                             axis=-1)  # [B]
-
-    if greedy:
-      token = jnp.argmax(mixed, axis=-1)
-      q_logp = jnp.where(jax.nn.one_hot(token, mixed.shape[-1], dtype=bool), 0.0, -jnp.inf)
-      q = jnp.exp(q_logp)
-    else:
-      scaled = filter_logits(mixed / config.temperature, config.top_k, config.top_p)
-      q_logp = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
-      q = jnp.exp(q_logp)
-      token = sample_from_probs(jax.random.fold_in(rng, state.step), q)
-    token = token.astype(jnp.int32)
+    step = rule(logits, model_logp, weights, jax.random.fold_in(rng, state.step), config)
+    q_logp = step.logq
+    q = jnp.exp(q_logp)
+    token = step.token.astype(jnp.int32)
     kl = jnp.sum(jnp.where(q > 0, q * (q_logp - model_logp[0]), 0.0), axis=-1)
 
     live = ~state.ended
@@ -207,7 +313,7 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array
         caches=caches,
         logq=add(state.logq, take(q_logp)),
         logp=state.logp + jnp.where(live[:, None], jax.vmap(take)(model_logp).T, 0.0),
-        log_weight=add(state.log_weight, log_z),
+        log_weight=None if step.log_z is None else add(state.log_weight, step.log_z),
         kl_ref=add(state.kl_ref, kl),
         lengths=state.lengths + live.astype(jnp.int32),
     )
@@ -219,7 +325,8 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Array
       tokens=jnp.zeros((batch, config.max_decode_len), jnp.int32),
       ended=jnp.zeros((batch,), bool),
       caches=caches,
-      logq=zeros, logp=jnp.zeros((batch, num_models), f32), log_weight=zeros, kl_ref=zeros,
+      logq=zeros, logp=jnp.zeros((batch, num_models), f32),
+      log_weight=zeros if has_log_z else None, kl_ref=zeros,
       lengths=jnp.zeros((batch,), jnp.int32))
   state = jax.lax.while_loop(cond, body, state)
   return MixtureSamples(tokens=state.tokens, lengths=state.lengths, logq=state.logq,

@@ -114,10 +114,11 @@ class TableModels:
     self.table = (spread * rng.standard_normal(shape)).astype(np.float32)
     self.steps, self.vocab = steps, vocab
 
-  def sample(self, weights, rng, **settings) -> decoding.MixtureSamples:
+  def sample(self, weights, rng, rule=decoding.MIXTURE, **settings) -> decoding.MixtureSamples:
+    """`weights` are the rule's per-row parameters (alpha [B] for `decoding.AAD`)."""
     config = decoding.SamplingConfig(self.steps, **settings)
     return _table_sample(jnp.asarray(self.table), jnp.asarray(weights, jnp.float32), rng,
-                         config=config)
+                         config=config, rule=rule)
 
   def step_logits(self, tokens):
     """[M, B, T, V] float64: what each model returned at each step of `tokens` [B, T]."""
@@ -139,13 +140,13 @@ class TableModels:
     return seqs + list(itertools.product(body, repeat=self.steps))
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _table_sample(table, weights, rng, config):
+@functools.partial(jax.jit, static_argnames=("config", "rule"))
+def _table_sample(table, weights, rng, config, rule):
   def tokens_to_logits(tokens, step):  # the "cache" is the step
     return table[:, step, tokens], step + 1
 
   return decoding.mixture_sample(tokens_to_logits, jnp.zeros((), jnp.int32), weights, rng,
-                                 config)
+                                 config, rule)
 
 
 def _weights(lam_rows):

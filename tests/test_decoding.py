@@ -418,6 +418,33 @@ def test_several_aligned_models(pair, realigner):
     multi.sample(PROMPTS, 0.5, rng)
 
 
+def test_eft_weights_give_proxy_tuning_exactly(pair):
+  """EFT / proxy tuning through the K-model mixture: reference = small SFT model, aligned
+  = [small aligned, large base], lam = (1, 1) -> weights (-1, 1, 1), so each token's
+  distribution is p_large * p_small_aligned / p_small_ref, normalised (float64)."""
+  large, large_p, small, small_al_p = pair
+  _, small_ref_p = _model(CFG_SMALL, 6)
+  eft = dera.Realigner(small, small_ref_p, [small, large], [small_al_p, large_p],
+                       max_decode_len=MAX_LEN)
+  lam = np.array([1.0, 1.0], np.float32)
+  np.testing.assert_array_equal(eft._mix_weights(lam, 3), np.tile([-1.0, 1.0, 1.0], (3, 1)))
+  targets = jnp.array([[3, 4, 5, 1, 0, 0, 0, 0], [6, 9, 2, 14, 1, 0, 0, 0],
+                       [7, 8, 9, 10, 11, 12, 13, 1]])
+  logits = _teacher_forced(eft.models, eft.params, PROMPTS, targets)  # ref, aligned, large
+  lp = _np_log_softmax(logits[..., 1:])  # each model's own log-probabilities, PAD excluded
+  tuned = _np_log_softmax(lp[2] + lp[1] - lp[0])
+  lengths = np.asarray(targets > 0).sum(-1)
+  mask = np.arange(targets.shape[1])[None] < lengths[:, None]
+  index = np.maximum(np.asarray(targets) - 1, 0)[..., None]  # id -> column without PAD
+  expected = (np.take_along_axis(tuned, index, -1)[..., 0] * mask).sum(-1)
+  scale = _logit_scale(logits, _weights([[1.0, 1.0]] * 3), lengths)
+  assert_close_f32(eft.score(PROMPTS, targets, lam), expected, CFG.vocab_size, scale)
+  # Not the large model alone, nor the small aligned one.
+  for m in (1, 2):
+    alone = (np.take_along_axis(lp[m], index, -1)[..., 0] * mask).sum(-1)
+    assert np.all(np.abs(alone - expected) > 0.1)
+
+
 def test_weight_combining(pair):
   ref, ref_p, al, al_p = pair
   _, same_p = _model(CFG, 5)

@@ -10,6 +10,15 @@ one, the model the aligned run started from: the `init_checkpoint` its `model/` 
 SFT run, for PPO, PG and DPO runs). Each input line is a JSON object with a "prompt" string.
 The output holds one line per prompt x lam x sample with the decoded text and the
 per-sequence numbers of `deranj.dera.RealignedSamples`. Progress goes to stderr.
+
+Decoding rules and best-of-N (`deranj.dera`):
+  --rule=dera --lam=...        DeRa at each lam (the default, lam 1).
+  --rule=aad --alpha=...       alignment-aware decoding at each alpha in (0, 1] (default
+                               0.1), greedy unless SampleConfig.temperature is set.
+  --best_of=N --scorer=S       N candidates per prompt and value, the best kept by S:
+                               implicit (log p_aligned - log p_ref), mixture (DeRa's
+                               exact-mixture weight) or reward_model (--reward_model=DIR,
+                               a reward_model run's MODEL_DIR).
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from absl import flags
 from absl import logging
@@ -34,7 +43,20 @@ from deranj.data import files
 from deranj.data import tokenizer
 from deranj.models import loading
 
-_LAM = flags.DEFINE_string("lam", "1", "Comma-separated realignment strengths, e.g. 0,0.5,1,2.")
+_LAM = flags.DEFINE_string("lam", None, "--rule=dera: comma-separated realignment strengths, "
+                           "e.g. 0,0.5,1,2 (default 1).")
+_RULE = flags.DEFINE_enum("rule", "dera", dera.RULES, "Decoding rule: DeRa at --lam, or "
+                          "alignment-aware decoding (AAD) at --alpha.")
+_ALPHA = flags.DEFINE_string("alpha", None, "--rule=aad: comma-separated candidate thresholds "
+                             f"in (0, 1], e.g. 0.05,0.1,0.2 (default {dera.DEFAULT_ALPHA}).")
+_BEST_OF = flags.DEFINE_integer("best_of", None, "Draw N candidates per prompt and value and "
+                                "keep the best by --scorer.")
+_SCORER = flags.DEFINE_enum("scorer", None, ["implicit", "mixture", "reward_model"],
+                            "--best_of's ranking: the DPO implicit reward log p_aligned - "
+                            "log p_ref, the exact-mixture weight (--rule=dera), or a reward "
+                            "model (--reward_model).")
+_REWARD_MODEL = flags.DEFINE_string("reward_model", None, "--scorer=reward_model: a "
+                                    "reward_model run's MODEL_DIR or reward-model directory.")
 _INPUT = flags.DEFINE_string("input", None, "JSON-lines prompts, one {'prompt': ...} per line.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON-lines samples to write.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -55,7 +77,7 @@ class SampleConfig:
   max_input_length: int = 512
   max_decode_len: int = 64
   long_prompts: str = "truncate"  # or "error"
-  temperature: float = 1.0
+  temperature: Optional[float] = None  # None: 0 (greedy) for lone AAD outputs, else 1
   top_k: int = 0
   top_p: float = 1.0
   num_decodes: int = 1
@@ -69,6 +91,66 @@ def parse_lams(text: str) -> list[float]:
     return dera.parse_lams(text, flag="--lam")
   except ValueError as e:
     raise SampleError(str(e)) from None
+
+
+SCORERS = ("implicit", "mixture", "reward_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """How each prompt is decoded: the rule at each of its values, and best-of-N."""
+  rule: str = "dera"
+  values: tuple[float, ...] = (1.0,)  # lam for "dera", alpha for "aad"
+  best_of: Optional[int] = None  # N candidates per prompt and value, the best kept
+  scorer: Optional[str] = None  # one of SCORERS, with best_of
+  reward_model: Optional[str] = None  # with scorer="reward_model"
+
+  @property
+  def name(self) -> str:
+    """The value's name in the output lines."""
+    return "lam" if self.rule == "dera" else "alpha"
+
+
+def parse_method(rule: str = "dera", lam: Optional[str] = None, alpha: Optional[str] = None,
+                 best_of: Optional[int] = None, scorer: Optional[str] = None,
+                 reward_model: Optional[str] = None) -> Method:
+  """The flags --rule, --lam, --alpha, --best_of, --scorer, --reward_model -> Method.
+
+  Raises:
+    SampleError: one line naming the flags that do not fit together.
+  """
+  if rule not in dera.RULES:
+    raise SampleError(f"--rule={rule}: expected one of {', '.join(dera.RULES)}.")
+  if rule == "dera":
+    if alpha is not None:
+      raise SampleError("--alpha applies to --rule=aad; --rule=dera takes --lam.")
+    values = parse_lams("1" if lam is None else lam)
+  else:
+    if lam is not None:
+      raise SampleError(f"--lam applies to --rule=dera; --rule=aad takes --alpha (default "
+                        f"{dera.DEFAULT_ALPHA}).")
+    try:
+      values = dera.parse_alphas(str(dera.DEFAULT_ALPHA) if alpha is None else alpha)
+    except ValueError as e:
+      raise SampleError(str(e)) from None
+  if best_of is None:
+    if scorer is not None:
+      raise SampleError(f"--scorer={scorer} ranks --best_of=N candidates; give --best_of too.")
+  elif best_of < 1:
+    raise SampleError(f"--best_of={best_of}: need at least 1 candidate per prompt.")
+  elif scorer is None:
+    raise SampleError(f"--best_of={best_of} needs --scorer ({', '.join(SCORERS)}).")
+  if scorer not in (None,) + SCORERS:
+    raise SampleError(f"--scorer={scorer}: expected one of {', '.join(SCORERS)}.")
+  if scorer == "mixture" and rule != "dera":
+    raise SampleError("--scorer=mixture ranks DeRa candidates by their exact-mixture weight; "
+                      "--rule=aad has none (use --scorer=implicit or reward_model).")
+  if scorer == "reward_model" and not reward_model:
+    raise SampleError("--scorer=reward_model needs --reward_model=DIR (a reward_model run's "
+                      "MODEL_DIR).")
+  if reward_model and scorer != "reward_model":
+    raise SampleError("--reward_model is read only with --scorer=reward_model.")
+  return Method(rule, tuple(values), best_of, scorer, reward_model)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -243,52 +325,109 @@ def check_vocabularies(choice: Choice, ref, al, tok: Tokenizer, spm_model: Optio
         "SampleConfig.spm_model to the models' tokenizer.")
 
 
-def _progress(total: int, lams: int, samples: int) -> progress_lib.Progress:
+def _progress(total: int, groups: int, samples: int, name: str = "lam",
+              best_of: Optional[int] = None) -> progress_lib.Progress:
   """Prompts done, prompts/s and ETA on stderr."""
-  what = f"prompts x {lams} lam" + (f" x {samples} samples" if samples > 1 else "")
+  what = f"prompts x {groups} {name}" + (f" x {samples} samples" if samples > 1 else "")
+  if best_of:
+    what += f" (best of {best_of})"
   return progress_lib.Progress(total, what, write=say, verb="sampled", rate_unit="prompts",
                                every_s=PROGRESS_EVERY_S)
 
 
-def run(config: SampleConfig, lams: list[float], input_path: str, output_path: str,
-        seed: int) -> int:
-  """Samples every prompt at every lam; returns the number of lines written."""
+def reward_model_scorer(path: str) -> tuple[dera.Scorer, int]:
+  """(a best-of-N scorer by the reward model at `path`, its vocab_size)."""
+  from deranj.training import rollouts  # pylint: disable=g-import-not-at-top
+  try:
+    reward = rollouts.LearnedReward(path)
+  except (loading.ModelLoadError, OSError) as e:
+    raise SampleError(f"--reward_model={path}: {e}") from None
+  rewards_of = jax.jit(reward.__call__)
+  params = reward.params()
+  say(f"scorer: reward model {path}")
+  return (lambda prompts, samples: rewards_of(params, prompts, samples.tokens),
+          reward.model.config.vocab_size)
+
+
+def _temperature(config: SampleConfig, method: Method) -> float:
+  """SampleConfig.temperature, or its default: greedy for lone AAD outputs, else 1."""
+  if config.temperature is None:
+    return 0.0 if method.rule == "aad" and not method.best_of else 1.0
+  if config.temperature == 0 and (method.best_of or 0) > 1:
+    raise SampleError(f"--best_of={method.best_of} with SampleConfig.temperature=0: every "
+                      "candidate would be the same greedy output; sample (temperature > 0).")
+  return config.temperature
+
+
+def run(config: SampleConfig, method: Union[Method, Sequence[float]], input_path: str,
+        output_path: str, seed: int) -> int:
+  """Decodes every prompt at every value of `method` (a list: DeRa at those lams);
+  returns the number of lines written."""
+  if not isinstance(method, Method):
+    method = Method(values=tuple(method))
   if config.long_prompts not in ("truncate", "error"):
     raise SampleError(f"SampleConfig.long_prompts={config.long_prompts!r}: "
                       "expected 'truncate' or 'error'.")
+  if method.best_of and config.num_decodes != 1:
+    raise SampleError(f"--best_of={method.best_of} writes one sample per prompt and value; "
+                      f"leave SampleConfig.num_decodes at 1 (got {config.num_decodes}).")
+  temperature = _temperature(config, method)
   check_output(output_path)
   prompts = read_prompts(input_path)
   tok = Tokenizer(config.spm_model, config.eos_id)
   choice = choose_checkpoints(config)
   tokens = encode_prompts(prompts, tok, config)
+  scorer = None
+  if method.scorer == "reward_model":  # loaded first: a bad directory fails fast
+    scorer, reward_vocab = reward_model_scorer(method.reward_model)
+  elif method.scorer == "implicit":
+    scorer = dera.implicit_reward_scorer()
+  elif method.scorer == "mixture":
+    scorer = dera.mixture_weight_scorer()
   al, al_p = _load(choice.aligned, "aligned", choice.aligned_why)
   ref, ref_p = _load(choice.reference, "reference", choice.reference_why, choice.warning)
   check_vocabularies(choice, ref, al, tok, config.spm_model)
+  if method.scorer == "reward_model" and reward_vocab != ref.config.vocab_size:
+    raise SampleError(f"vocabulary mismatch: the reward model {method.reward_model} has "
+                      f"vocab_size {reward_vocab}, the policies {ref.config.vocab_size}.")
   realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=config.max_decode_len,
                              eos_id=config.eos_id)
 
-  # Each call carries batch_size prompts x every lam, padded to a fixed shape (one compile).
-  per_call = config.batch_size
-  lam_rows = np.tile(np.asarray(lams, np.float32), per_call)
+  # Each call carries batch_size prompts x every value, padded to a fixed shape (one compile).
+  per_call, values = config.batch_size, list(method.values)
+  value_rows = np.tile(np.asarray(values, np.float32), per_call)
+  setting = {"lam" if method.rule == "dera" else "alpha": value_rows}
+  n = 1 if method.best_of else config.num_decodes
   records = []
-  progress = _progress(len(prompts), len(lams), config.num_decodes)
+  progress = _progress(len(prompts), len(values), n, method.name, method.best_of)
   for chunk in batching.fixed_size_chunks(len(prompts), per_call):
     first, real = chunk.start, chunk.size
-    rows = np.repeat(tokens[chunk.rows], len(lams), axis=0)
+    rows = jnp.asarray(np.repeat(tokens[chunk.rows], len(values), axis=0))
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), first)
-    out = jax.device_get(realigner.sample(
-        jnp.asarray(rows), lam_rows, rng, temperature=config.temperature, top_k=config.top_k,
-        top_p=config.top_p, num_decodes=config.num_decodes))
-    n = config.num_decodes
-    for r in range(real * len(lams) * n):
-      prompt_index = first + r // (len(lams) * n)
-      lam = lams[(r // n) % len(lams)]
-      records.append({
-          "prompt_index": prompt_index, "lam": lam, "sample_index": r % n,
-          "prompt": prompts[prompt_index], "text": tok.decode(out.tokens[r]),
-          "length": int(out.lengths[r]), "logq": float(out.logq[r]),
-          "logp_ref": float(out.logp_ref[r]), "logp_aligned": float(out.logp_aligned[r]),
-          "log_weight": float(out.log_weight[r]), "kl_ref": float(out.kl_ref[r])})
+    settings = dict(rule=method.rule, temperature=temperature, top_k=config.top_k,
+                    top_p=config.top_p, **setting)
+    if method.best_of:
+      best = jax.device_get(realigner.best_of_n(rows, method.best_of, scorer, rng, **settings))
+      out = best.samples
+    else:
+      out = jax.device_get(realigner.sample(rows, rng=rng, num_decodes=n, **settings))
+    for r in range(real * len(values) * n):
+      prompt_index = first + r // (len(values) * n)
+      record = {"prompt_index": prompt_index, method.name: values[(r // n) % len(values)]}
+      if method.best_of:
+        record.update(best_of=method.best_of, scorer=method.scorer,
+                      candidate_index=int(best.index[r]),
+                      score=float(best.scores[r, best.index[r]]),
+                      scores=[float(x) for x in best.scores[r]])
+      else:
+        record["sample_index"] = r % n
+      record.update(prompt=prompts[prompt_index], text=tok.decode(out.tokens[r]),
+                    length=int(out.lengths[r]), logq=float(out.logq[r]),
+                    logp_ref=float(out.logp_ref[r]), logp_aligned=float(out.logp_aligned[r]))
+      if out.log_weight is not None:  # DeRa only
+        record["log_weight"] = float(out.log_weight[r])
+      record["kl_ref"] = float(out.kl_ref[r])
+      records.append(record)
     progress.update(first + real)
   files.write_jsonl(output_path, records)  # all lines or none
   return len(records)
@@ -299,8 +438,9 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise; warnings stay
   try:
     gin_utils.parse_gin_flags()
-    lams = parse_lams(_LAM.value)
-    count = run(gin_utils.build(SampleConfig), lams, _INPUT.value, _OUTPUT.value, _SEED.value)
+    method = parse_method(_RULE.value, _LAM.value, _ALPHA.value, _BEST_OF.value, _SCORER.value,
+                          _REWARD_MODEL.value)
+    count = run(gin_utils.build(SampleConfig), method, _INPUT.value, _OUTPUT.value, _SEED.value)
   except (SampleError, files.DataError, gin_utils.GinConfigError) as e:
     sys.exit(f"deranj.sample: {e}")
   print(f"wrote {count} samples to {_OUTPUT.value}")

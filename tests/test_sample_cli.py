@@ -11,13 +11,16 @@ import pytest
 
 import numerics
 import tiny_models
+from deranj import dera
 from deranj import gin_utils
+from deranj import rewards
 from deranj import sample
 from deranj.data import files
 from deranj.data import tokenizer
 from deranj.models import base
 from deranj.models import loading
 from deranj.models import t5
+from deranj.training import reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,6 +184,97 @@ def test_run_samples_an_aligned_run_against_its_init_checkpoint(tmp_path, runs, 
   assert lines == [json.loads(l) for l in explicit.read_text().splitlines()]
 
 
+def test_method_flags():
+  assert sample.parse_method() == sample.Method("dera", (1.0,))
+  assert sample.parse_method("dera", "0,2") == sample.Method("dera", (0.0, 2.0))
+  assert sample.parse_method("aad") == sample.Method("aad", (dera.DEFAULT_ALPHA,))
+  assert sample.parse_method("aad", alpha="0.2,0.05", best_of=4, scorer="reward_model",
+                             reward_model="rm") == sample.Method("aad", (0.2, 0.05), 4,
+                                                                 "reward_model", "rm")
+  assert sample.Method("aad").name == "alpha" and sample.Method().name == "lam"
+  for kwargs, message in [
+      (dict(rule="dera", alpha="0.1"), r"--alpha applies to --rule=aad; --rule=dera takes --lam"),
+      (dict(rule="aad", lam="1"), r"--lam applies to --rule=dera; --rule=aad takes --alpha"),
+      (dict(rule="aad", alpha="0.1,1.5"), r"--alpha='0\.1,1\.5': every value must be in "
+                                          r"\(0, 1\], got \[1\.5\]"),
+      (dict(rule="aad", alpha="0"), r"--alpha='0': every value must be in \(0, 1\]"),
+      (dict(rule="dpo"), r"--rule=dpo: expected one of dera, aad"),
+      (dict(scorer="implicit"), r"--scorer=implicit ranks --best_of=N candidates"),
+      (dict(best_of=0, scorer="implicit"), r"--best_of=0: need at least 1 candidate"),
+      (dict(best_of=4), r"--best_of=4 needs --scorer \(implicit, mixture, reward_model\)"),
+      (dict(rule="aad", best_of=4, scorer="mixture"), r"--scorer=mixture ranks DeRa candidates"),
+      (dict(best_of=4, scorer="reward_model"), r"--scorer=reward_model needs --reward_model"),
+      (dict(best_of=4, scorer="implicit", reward_model="rm"),
+       r"--reward_model is read only with --scorer=reward_model")]:
+    with pytest.raises(sample.SampleError, match="^" + message) as e:
+      sample.parse_method(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def _save_reward_model(directory, seed):
+  cfg = t5.T5Config(vocab_size=tokenizer.vocab_size(), d_model=16, d_kv=8, d_ff=32,
+                    num_heads=2, num_layers=1, dropout_rate=0.0)
+  rm = rewards.RewardModel(t5.Transformer(cfg))
+  params = tiny_models.random_params(rm, seed)
+  reward_model.save_reward_model(str(directory), rm, params)
+  return rm, params
+
+
+def test_run_aad_and_best_of(tmp_path, runs):
+  sft, ppo = runs
+  inp = _prompts(tmp_path / "in.jsonl", ["The council met on Monday.", "Rain fell.", "A third."])
+  # AAD at two alphas: greedy by default, no mixture weight.
+  out = tmp_path / "aad.jsonl"
+  method = sample.parse_method("aad", alpha="0.1,0.5")
+  assert sample.run(_aligned_config(ppo), method, inp, str(out), seed=0) == 6
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [(l["prompt_index"], l["alpha"]) for l in lines] == [
+      (p, a) for p in range(3) for a in (0.1, 0.5)]
+  assert all(l["logq"] == 0.0 and "log_weight" not in l and "lam" not in l for l in lines)
+  # Best of 3 DeRa candidates by the implicit reward: the kept line has the top score.
+  best = tmp_path / "best.jsonl"
+  method = sample.parse_method("dera", "0.5,2", best_of=3, scorer="implicit")
+  assert sample.run(_aligned_config(ppo), method, inp, str(best), seed=0) == 6
+  for line in (json.loads(l) for l in best.read_text().splitlines()):
+    assert line["best_of"] == 3 and line["scorer"] == "implicit" and len(line["scores"]) == 3
+    assert line["candidate_index"] == int(np.argmax(line["scores"]))
+    assert line["score"] == max(line["scores"])
+    assert np.float32(line["score"]) == (np.float32(line["logp_aligned"])
+                                         - np.float32(line["logp_ref"]))
+    assert "log_weight" in line and "sample_index" not in line
+  # A reward model ranks them too; a bad directory is one clear line before any sampling.
+  _save_reward_model(tmp_path / "rm", 0)
+  method = sample.parse_method("dera", "0.5,2", best_of=3, scorer="reward_model",
+                               reward_model=str(tmp_path / "rm"))
+  assert sample.run(_aligned_config(ppo), method, inp, str(tmp_path / "rm.jsonl"), 0) == 6
+  ranked = [json.loads(l) for l in (tmp_path / "rm.jsonl").read_text().splitlines()]
+  assert all(l["score"] == max(l["scores"]) and l["scorer"] == "reward_model" for l in ranked)
+  assert len({s for l in ranked for s in l["scores"]}) > 1  # the scores do differ
+  bad = sample.parse_method(best_of=2, scorer="reward_model", reward_model=sft)
+  with pytest.raises(sample.SampleError, match=r"^--reward_model=.*sft.*not a reward model"):
+    sample.run(_aligned_config(ppo), bad, inp, str(tmp_path / "bad.jsonl"), 0)
+  with pytest.raises(sample.SampleError, match=r"^--best_of=3 with SampleConfig.temperature=0: "
+                                               r"every candidate would be the same"):
+    sample.run(_aligned_config(ppo, temperature=0.0), method, inp, str(tmp_path / "b"), 0)
+  with pytest.raises(sample.SampleError, match=r"leave SampleConfig.num_decodes at 1"):
+    sample.run(_aligned_config(ppo, num_decodes=2), method, inp, str(tmp_path / "b"), 0)
+  assert not (tmp_path / "bad.jsonl").exists() and not (tmp_path / "b").exists()
+
+
+def test_reward_model_scorer(tmp_path):
+  rm, params = _save_reward_model(tmp_path / "rm", 1)
+  scorer, vocab = sample.reward_model_scorer(str(tmp_path / "rm"))
+  assert vocab == tokenizer.vocab_size()
+  prompts = np.array([[5, 6, 1, 0], [7, 1, 0, 0]], np.int32)
+  responses = np.array([[9, 10, 11, 1], [12, 1, 0, 0]], np.int32)
+  candidates = dera.RealignedSamples(tokens=responses, lengths=None, logq=None, logp_ref=None,
+                                     logp_aligned=None, log_weight=None, kl_ref=None)
+  expected = rm.rewards(params, prompts, responses)  # op by op, the scorer jitted
+  numerics.assert_close_f32(scorer(prompts, candidates), expected, rm.config.d_model,
+                            np.abs(expected))
+  assert expected[0] != expected[1]
+
+
 def test_progress_lines(monkeypatch, capsys):
   clock = iter([0.0, 10.0, 12.0, 16.0, 20.0])
   monkeypatch.setattr(sample.progress_lib.time, "time", lambda: next(clock))
@@ -299,8 +393,18 @@ def test_command_line(tmp_path, runs):
           in result.stderr.splitlines())
   assert "deranj.sample: sampled 1/1 prompts x 2 lam (" in result.stderr
   assert result.stdout == f"wrote 2 samples to {out}\n"
+  # AAD at two alphas, best of 2 by the implicit reward.
+  result = subprocess.run(
+      [c for c in cmd if not c.startswith("--lam")] + [
+          f"--gin.ALIGNED='{ppo}'", "--rule=aad", "--alpha=0.1,0.3", "--best_of=2",
+          "--scorer=implicit"], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert [json.loads(l)["alpha"] for l in out.read_text().splitlines()] == [0.1, 0.3]
+  assert "deranj.sample: sampled 1/1 prompts x 2 alpha (best of 2) (" in result.stderr
   for extra, message in [
       (["--gin.SampleConfig.bogus=1"], r"deranj\.sample: gin:.*bogus"),
+      (["--alpha=0.1"], r"deranj\.sample: --alpha applies to --rule=aad; --rule=dera takes"),
       ([], r"deranj\.sample: no aligned model: set SampleConfig\.aligned_checkpoint "
            r"\(--gin\.ALIGNED with configs/sample/tiny\.gin\)")]:
     bad = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, cwd=REPO,

@@ -261,23 +261,23 @@ def aad_select(ref_logits: Array, aligned_logits: Array, alpha, pad_id: int = 0)
   return _aad_argmax(keep, ratio, al_logp).astype(jnp.int32)
 
 
-def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Any, rng: Array,
+def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, rule_params: Any, rng: Array,
                    config: SamplingConfig, rule: Rule = MIXTURE) -> MixtureSamples:
   """Decodes one sequence per row with `rule` applied to M models' logits at each step.
 
   Args:
     tokens_to_logits: (tokens [B], caches) -> (logits [M, B, V], caches).
     caches: the models' decoding caches, batch B.
-    weights: the rule's per-row parameters, leading axis B: mixing weights [B, M] for
+    rule_params: the rule's per-row parameters, leading axis B: mixing weights [B, M] for
       `GeometricMixture` (model 0 is the reference for `kl_ref`), alpha [B] for
       `AlignmentAware`.
     rng: PRNG key. Step t uses fold_in(rng, t), so a row's tokens depend only on its
       own inputs and parameters, the key and the batch shape.
     config: static settings.
-    rule: (logits [M, B, V], model log-probs [M, B, V], weights, key, config) ->
+    rule: (logits [M, B, V], model log-probs [M, B, V], rule_params, key, config) ->
       `RuleStep`; hashable (static under jit).
   """
-  batch = jax.tree_util.tree_leaves(weights)[0].shape[0]
+  batch = jax.tree_util.tree_leaves(rule_params)[0].shape[0]
   f32 = jnp.float32
   # Shapes only (nothing runs): M and V, and whether the rule has a log Z_t.
   logits_shape = jax.eval_shape(tokens_to_logits, jnp.zeros((batch,), jnp.int32),
@@ -285,7 +285,7 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Any, 
   num_models = logits_shape[0]
   probe = jax.ShapeDtypeStruct(logits_shape, f32)
   has_log_z = jax.eval_shape(lambda h, w, key: rule(h, h, w, key, config).log_z, probe,
-                             weights, rng) is not None
+                             rule_params, rng) is not None
 
   def cond(state: SamplingState) -> Array:
     return (state.step < config.max_decode_len) & ~jnp.all(state.ended)
@@ -295,7 +295,7 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, weights: Any, 
     logits = logits.astype(f32)
     # Each model as it samples alone: PAD excluded.
     model_logp = jax.nn.log_softmax(mask_pad(logits, config.pad_id), axis=-1)  # [M, B, V]
-    step = rule(logits, model_logp, weights, jax.random.fold_in(rng, state.step), config)
+    step = rule(logits, model_logp, rule_params, jax.random.fold_in(rng, state.step), config)
     q_logp = step.logq
     q = jnp.exp(q_logp)
     token = step.token.astype(jnp.int32)

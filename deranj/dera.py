@@ -28,7 +28,7 @@ sequence or the exact-mixture weight:
 
     best = realigner.best_of_n(prompts, 8, implicit_reward_scorer(beta=0.1), key, lam=1.0)
 
-EFT / proxy tuning (Mitchell et al. 2024, Liu et al. 2024) is the K-model mixture with a
+EFT (Mitchell et al. 2024) / proxy tuning (A. Liu et al. 2024) is the K-model mixture with a
 small tuned pair steering a large base model. Reference = the small SFT model, aligned
 models = [small DPO model, large base model], lam = (1, 1): the reference gets weight
 1 - 2 = -1, so per token
@@ -284,7 +284,8 @@ class Realigner:
         one aligned model).
       alpha: rule="aad" only: in (0, 1], scalar, [B] or [B*N] like lam (default 0.1).
       temperature: 0 is greedy; for "aad", tau of the tempered log-ratio.
-      top_k: 0 keeps the full vocabulary. top_p: nucleus mass.
+      top_k: 0 keeps the full vocabulary. top_p: nucleus mass. Both filter the
+        distribution sampled from (for "aad", after the restriction to V_alpha).
       num_decodes: N samples per prompt; outputs have B * N rows.
     """
     tokens = jnp.asarray(encoder_input_tokens, jnp.int32)

@@ -269,7 +269,7 @@ def test_reward_model_scorer(tmp_path):
   responses = np.array([[9, 10, 11, 1], [12, 1, 0, 0]], np.int32)
   candidates = dera.RealignedSamples(tokens=responses, lengths=None, logq=None, logp_ref=None,
                                      logp_aligned=None, log_weight=None, kl_ref=None)
-  expected = rm.rewards(params, prompts, responses)  # op by op, the scorer jitted
+  expected = jax.jit(rm.rewards)(params, prompts, responses)
   numerics.assert_close_f32(scorer(prompts, candidates), expected, rm.config.d_model,
                             np.abs(expected))
   assert expected[0] != expected[1]

@@ -244,13 +244,15 @@ def _batched_scores(score: Callable, prompts, responses, batch_size: int) -> np.
   return np.asarray(scores, np.float64).reshape(p, n)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _model_scores(model, params, enc, targets, exclude_pad):
+def _scores(model, params, enc, targets, exclude_pad):
   if not exclude_pad:
     return model.sequence_logprobs(params, enc, targets)
   batch = models_base.response_batch(enc, targets)
   logits = decoding.mask_pad(model.logits(params, batch), PAD_ID)
   return jnp.sum(models_base.masked_log_likelihood(logits, targets), axis=-1)
+
+
+_model_scores = jax.jit(_scores, static_argnums=(0, 4))
 
 
 def sequence_logprobs(model: models_base.EncoderDecoderModel, params, prompts, responses, *,
@@ -289,6 +291,51 @@ def dera_sequence_logprobs(realigner: dera.Realigner, prompts, responses, lam, *
   """
   return _batched_scores(lambda enc, tgt: realigner.score(enc, tgt, lam),
                          prompts, responses, batch_size)
+
+
+def fit_by_exact_gradient(model: models_base.EncoderDecoderModel, params, world: World,
+                          logp_target, *, steps: int, learning_rate: float,
+                          eval_every: int = 0) -> tuple[object, list[list[float]]]:
+  """The trainers' problem without sampling noise: Adam, its rate decayed to 0 by a
+  cosine over `steps`, on the exact KL(pi_theta || target) over the whole set (every
+  prompt and response in every step; pi_theta as `KLToOptimum` measures it: PAD
+  excluded, renormalised over the set).
+
+  A trainer near this curve at the same step count is limited by optimisation, not by
+  a defect. Returns (params, [[step, KL], ...]) with the KL every `eval_every` steps
+  (0: the first and last only), KL in nats per prompt.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  target = jnp.asarray(_check_normalised(logp_target, "logp_target"), jnp.float32)
+  p, n = target.shape
+  if p != len(world.prompts) or n != len(world.responses):
+    raise ValueError(f"logp_target is {target.shape}; the world has {len(world.prompts)} "
+                     f"prompts and {len(world.responses)} responses.")
+  if steps < 1 or not learning_rate > 0:
+    raise ValueError(f"steps must be >= 1 and learning_rate > 0, got {steps}, {learning_rate}.")
+  enc = jnp.asarray(np.repeat(world.prompts, n, axis=0), jnp.int32)
+  tgt = jnp.asarray(np.tile(world.responses, (p, 1)), jnp.int32)
+
+  def kl_to_target(params):
+    logp = _scores(model, params, enc, tgt, True).reshape(p, n)
+    logp = logp - jax.nn.logsumexp(logp, axis=1, keepdims=True)
+    return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - target), axis=1))
+
+  optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+
+  @jax.jit
+  def update(params, opt_state):
+    loss, grads = jax.value_and_grad(kl_to_target)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state, curve = optimizer.init(params), []
+  for step in range(steps):
+    params, opt_state, loss = update(params, opt_state)
+    if step == 0 or (eval_every and step % eval_every == 0):
+      curve.append([step, float(loss)])  # the KL before this step's update
+  curve.append([steps, float(jax.jit(kl_to_target)(params))])
+  return params, curve
 
 
 # ----------------------------------------------------------------------------- distributions

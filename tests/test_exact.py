@@ -300,6 +300,24 @@ def test_dera_sequence_logprobs_mix_the_models_logits():
     np.testing.assert_allclose(got[0], direct, rtol=1e-5)
 
 
+def test_fit_by_exact_gradient_measures_and_lowers_the_exact_kl():
+  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  params = tiny_models.random_params(model, seed=0)
+  world = exact.make_world(num_prompts=2, content_ids=SMALL_IDS, max_len=3)
+  logp, _ = exact.renormalize(exact.sequence_logprobs(model, params, world.prompts,
+                                                      world.responses, exclude_pad=True))
+  r = exact.gold_reward(world.responses, world.content_ids, seed=1)
+  target = exact.optimal_policy(logp, r, beta=0.5)
+  _, curve = exact.fit_by_exact_gradient(model, params, world, target, steps=30,
+                                         learning_rate=3e-2, eval_every=10)
+  assert [s for s, _ in curve] == [0, 10, 20, 30]
+  # Its first point is the KL that `exact.kl` measures on the model's table.
+  np.testing.assert_allclose(curve[0][1], exact.kl(logp, target).mean, rtol=1e-4)
+  assert curve[-1][1] < 0.5 * curve[0][1]
+  with pytest.raises(ValueError, match="the world has 2 prompts"):
+    exact.fit_by_exact_gradient(model, params, world, target[:1], steps=1, learning_rate=1e-3)
+
+
 def test_sequence_logprobs_refuses_a_bare_module():
   with pytest.raises(TypeError, match="EncoderDecoderModel"):
     exact.sequence_logprobs(t5.Transformer(CFG), {}, np.ones((1, 2), np.int32),

@@ -93,7 +93,8 @@ def identical_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def pick_lam(lams: Sequence[float], values: Sequence[float]) -> float:
-  """The λ with the highest value; ties go to the λ closest to 1 (the DPO model)."""
+  """The λ with the highest value; ties go to the λ closest to 1 (the DPO model) on a log
+  scale, then to the smaller (closer to SFT)."""
   values = np.asarray(values, np.float64)
   best = np.flatnonzero(values == values.max())
   return float(min((lams[i] for i in best), key=lambda lam: (abs(np.log(lam)), lam)))
@@ -131,9 +132,8 @@ def timed_decode(fn: Callable, arrays: Sequence[np.ndarray], per_call: int, labe
 # ----------------------------------------------------------------------------- driver
 
 
-def parse_settings(preset: str) -> dict:
-  macros = common.preset_macros(preset, ["COMPARE_ALPHAS", "COMPARE_BEST_OF",
-                                         "COMPARE_VAL_PROMPTS"])
+def parse_settings(preset: str, macros: dict) -> dict:
+  """The preset's COMPARE_* macros, checked (one line naming the preset file when bad)."""
   flag = f"{common.PRESET_FILES[preset]}: "
   try:
     alphas = dera.parse_alphas(",".join(map(repr, map(float, macros["COMPARE_ALPHAS"]))),
@@ -151,35 +151,24 @@ def parse_settings(preset: str) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = summarization.parse_args(argv, __doc__.split("\n")[0])
   grid = stages.read_grid(args.preset, "SUMMARIZATION", args.lams)
-  settings = parse_settings(args.preset)
+  macros = common.preset_macros(args.preset, [
+      "TASK", "INPUTS_LENGTH", "TARGETS_LENGTH", "COMPARE_ALPHAS", "COMPARE_BEST_OF",
+      "COMPARE_VAL_PROMPTS"])
+  settings = parse_settings(args.preset, macros)
+  max_len = macros["TARGETS_LENGTH"]
+  lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": max_len}
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
   # sft, gold_rm, proxy_rm, dpo at β, the second DPO round.
   ctx = stages.Context(args.preset, workdir, stages.Runs(5))
-  macros = common.preset_macros(args.preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH"])
-  max_len = macros["TARGETS_LENGTH"]
-  lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": max_len}
-  timer = common.Timer()
-  rng = jax.random.PRNGKey(args.seed)
-  trained = []
-
-  with timer("sft"):
-    trained.append(ctx.train(stages.SFT_RUN, ctx.sft_dir))
-  with timer("gold_rm"):
-    trained.append(ctx.train(stages.RM_RUN, ctx.gold_dir, [
-        f"INIT_CHECKPOINT = '{ctx.sft_dir}'", "PREFERENCE_TASK = %GOLD_PREFERENCE_TASK",
-        "RM_STEPS = %GOLD_RM_STEPS"]))
-  from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
-  gold = judges.RewardModelJudge(*reward_model.load_reward_model(ctx.gold_dir),
-                                 batch_size=grid.chunk)
-  ref, sft_params = common.load_policy(ctx.sft_dir)
-  with timer("pairs"):
-    pair_stats = stages.make_pairs(ctx, macros, grid, (ref, sft_params), gold,
-                                   jax.random.fold_in(rng, stages.PAIR_SAMPLES), args.seed)
+  timer, rng, trained = common.Timer(), jax.random.PRNGKey(args.seed), []
+  gold, (ref, sft_params), pair_stats = summarization.base_stages(
+      ctx, macros, grid, timer, rng, args.seed, trained)
   with timer("proxy_rm"):
     trained.append(fig3_policy_gradient.train_proxy(ctx))
   with timer("aligned"):
     trained.append(fig7_dpo.train_aligned(ctx, args.beta))
+  from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
   proxy = judges.RewardModelJudge(
       *reward_model.load_reward_model(fig3_policy_gradient.proxy_dir(ctx)),
       batch_size=grid.chunk)
@@ -397,7 +386,7 @@ def figure(result: dict, path: str) -> None:
   arms = list(result["arms"])
   loop = result["data_loop"].get("greedy_vs_first_dpo")
   if loop:
-    arms.append({"name": "DPO round 2 (AAD pairs), greedy", **loop})
+    arms.append({**loop, "name": "DPO round 2 (AAD pairs), greedy"})
   fig, axes = plt.subplots(1, 2, figsize=(15, 0.35 * len(arms) + 2.5))
   ax = axes[0]
   y = np.arange(len(arms))[::-1]
@@ -410,14 +399,17 @@ def figure(result: dict, path: str) -> None:
   ax.set_xlabel("gold-judge win rate against greedy DPO (95% CI)")
   ax.set_title("(a) win rate against greedy DPO", fontsize=10)
   ax = axes[1]
-  for i, a in enumerate(a for a in arms if "relative_time" in a):
-    ax.plot(a["relative_time"], a["mean_gold_reward"], "o", color=f"C{i % 10}",
-            label=a["name"])
+  families = ("greedy", "dera", "aad", "best_of", "DPO round 2")
+  for a in arms:
+    family = next((k for k, f in enumerate(families) if a["name"].startswith(f)),
+                  len(families))
+    ax.plot(a["relative_time"], a["mean_gold_reward"], "o", color=f"C{family}")
+    ax.annotate(a["name"], (a["relative_time"], a["mean_gold_reward"]), fontsize=7,
+                xytext=(4, 2), textcoords="offset points")
   ax.set_xscale("log")
   ax.set_xlabel("decode time per output relative to greedy DPO (after compiling)")
   ax.set_ylabel("mean gold reward")
   ax.set_title("(b) gold reward against decode time", fontsize=10)
-  ax.legend(fontsize=7, loc="best")
   fig.suptitle(f"Decoding-time methods, Figure 7 setting, β = {result['beta']:g} "
                f"({result['preset']} preset, {result['num_prompts']} test prompts)")
   fig.tight_layout()

@@ -8,8 +8,9 @@ Given the same --workdir and preset as experiments/fig7_dpo.py (and fig3's proxy
 model), every training run below is the same run, skipped when finished:
   1. `sft`, `gold_rm`, `pairs/` (stages.py), `proxy_rm` (Figure 3's), `dpo_beta<β>`
      (Figure 7's aligned model);
-  2. DeRa, greedy (temperature 0), over the λ grid on COMPARE_VAL_PROMPTS prompts of the
-     validation split, one compiled sampler; λ picked by the mean gold reward there;
+  2. DeRa, greedy (temperature 0), over the λ grid (SUMMARIZATION_LAMS and 1, or --lams)
+     on COMPARE_VAL_PROMPTS prompts of the validation split, one compiled sampler; λ
+     picked by the mean gold reward there;
   3. the arms on the held-out test prompts (SUMMARIZATION_PROMPTS), one output each:
      greedy SFT, greedy DPO, greedy DeRa at the picked λ, AAD (greedy) at every
      COMPARE_ALPHAS value in one pass with a per-row alpha (alpha = 1 rides along as a
@@ -28,9 +29,9 @@ model), every training run below is the same run, skipped when finished:
 
 Timing: each arm decodes its outputs in calls of at most min(FIG_CHUNK, prompts) rows
 (best-of-N: that many candidate rows, at least N), after one untimed call on the first
-batch that compiles; seconds are wall time over the whole pass, scorers included, in
-this process, so the ratios are the numbers to read, and only on an otherwise idle
-machine.
+batch, which compiles. Seconds are the wall time of the whole pass, scoring included:
+read the ratios to greedy DPO (same process, same batch shapes), and only from a run on
+an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -435,9 +436,10 @@ def report(result: dict) -> None:
     row("DPO round 2 on AAD pairs, greedy", loop["greedy_vs_first_dpo"])
   else:
     common.log(f"| DPO round 2 on AAD pairs | skipped: {loop.get('skipped')} | | | | |")
-  common.log(f"| EFT | not applicable: {result['eft']['reason']} | | | | |")
+  common.log("| EFT | not applicable (below) | | | | |")
+  common.log(f"\nEFT: {result['eft']['reason']}")
   val = result["validation"]
-  common.log(f"\nDeRa's λ = {val['lam_picked']:g} ({val['picked_by']} on {val['num_prompts']} "
+  common.log(f"DeRa's λ = {val['lam_picked']:g} ({val['picked_by']} on {val['num_prompts']} "
              f"validation prompts); AAD alpha 1 = greedy DPO on "
              f"{result['checks']['aad_alpha1_matches_greedy_dpo']:.0%} of prompts; "
              f"trained {result['trained_runs']} runs; "

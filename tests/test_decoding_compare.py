@@ -129,7 +129,7 @@ def test_report_prints_every_arm_the_loop_and_eft(capsys):
   out = capsys.readouterr().out
   assert "| aad_alpha0.1 | 0.75 [0.65, 0.85] | 0.250 | 12.5 | 7.0 | 2.50x |" in out
   assert "| DPO round 2 on AAD pairs, greedy | 0.62 [0.53, 0.72] |" in out
-  assert "| EFT | not applicable: no larger model |" in out
+  assert "| EFT | not applicable (below) |" in out and "\nEFT: no larger model\n" in out
   assert "DeRa's λ = 2 (mean gold reward on 8 validation prompts)" in out
   dc.report(_result(loop=False))
   assert "| DPO round 2 on AAD pairs | skipped: no pair |" in capsys.readouterr().out

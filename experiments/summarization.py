@@ -71,6 +71,29 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
   return args
 
 
+def base_stages(ctx: stages.Context, macros: dict, grid: stages.Grid, timer: common.Timer,
+                rng: jax.Array, seed: int, trained: list) -> tuple:
+  """Stages 1-3: `sft`, `gold_rm` and the labelled `pairs/`, each skipped when done.
+
+  Appends whether each run trained to `trained`; returns (the gold judge, (model, SFT
+  params), the pairs' labelling statistics).
+  """
+  with timer("sft"):
+    trained.append(ctx.train(stages.SFT_RUN, ctx.sft_dir))
+  with timer("gold_rm"):
+    trained.append(ctx.train(stages.RM_RUN, ctx.gold_dir, [
+        f"INIT_CHECKPOINT = '{ctx.sft_dir}'", "PREFERENCE_TASK = %GOLD_PREFERENCE_TASK",
+        "RM_STEPS = %GOLD_RM_STEPS"]))
+  from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
+  gold = judges.RewardModelJudge(*reward_model.load_reward_model(ctx.gold_dir),
+                                 batch_size=grid.chunk)
+  sft = common.load_policy(ctx.sft_dir)
+  with timer("pairs"):
+    pair_stats = stages.make_pairs(ctx, macros, grid, sft, gold,
+                                   jax.random.fold_in(rng, stages.PAIR_SAMPLES), seed)
+  return gold, sft, pair_stats
+
+
 def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], description: str,
         train_aligned: Callable[[stages.Context, float], bool],
         prepare: Optional[tuple[str, Callable[[stages.Context], bool]]] = None) -> dict:
@@ -100,19 +123,8 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
   rng = jax.random.PRNGKey(args.seed)
   trained = []
 
-  with timer("sft"):
-    trained.append(ctx.train(stages.SFT_RUN, ctx.sft_dir))
-  with timer("gold_rm"):
-    trained.append(ctx.train(stages.RM_RUN, ctx.gold_dir, [
-        f"INIT_CHECKPOINT = '{ctx.sft_dir}'", "PREFERENCE_TASK = %GOLD_PREFERENCE_TASK",
-        "RM_STEPS = %GOLD_RM_STEPS"]))
-  from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
-  gold = judges.RewardModelJudge(*reward_model.load_reward_model(ctx.gold_dir),
-                                 batch_size=grid.chunk)
-  ref, sft_params = common.load_policy(ctx.sft_dir)
-  with timer("pairs"):
-    pair_stats = stages.make_pairs(ctx, macros, grid, (ref, sft_params), gold,
-                                   jax.random.fold_in(rng, stages.PAIR_SAMPLES), args.seed)
+  gold, (ref, sft_params), pair_stats = base_stages(ctx, macros, grid, timer, rng, args.seed,
+                                                   trained)
   if prepare:
     with timer(prepare[0]):
       trained.append(prepare[1](ctx))

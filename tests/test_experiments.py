@@ -165,3 +165,59 @@ def test_agreement_reports_rho_with_its_p_value():
   np.testing.assert_allclose([agree["spearman"], agree["spearman_p"]], [-0.6, 0.35], rtol=1e-12)
   assert (agree["lam_picked_by_dera"], agree["lam_picked_by_retrained"]) == (4.0, 1.0)
   assert common.spearman_text(agree) == "-0.600 (p = 0.35, exact permutation)"
+
+
+@pytest.mark.slow
+def test_decoding_compare_smoke_run_reuses_the_figure_runs(workdir):
+  """The comparison on the Figure 7 setting: after Figures 3 and 7 (same work directory)
+  only the second DPO round trains; alone, all five runs do."""
+  from deranj.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from experiments import decoding_compare as dc  # pylint: disable=g-import-not-at-top
+  runs = ["sft", "gold_rm", "proxy_rm", "dpo_beta0.1", "dpo2_aad_beta0.1"]
+  before = [checkpoints.is_finished(os.path.join(workdir, r)) for r in runs]
+  result = dc.main(["--preset", "smoke", "--workdir", workdir])
+  assert result["trained_runs"] == before.count(False) > 0
+  with open(os.path.join(workdir, "decoding_compare.json")) as f:
+    saved = json.load(f)
+  assert saved["lams"] == [0.5, 1.0, 2.0] and saved["alphas"] == [0.05, 0.1, 0.2, 0.5]
+  val = saved["validation"]
+  rewards = [r["mean_gold_reward"] for r in val["per_lam"]]
+  assert rewards[saved["lams"].index(val["lam_picked"])] == max(rewards)
+  assert val["dera_lam1_matches_greedy_dpo"] == 1.0  # λ = 1 weighs the SFT model by 0
+  arms = {a["name"]: a for a in saved["arms"]}
+  assert list(arms) == (
+      ["greedy_sft", "greedy_dpo", f"dera_lam{val['lam_picked']:g}"]
+      + [f"aad_alpha{a:g}" for a in saved["alphas"]]
+      + [f"best_of{n}_{s}" for n in (2, 8, 32) for s in ("proxy_rm", "implicit")])
+  n = saved["num_prompts"]
+  for name, arm in arms.items():
+    for judge in ("gold", "rouge_l_judge"):
+      w = arm[judge]
+      assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1 and w["n"] == n, (name, w)
+      assert abs(2 * n * w["rate"] - round(2 * n * w["rate"])) < 1e-9 * n  # 1, 1/2 or 0 each
+    assert 0 < arm["mean_length"] <= 24 and 0 <= arm["rouge_l"] <= 100
+    assert np.isfinite(arm["mean_gold_reward"]) and arm["relative_time"] > 0
+  # Greedy DPO against itself: every comparison a tie.
+  assert arms["greedy_dpo"]["gold"] == {"rate": 0.5, "low": 0.5, "high": 0.5, "n": n}
+  assert arms["greedy_dpo"]["relative_time"] == 1.0
+  # AAD at alpha = 1 keeps only the DPO argmax: greedy DPO, from the same compiled sweep.
+  assert saved["checks"] == {"aad_alpha1_matches_greedy_dpo": 1.0, "aad_sweep_compiles": 1}
+  for name in (a for a in arms if a.startswith("best_of")):
+    check = {k: np.asarray(v) for k, v in arms[name]["check"].items()}
+    assert check["candidate_max"].shape == (n,)
+    # The chosen output, scored again on its own, has the best candidate's score (float32
+    # sums of up to 24 tokens per model: a relative tolerance on their magnitude).
+    np.testing.assert_array_less(np.abs(check["chosen_rescored"] - check["candidate_max"]),
+                                 1e-6 * 24 * check["scale"] + 1e-30)
+  assert saved["eft"]["applicable"] is False and "vocabulary" in saved["eft"]["reason"]
+  loop = saved["data_loop"]
+  pairs = loop["pairs"]
+  assert pairs["train"]["pairs"] + pairs["train"]["identical"] == pairs["train"]["prompts"] == 24
+  assert loop["init_and_reference"] == os.path.join(workdir, "dpo_beta0.1")
+  assert checkpoints.is_finished(loop["run"])
+  train = stages.preferences.read_pairs(os.path.join(workdir, "aad_pairs", "train.jsonl"))
+  assert len(train) == pairs["train"]["pairs"] and all(p.chosen_ids != p.rejected_ids
+                                                       for p in train)
+  w = loop["greedy_vs_first_dpo"]["gold"]
+  assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1 and w["n"] == n
+  assert os.path.getsize(os.path.join(workdir, "decoding_compare.png")) > 0

@@ -23,23 +23,25 @@ was loaded and the spread of the arms is the first thing to read.
 
 The floor is a roofline, counted analytically from the T5 config and shapes
 (`decode_step_cost`), for each decode step t = 0 .. n-1 and each model:
-  bytes  the decoder weights (but the cross-attention key/value kernels, used only at
+  bytes  the decoder weights (less the cross-attention key/value kernels, used only at
          prefill), the self-attention cache read over t + 1 positions and this step's
-         keys/values written, the cross-attention keys/values of the prompt, the output
-         head, and the logits [M, B, V] float32 written by the heads and read once by
-         the sampler (one fused pass over the vocabulary);
+         keys/values written, the cross-attention keys/values (once per prompt, also in
+         the sweep), the output head, and the logits [M, B, V] float32 written by the
+         heads and read once by the sampler (one fused pass over the vocabulary);
   FLOPs  2 per multiply-add of every matmul (weights, attention scores and contexts
          over t + 1 and over the prompt, head), plus VOCAB_FLOPS_PER_MODEL per logit and
          VOCAB_FLOPS_MIXED per mixed logit for the sampling ops.
 floor = sum over steps of max(bytes / read bandwidth, FLOPs / matmul rate), with the
-median probes of this run; the matmul rate is the best of the decode-shape matmuls. The
-prefill's floor is counted the same way (encoders and cross-attention keys/values, at
-the [B*S, d_model] x [d_model, d_ff] matmul rate) and added for the whole-call arms.
+median probes of this run: the reduction's bandwidth (weights are streamed, not
+copied) and the best of the decode-shape matmul rates. The prefill's floor is counted
+the same way (encoders and cross-attention keys/values, at the [B*S, d_model] x
+[d_model, d_ff] matmul rate) and added for the whole-call arms.
 
---profile (also part of a full run) splits one DeRa decode step into separately jitted
-pieces on the real weights and caches: the decoders' matmuls, attention, the two heads,
-the mix, and the sampler's vocabulary ops (the real loop body on fixed logits), timed
-in interleaved rounds, with XLA's cost analysis and the analytic counts beside them.
+--profile (also the end of a run whose arms include dera and prefill) splits one DeRa
+decode step into separately jitted pieces on the real weights and caches: the
+decoders' matmuls, attention, the two heads, the mix, and the sampler's vocabulary ops
+(the real loop body on fixed logits), timed in interleaved rounds, with XLA's cost
+analysis and the analytic counts beside them.
 
     python scripts/bench_sampler.py [--batch 16 --prompt_len 128 --new_tokens 64]
         [--rounds 5] [--arms dera,prefill,...] [--profile] [--json PATH]
@@ -311,11 +313,12 @@ def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: fl
   times = profiling.interleaved_rounds(arms, rounds)
   for row in table:
     row["seconds"] = profiling.spread([t / reps for t in times[row["piece"]]])
-    row["share"] = row["seconds"]["median"] / loop_step_s
+    row["share"] = row["seconds"]["median"] / loop_step_s if loop_step_s > 0 else float("nan")
   # The first three and the vocabulary ops partition the step; the rest is by difference.
   rest = loop_step_s - sum(table[i]["seconds"]["median"] for i in range(4))
   table.insert(5, {"piece": "rest: norms, embeddings, cache writes, loop (by difference)",
-                   "seconds": {"median": rest}, "share": rest / loop_step_s})
+                   "seconds": {"median": rest},
+                   "share": rest / loop_step_s if loop_step_s > 0 else float("nan")})
   return table
 
 
@@ -352,6 +355,23 @@ def parse_arms(text: str) -> list[str]:
     raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown) or '(none given)'}; "
                      f"choose from {','.join(ARMS)}")
   return arms
+
+
+def summarise_probes(probe_rounds: list[dict[str, float]]):
+  """Prints the probes' spread over rounds and a WARNING if they show load; returns
+  ({probe: spread}, {probe: relative variation} of those above LOAD_SPREAD)."""
+  probe_spread = {k: profiling.spread([p[k] for p in probe_rounds]) for k in probe_rounds[0]}
+  print("\nprobes, median [min-max] over rounds:")
+  for k, sp in probe_spread.items():
+    unit = "GB/s" if k in ("read", "copy") else "GFLOP/s"
+    print(f"  {k:28s} {_fmt_spread(sp, 1e-9, 1)} {unit}")
+  varied = {k: 1 - sp["min"] / sp["max"] for k, sp in probe_spread.items()}
+  loaded = {k: v for k, v in varied.items() if v > LOAD_SPREAD}
+  if loaded:
+    print("WARNING: the machine was loaded: probes varied across rounds by "
+          + ", ".join(f"{k} {v:.0%}" for k, v in loaded.items())
+          + f" (> {LOAD_SPREAD:.0%}); read the arms' min-max before their medians.")
+  return probe_spread, loaded
 
 
 def main(argv=None):
@@ -410,7 +430,8 @@ def main(argv=None):
   sweep_lams = np.tile(np.asarray(LAMS, np.float32), b)  # one lam per output row
 
   def ours_sweep():  # each prompt encoded once, decoded at every lam
-    realigner.sample(prompts_j, sweep_lams, rng, num_decodes=len(LAMS)).tokens.block_until_ready()
+    realigner.sample(prompts_j, sweep_lams, rng,
+                     num_decodes=len(LAMS)).tokens.block_until_ready()
 
   enc = torch.tensor(prompts)
   mask = enc != 0
@@ -441,7 +462,8 @@ def main(argv=None):
   if args.profile:
     times = profiling.interleaved_rounds({"dera": ours_dera, "prefill": ours_prefill},
                                          args.rounds + 1)
-    loop_step = statistics.median(d - p for d, p in zip(times["dera"][1:], times["prefill"][1:])) / n
+    loop = [d - p for d, p in zip(times["dera"][1:], times["prefill"][1:])]  # 1st: compiles
+    loop_step = statistics.median(loop) / n
     report["profile"] = profile_step((ref, al), (ref_p, al_p), prompts_j, n, 2 * args.rounds,
                                      loop_step, s)
     print_profile(report["profile"], loop_step)
@@ -485,20 +507,10 @@ def main(argv=None):
   times = profiling.interleaved_rounds(timed, args.rounds)
   del times["probes"]
 
-  probe_spread = {k: profiling.spread([p[k] for p in probe_rounds]) for k in probe_rounds[0]}
+  probe_spread, loaded = summarise_probes(probe_rounds)
   read_bw = probe_spread["read"]["median"]
-  decode_rate = max(probe_spread[k]["median"] for k in ("matmul [B,D]x[D,F]", "matmul [B,D]x[D,V]"))
+  decode_rate = max(probe_spread[f"matmul {k}"]["median"] for k in ("[B,D]x[D,F]", "[B,D]x[D,V]"))
   prefill_rate = probe_spread["matmul prefill [B*S,D]x[D,F]"]["median"]
-  print("\nprobes, median [min-max] over rounds:")
-  for k, sp in probe_spread.items():
-    unit, scale = ("GB/s", 1e-9) if k in ("read", "copy") else ("GFLOP/s", 1e-9)
-    print(f"  {k:28s} {_fmt_spread(sp, scale, 1)} {unit}")
-  loaded = {k: 1 - sp["min"] / sp["max"] for k, sp in probe_spread.items()
-            if 1 - sp["min"] / sp["max"] > LOAD_SPREAD}
-  if loaded:
-    print("WARNING: the machine was loaded: probes varied across rounds by "
-          + ", ".join(f"{k} {v:.0%}" for k, v in loaded.items())
-          + f" (> {LOAD_SPREAD:.0%}); read the arms' min-max before their medians.")
 
   cfg = ref_cfg
   rl = lambda models, rows: roofline(cfg, models=models, rows=rows, prompts=b, prompt_len=s,
@@ -510,12 +522,14 @@ def main(argv=None):
             "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
             "hf": dera_rl["floor_s"] + pf(2), "sweep": sweep_rl["floor_s"] + pf(2),
             "hf_sweep": len(LAMS) * (dera_rl["floor_s"] + pf(2))}
+  binds = "memory" if 2 * dera_rl["memory_bound_steps"] >= n else "compute"
   print(f"\nroofline per DeRa decode step (mean of {n} steps): "
-        f"{dera_rl['bytes_per_step'] / 2**20:.1f} MiB, {dera_rl['flops_per_step'] / 1e9:.2f} GFLOP;"
-        f" memory floor {dera_rl['memory_floor_s'] / n * 1e3:.1f} ms at {read_bw / 1e9:.1f} GB/s "
+        f"{dera_rl['bytes_per_step'] / 2**20:.1f} MiB, "
+        f"{dera_rl['flops_per_step'] / 1e9:.2f} GFLOP; memory floor "
+        f"{dera_rl['memory_floor_s'] / n * 1e3:.1f} ms at {read_bw / 1e9:.1f} GB/s "
         f"(streaming read), compute floor {dera_rl['compute_floor_s'] / n * 1e3:.1f} ms at "
-        f"{decode_rate / 1e9:.0f} GFLOP/s; {'memory' if dera_rl['memory_bound_steps'] * 2 >= n else 'compute'} "
-        f"binds ({dera_rl['memory_bound_steps']} of {n} steps memory-bound); decode floor "
+        f"{decode_rate / 1e9:.0f} GFLOP/s; {binds} binds "
+        f"({dera_rl['memory_bound_steps']} of {n} steps memory-bound); decode floor "
         f"{dera_rl['floor_s'] * 1e3:.0f} ms, prefill floor {pf(2) * 1e3:.0f} ms")
   print("  per step by part (MiB, GFLOP): " + "; ".join(
       f"{k} {v['bytes'] / 2**20:.1f}, {v['flops'] / 1e9:.3f}"

@@ -7,7 +7,7 @@ import math
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +63,9 @@ def count_compiles(name: str = ""):
 # ----------------------------------------------------------------------------- timing
 
 
-def interleaved_rounds(arms: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-  """Wall seconds of every arm in every round.
+def interleaved_rounds(arms: dict[str, Callable[[], Any]], rounds: int,
+                       log: Optional[Callable[[str], Any]] = None) -> dict[str, list[float]]:
+  """Wall seconds of every arm in every round (`log` gets a line after each round).
 
   Round i runs the arms rotated by i, so each arm takes each position in turn and load
   from other processes falls on all of them alike.
@@ -77,6 +78,8 @@ def interleaved_rounds(arms: dict[str, Callable[[], Any]], rounds: int) -> dict[
       start = time.perf_counter()
       arms[name]()
       times[name].append(time.perf_counter() - start)
+    if log:
+      log(f"round {i + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
   return times
 
 

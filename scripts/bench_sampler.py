@@ -52,6 +52,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -504,7 +505,8 @@ def main(argv=None):
   probe_rounds = []
   timed = {names[a]: fns[a] for a in arms_wanted}
   timed["probes"] = lambda: probe_rounds.append(probes.measure())
-  times = profiling.interleaved_rounds(timed, args.rounds)
+  times = profiling.interleaved_rounds(
+      timed, args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True))
   del times["probes"]
 
   probe_spread, loaded = summarise_probes(probe_rounds)

@@ -108,8 +108,10 @@ def test_roofline_sums_the_steps():
 def test_interleaved_rounds_rotate_the_arms():
   calls = []
   arms = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-  times = profiling.interleaved_rounds(arms, 4)
+  lines = []
+  times = profiling.interleaved_rounds(arms, 4, log=lines.append)
   assert calls == list("abc" "bca" "cab" "abc")
+  assert [line.split(":")[0] for line in lines] == [f"round {i}/4" for i in (1, 2, 3, 4)]
   assert all(len(t) == 4 and min(t) >= 0 for t in times.values())
   assert profiling.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
 

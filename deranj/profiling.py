@@ -1,10 +1,17 @@
-"""Counting XLA compilations (for tests and benchmarks that promise one compile)."""
+"""Measuring for tests and benchmarks: XLA compilations (for code that promises one
+compile), interleaved timing rounds, XLA's cost analysis and the machine's probes."""
 from __future__ import annotations
 
 import contextlib
+import math
+import statistics
 import threading
+import time
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 _EVENT = "/jax/core/compile/backend_compile_duration"
 _active: list["CompileCounter"] = []
@@ -51,3 +58,94 @@ def count_compiles(name: str = ""):
   finally:
     with _lock:
       _active.remove(counter)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved_rounds(arms: dict[str, Callable[[], Any]], rounds: int,
+                       log: Optional[Callable[[str], Any]] = None) -> dict[str, list[float]]:
+  """Wall seconds of every arm in every round (`log` gets a line after each round).
+
+  Round i runs the arms rotated by i, so each arm takes each position in turn and load
+  from other processes falls on all of them alike.
+  """
+  names = list(arms)
+  times = {name: [] for name in names}
+  for i in range(rounds):
+    k = i % len(names)
+    for name in names[k:] + names[:k]:
+      start = time.perf_counter()
+      arms[name]()
+      times[name].append(time.perf_counter() - start)
+    if log:
+      log(f"round {i + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
+  return times
+
+
+def spread(values) -> dict[str, float]:
+  """Median, min and max of a list of numbers."""
+  return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def xla_cost(fn: Callable, *args) -> dict[str, float]:
+  """XLA's own count for `jax.jit(fn)(*args)`: {'flops', 'bytes'} (NaN where absent).
+
+  A while loop's body is counted once, whatever its trip count.
+  """
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = (cost[0] if cost else None) if isinstance(cost, (list, tuple)) else cost
+  cost = cost or {}
+  return {"flops": float(cost.get("flops", math.nan)),
+          "bytes": float(cost.get("bytes accessed", math.nan))}
+
+
+class Probes:
+  """What this machine can do right now: memory bandwidth and matmul rates.
+
+  `read`: a full reduction over a large array (each byte read once: a decode step
+  streams its weights this way); `copy`: x + 1 in place over as many bytes (read +
+  write);
+  `matmuls`: [m, k] x [k, n] float32 at the given shapes, as FLOP/s. Each number is
+  the best of `repeats` calls.
+  """
+
+  def __init__(self, matmul_shapes: dict[str, tuple[int, int, int]], megabytes: int = 512,
+               repeats: int = 3):
+    self.repeats = repeats
+    self._big = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    self._sum = jax.jit(jnp.sum)
+    # Donated, so the copy reuses its buffer: a fresh 512 MiB output each call would
+    # time the kernel's first-touch page faults, not the memory.
+    self._copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    self._copied = jnp.zeros_like(self._big)
+    rng = np.random.default_rng(0)
+    self._matmuls = {}
+    for name, (m, k, n) in matmul_shapes.items():
+      a = jnp.asarray(rng.standard_normal((m, k), np.float32))
+      b = jnp.asarray(rng.standard_normal((k, n), np.float32))
+      self._matmuls[name] = (a, b, 2.0 * m * k * n)
+    self._mm = jax.jit(jnp.matmul)
+    self.measure()  # compile everything once
+
+  def _best(self, fn) -> float:
+    fn()
+    best = math.inf
+    for _ in range(self.repeats):
+      start = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - start)
+    return best
+
+  def _copy_once(self):
+    self._copied = self._copy(self._copied)
+    self._copied.block_until_ready()
+
+  def measure(self) -> dict[str, float]:
+    """{'read': bytes/s, 'copy': bytes/s, 'matmul <name>': FLOP/s, ...}."""
+    nbytes = self._big.nbytes
+    out = {"read": nbytes / self._best(lambda: self._sum(self._big).block_until_ready()),
+           "copy": 2 * nbytes / self._best(self._copy_once)}
+    for name, (a, b, flops) in self._matmuls.items():
+      out[f"matmul {name}"] = flops / self._best(lambda: self._mm(a, b).block_until_ready())
+    return out

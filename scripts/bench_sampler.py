@@ -1,26 +1,58 @@
-"""DeRa sampling throughput: deranj against transformers `generate`, and the memory floor.
+"""DeRa sampling throughput: deranj against transformers `generate`, and the roofline floor.
 
 Same random weights in both (T5-small shape by default: d_model 512, 6+6 layers, 8 heads,
 d_ff 1024 gated-GELU, vocab 32128), batch 16, 128-token prompts, 64 new tokens forced
 (EOS never ends a row), float32, this machine's CPU.
 
-Rows:
-  1. deranj DeRa (two KV-cached models in one compiled while_loop)
-  2. transformers `generate` with a DeRa logits processor written as the official demo
-     does it (the reference model runs inside the processor with its own KV cache)
-  3. deranj, reference model only;  4. deranj, aligned model only
-  5. a 6-value lam sweep: one batched deranj call vs 6 separate transformers runs
+Arms (--arms, comma-separated; all by default):
+  dera      deranj DeRa (two KV-cached models in one compiled while_loop)
+  prefill   its prefill alone: both encoders + cross-attention keys/values (part of dera)
+  ref, aligned   deranj, one model only
+  hf        transformers `generate` with a DeRa logits processor written as the official
+            demo does it (the reference model runs inside the processor with its own cache)
+  sweep     a 6-value lam sweep in one batched deranj call (num_decodes=6)
+  hf_sweep  the same 6 lams as 6 separate transformers runs
 
-The floor: decoding is memory-bound at this batch, so each step must at least stream
-both decoders' weights and the output head once; floor = bytes x steps / bandwidth,
-with the bandwidth of a large on-device copy (read + write) measured in this run.
+Timing: after one warm-up call of each, --rounds rounds; round i runs the arms and the
+probes rotated by i, so each takes every position and load from other processes falls
+on all alike. Each arm is reported as median [min-max] over rounds; ratios are taken
+within a round, then summarised the same way. The probes (streaming read and copy
+bandwidth of a 512 MiB array; float32 matmuls at the decode step's own shapes) run in
+every round, and a WARNING says when they varied by more than LOAD_SPREAD: the machine
+was loaded and the spread of the arms is the first thing to read.
+
+The floor is a roofline, counted analytically from the T5 config and shapes
+(`decode_step_cost`), for each decode step t = 0 .. n-1 and each model:
+  bytes  the decoder weights (less the cross-attention key/value kernels, used only at
+         prefill), the self-attention cache read over t + 1 positions and this step's
+         keys/values written, the cross-attention keys/values (once per prompt, also in
+         the sweep), the output head, and the logits [M, B, V] float32 written by the
+         heads and read once by the sampler (one fused pass over the vocabulary);
+  FLOPs  2 per multiply-add of every matmul (weights, attention scores and contexts
+         over t + 1 and over the prompt, head), plus VOCAB_FLOPS_PER_MODEL per logit and
+         VOCAB_FLOPS_MIXED per mixed logit for the sampling ops.
+floor = sum over steps of max(bytes / read bandwidth, FLOPs / matmul rate), with the
+median probes of this run: the reduction's bandwidth (weights are streamed, not
+copied) and the best of the decode-shape matmul rates. The prefill's floor is counted
+the same way (encoders and cross-attention keys/values, at the [B*S, d_model] x
+[d_model, d_ff] matmul rate) and added for the whole-call arms.
+
+--profile (also the end of a run whose arms include dera and prefill) splits one DeRa
+decode step into separately jitted pieces on the real weights and caches: the
+decoders' matmuls, attention, the two heads, the mix, and the sampler's vocabulary ops
+(the real loop body on fixed logits), timed in interleaved rounds, with XLA's cost
+analysis and the analytic counts beside them.
 
     python scripts/bench_sampler.py [--batch 16 --prompt_len 128 --new_tokens 64]
+        [--rounds 5] [--arms dera,prefill,...] [--profile] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import sys
 import tempfile
 import time
 
@@ -39,38 +71,89 @@ from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
+ARMS = ("dera", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
+LOAD_SPREAD = 0.2  # (max - min) / max of a probe across rounds above this: loaded
+F32 = 4  # bytes
+# Sampling ops, FLOPs per element (a transcendental counts 1): per model logit, the mix's
+# multiply-add (2), its log-softmax (max-subtract, exp, sum: 3) and log Z's weighted sum
+# (2); per mixed logit, q's log-softmax (3), exp (1), the CDF (1) and the KL term (3).
+VOCAB_FLOPS_PER_MODEL = 7
+VOCAB_FLOPS_MIXED = 8
+SMALL = dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2)
 
 
-def _best_of(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+# ----------------------------------------------------------------------------- roofline
 
 
-def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-  """Bytes/s of a large on-device copy (each byte read once and written once)."""
-  x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
-  copy = jax.jit(lambda a: a + 1.0)
-  copy(x).block_until_ready()
-  seconds = _best_of(lambda: copy(x).block_until_ready(), repeats)
-  return 2 * x.nbytes / seconds
+def decode_step_cost(cfg: t5.T5Config, *, models: int, rows: int, prompts: int, prompt_len: int,
+                     position: int) -> dict[str, tuple[float, float]]:
+  """{part: (bytes, FLOPs)} one decode step at `position` (0-based) must move and do.
+
+  `models` decoders of config `cfg` decode `rows` rows; the cross-attention keys/values
+  are stored once per prompt (`prompts` of `prompt_len` tokens) and read once.
+  """
+  d, hk, f, v = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
+  layers = cfg.decoder_layers
+  mlp_in = 2 if cfg.is_gated else 1
+  layer_macs = 4 * d * hk + 2 * d * hk + (mlp_in + 1) * d * f  # self qkvo, cross qo, MLP
+  # Layer norms, the final norm, the relative-position table, this step's embedding rows.
+  small = (3 * layers + 1) * d + cfg.relative_attention_num_buckets * cfg.num_heads + rows * d
+  seen = position + 1
+  return {
+      "decoder weights": (models * F32 * (layers * layer_macs + small),
+                          models * 2 * rows * layers * layer_macs),
+      "self-attention cache": (models * F32 * layers * 2 * rows * hk * (seen + 1),
+                               models * layers * 2 * 2 * rows * hk * seen),
+      "cross-attention K/V": (models * F32 * layers * 2 * prompts * prompt_len * hk,
+                              models * layers * 2 * 2 * rows * hk * prompt_len),
+      "output heads": (models * F32 * d * v, models * 2 * rows * d * v),
+      "vocabulary ops": (models * F32 * 2 * rows * v,
+                         rows * v * (VOCAB_FLOPS_PER_MODEL * models + VOCAB_FLOPS_MIXED)),
+  }
 
 
-def streamed_bytes(params) -> int:
-  """Decoder weights a decode step must read: all but the cached cross-attention k/v,
-  plus the output head (the embedding when tied)."""
-  total = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params["decoder"]):
-    names = [getattr(p, "key", "") for p in path]
-    if "encoder_decoder_attention" in names and ("key" in names or "value" in names):
-      continue
-    total += leaf.nbytes
-  if "logits_dense" not in params["decoder"]:
-    total += params["token_embedder"]["embedding"].nbytes
-  return total
+def prefill_cost(cfg: t5.T5Config, *, models: int, prompts: int, prompt_len: int
+                 ) -> tuple[float, float]:
+  """(bytes, FLOPs) of encoding the prompts and projecting the cross-attention K/V."""
+  d, hk, f, s = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, prompt_len
+  mlp_in = 2 if cfg.is_gated else 1
+  enc_layer = 4 * d * hk + (mlp_in + 1) * d * f
+  weights = cfg.num_layers * enc_layer + cfg.decoder_layers * 2 * d * hk
+  tokens = prompts * s
+  macs = (tokens * weights + cfg.num_layers * 2 * prompts * s * s * hk)
+  kv_written = cfg.decoder_layers * 2 * tokens * hk
+  return models * F32 * (weights + kv_written + tokens * d), models * 2.0 * macs
+
+
+def roofline(cfg, *, models, rows, prompts, prompt_len, steps, read_bw, matmul_rate):
+  """Per-step counts summed over `steps` decode steps, and the floor at these rates."""
+  total_bytes = total_flops = floor = mem_s = comp_s = 0.0
+  memory_bound = 0
+  by_part = {}
+  for t in range(steps):
+    parts = decode_step_cost(cfg, models=models, rows=rows, prompts=prompts,
+                             prompt_len=prompt_len, position=t)
+    nbytes = sum(b for b, _ in parts.values())
+    flops = sum(fl for _, fl in parts.values())
+    for name, (b, fl) in parts.items():
+      acc = by_part.setdefault(name, [0.0, 0.0])
+      acc[0] += b / steps
+      acc[1] += fl / steps
+    total_bytes += nbytes
+    total_flops += flops
+    mem, comp = nbytes / read_bw, flops / matmul_rate
+    mem_s, comp_s = mem_s + mem, comp_s + comp
+    floor += max(mem, comp)
+    memory_bound += mem >= comp
+  return {"bytes_per_step": total_bytes / steps, "flops_per_step": total_flops / steps,
+          "memory_floor_s": mem_s, "compute_floor_s": comp_s, "floor_s": floor,
+          "memory_bound_steps": int(memory_bound), "steps": steps,
+          "per_step_by_part": {k: {"bytes": b, "flops": fl} for k, (b, fl) in by_part.items()}}
+
+
+def prefill_floor(cfg, *, models, prompts, prompt_len, read_bw, matmul_rate) -> float:
+  nbytes, flops = prefill_cost(cfg, models=models, prompts=prompts, prompt_len=prompt_len)
+  return max(nbytes / read_bw, flops / matmul_rate)
 
 
 def hf_models(config_kwargs, directory):
@@ -117,21 +200,208 @@ def make_dera_processor(ref_model, lam: float, encoder_input_ids, attention_mask
   return DeRaLogitsProcessor()
 
 
-def main():
+# ----------------------------------------------------------------------------- profile
+
+
+def _kernel(params, fan_in: int):
+  return params["kernel"].reshape(fan_in, -1)
+
+
+def decoder_matmuls(cfgs, params, x):
+  """Every decoder-layer matmul of one decode step of each model, chained: [rows, D] ->
+  [M, rows, D] (the weights' work without attention, norms or activations)."""
+  outs = []
+  for cfg, p in zip(cfgs, params):
+    d, hk = cfg.d_model, cfg.num_heads * cfg.d_kv
+    h = x
+    for i in range(cfg.decoder_layers):
+      layer = p["decoder"][f"layers_{i}"]
+      sa, ca, mlp = layer["self_attention"], layer["encoder_decoder_attention"], layer["mlp"]
+      qkv = sum(h @ _kernel(sa[n], d) for n in ("query", "key", "value"))
+      h = h + qkv @ _kernel(sa["out"], hk)
+      h = h + (h @ _kernel(ca["query"], d)) @ _kernel(ca["out"], hk)
+      inner = (h @ _kernel(mlp["wi_0"], d)) * (h @ _kernel(mlp["wi_1"], d)) if cfg.is_gated \
+          else h @ _kernel(mlp["wi"], d)
+      h = h + inner @ _kernel(mlp["wo"], cfg.d_ff)
+    outs.append(h)
+  return jnp.stack(outs)
+
+
+def decoder_attention(cfgs, caches, query):
+  """Self-attention over the whole cache and cross-attention over the prompt, every layer
+  of each model, as t5.Attention computes them (scores, bias, softmax, contexts)."""
+  outs = []
+  for cfg, cache in zip(cfgs, caches):
+    dec = cache["decoder"]
+    q = query  # [rows, H, 1, K]
+    self_bias = jnp.zeros(dec["key_positions"].shape, jnp.float32)
+    for i in range(cfg.decoder_layers):
+      layer = dec[f"layers_{i}"]
+      for key, value, bias in (
+          (layer["self_attention"]["cached_key"], layer["self_attention"]["cached_value"],
+           self_bias),
+          (layer["encoder_decoder_attention"]["cross_key"],
+           layer["encoder_decoder_attention"]["cross_value"], dec["encoder_bias"])):
+        scores = jnp.einsum("bhqk,bhsk->bhqs", q, key) + bias
+        ctx = jnp.einsum("bhqs,bhsk->bqhk", jax.nn.softmax(scores, axis=-1), value)
+        q = jnp.swapaxes(ctx, 1, 2)
+    outs.append(q)
+  return jnp.stack(outs)
+
+
+def output_heads(cfgs, params, x):
+  """[rows, D] -> [M, rows, V] logits of each model's head."""
+  outs = []
+  for cfg, p in zip(cfgs, params):
+    if cfg.tie_word_embeddings:
+      outs.append((x * cfg.d_model**-0.5) @ p["token_embedder"]["embedding"].T)
+    else:
+      outs.append(x @ p["decoder"]["logits_dense"]["kernel"])
+  return jnp.stack(outs)
+
+
+def one_step(tokens_to_logits, caches, weights, rng):
+  """One iteration of the sampler's real loop (max_decode_len 1) over `caches`."""
+  return decoding.mixture_sample(tokens_to_logits, caches, weights, rng,
+                                 decoding.SamplingConfig(1, eos_id=NEVER)).tokens
+
+
+def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: float,
+                 prompt_len: int) -> list[dict]:
+  """Per-piece ms/step, share of the loop's step, XLA's and the analytic counts."""
+  cfgs = [m.config for m in models]
+  cfg = cfgs[0]
+  rows = prompts_j.shape[0]
+  caches = jax.jit(lambda p, x: decoding.init_caches(models, p, x, n))(params, prompts_j)
+  key = jax.random.PRNGKey(1)
+  x = jax.random.normal(key, (rows, cfg.d_model), jnp.float32)
+  query = jax.random.normal(key, (rows, cfg.num_heads, 1, cfg.d_kv), jnp.float32)
+  logits = jax.random.normal(key, (len(models), rows, cfg.vocab_size), jnp.float32)
+  weights = jnp.tile(jnp.asarray([[0.5, 0.5]], jnp.float32), (rows, 1))
+  fixed = lambda lg: (lambda t, c: (lg, c))
+  real = lambda p: decoding.models_tokens_to_logits(models, p)
+  # name, function, its arguments, the analytic parts it does (at the mean step)
+  pieces = [
+      ("decoder matmuls (q,k,v,o; cross q,o; MLP)",
+       lambda p, x: decoder_matmuls(cfgs, p, x), (params, x), ("decoder weights",)),
+      ("attention (self over cache, cross over prompt)",
+       lambda c, q: decoder_attention(cfgs, c, q), (caches, query),
+       ("self-attention cache", "cross-attention K/V")),
+      ("output heads", lambda p, x: output_heads(cfgs, p, x), (params, x), ("output heads",)),
+      ("sampler vocabulary ops (mix, log-softmaxes, stats, draw)",
+       lambda lg, w, r: one_step(fixed(lg), (), w, r), (logits, weights, key),
+       ("vocabulary ops",)),
+      ("mix (sum_m w_m h_m)", decoding.mixture_logits, (logits, weights), ()),
+      # Its caches are copied in (not donated): XLA's bytes count that copy too.
+      ("one full sampler step (the real loop body, alone)",
+       lambda p, c, w, r: one_step(real(p), c, w, r), (params, caches, weights, key),
+       ("decoder weights", "self-attention cache", "cross-attention K/V", "output heads",
+        "vocabulary ops")),
+  ]
+  counts = roofline(cfg, models=len(models), rows=rows, prompts=rows, prompt_len=prompt_len,
+                    steps=n, read_bw=1.0, matmul_rate=1.0)["per_step_by_part"]
+  reps = 5
+  arms, table = {}, []
+  for name, fn, args, parts in pieces:
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
+    arms[name] = lambda jitted=jitted, args=args: [
+        jax.block_until_ready(jitted(*args)) for _ in range(reps)]
+    table.append({"piece": name, "xla": profiling.xla_cost(fn, *args),
+                  "analytic": {"flops": sum(counts[p]["flops"] for p in parts),
+                               "bytes": sum(counts[p]["bytes"] for p in parts)} if parts
+                  else None})
+  times = profiling.interleaved_rounds(arms, rounds)
+  for row in table:
+    row["seconds"] = profiling.spread([t / reps for t in times[row["piece"]]])
+    row["share"] = row["seconds"]["median"] / loop_step_s if loop_step_s > 0 else float("nan")
+  # The first three and the vocabulary ops partition the step; the rest is by difference.
+  rest = loop_step_s - sum(table[i]["seconds"]["median"] for i in range(4))
+  table.insert(5, {"piece": "rest: norms, embeddings, cache writes, loop (by difference)",
+                   "seconds": {"median": rest},
+                   "share": rest / loop_step_s if loop_step_s > 0 else float("nan")})
+  return table
+
+
+def print_profile(table, loop_step_s: float):
+  print(f"\nOne DeRa decode step, by piece (each jitted alone, median of interleaved rounds; "
+        f"share of the loop's step, {loop_step_s * 1e3:.1f} ms = (DeRa - prefill) / steps):\n")
+  print("| piece | ms/step [min-max] | share | XLA GFLOP | XLA MiB | analytic GFLOP "
+        "| analytic MiB |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  for i, row in enumerate(table):
+    if i == 6:
+      print("| *cross-check:* | | | | | | |")
+    sec = row["seconds"]
+    cells = [f"{sec['median'] * 1e3:.2f}"]
+    if "min" in sec:
+      cells[0] += f" [{sec['min'] * 1e3:.2f}-{sec['max'] * 1e3:.2f}]"
+    cells.append(f"{row['share']:.0%}")
+    for counts in (row.get("xla"), row.get("analytic")):
+      cells += ([f"{counts['flops'] / 1e9:.3f}", f"{counts['bytes'] / 2**20:.1f}"] if counts
+                else ["", ""])
+    name = ("  of which " if i == 4 else "") + row["piece"]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _fmt_spread(sp, scale=1.0, digits=3):
+  return (f"{sp['median'] * scale:.{digits}f} [{sp['min'] * scale:.{digits}f}-"
+          f"{sp['max'] * scale:.{digits}f}]")
+
+
+def parse_arms(text: str) -> list[str]:
+  arms = [a.strip() for a in text.split(",") if a.strip()]
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown or not arms:
+    raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {','.join(ARMS)}")
+  return arms
+
+
+def summarise_probes(probe_rounds: list[dict[str, float]]):
+  """Prints the probes' spread over rounds and a WARNING if they show load; returns
+  ({probe: spread}, {probe: relative variation} of those above LOAD_SPREAD)."""
+  probe_spread = {k: profiling.spread([p[k] for p in probe_rounds]) for k in probe_rounds[0]}
+  print("\nprobes, median [min-max] over rounds:")
+  for k, sp in probe_spread.items():
+    unit = "GB/s" if k in ("read", "copy") else "GFLOP/s"
+    print(f"  {k:28s} {_fmt_spread(sp, 1e-9, 1)} {unit}")
+  varied = {k: 1 - sp["min"] / sp["max"] for k, sp in probe_spread.items()}
+  loaded = {k: v for k, v in varied.items() if v > LOAD_SPREAD}
+  if loaded:
+    print("WARNING: the machine was loaded: probes varied across rounds by "
+          + ", ".join(f"{k} {v:.0%}" for k, v in loaded.items())
+          + f" (> {LOAD_SPREAD:.0%}); read the arms' min-max before their medians.")
+  return probe_spread, loaded
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--prompt_len", type=int, default=128)
   parser.add_argument("--new_tokens", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS}")
+  parser.add_argument("--profile", action="store_true", help="only the per-step profile")
+  parser.add_argument("--json", default="", help="write every number to this file")
   parser.add_argument("--small", action="store_true", help="a tiny shape, to try the script")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  try:
+    arms_wanted = parse_arms(args.arms)
+  except ValueError as e:
+    parser.error(str(e))
+  for flag in ("batch", "prompt_len", "new_tokens", "rounds"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    parser.error(f"--json {args.json}: its directory does not exist")
 
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   shape = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_heads=8, num_layers=6,
                feed_forward_proj="gated-gelu", tie_word_embeddings=False)
   if args.small:
-    shape.update(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2)
+    shape.update(SMALL)
   b, s, n = args.batch, args.prompt_len, args.new_tokens
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +431,8 @@ def main():
   sweep_lams = np.tile(np.asarray(LAMS, np.float32), b)  # one lam per output row
 
   def ours_sweep():  # each prompt encoded once, decoded at every lam
-    realigner.sample(prompts_j, sweep_lams, rng, num_decodes=len(LAMS)).tokens.block_until_ready()
+    realigner.sample(prompts_j, sweep_lams, rng,
+                     num_decodes=len(LAMS)).tokens.block_until_ready()
 
   enc = torch.tensor(prompts)
   mask = enc != 0
@@ -177,56 +448,154 @@ def main():
       assert out.shape[1] == n + 1, out.shape
     return run
 
-  results = {}
-  print(f"bench_sampler: batch {b}, prompt {s}, {n} new tokens, float32, "
-        f"{jax.devices()[0].platform} x{os.cpu_count()} cores")
-  with profiling.count_compiles("_sample_logit_mixed") as warm_compiles:
-    ours_dera()  # compile
-  for name, fn in [("deranj DeRa", ours_dera), ("deranj DeRa prefill (part of DeRa)", ours_prefill),
-                   ("deranj ref only", ours_single(ref, ref_p)),
-                   ("deranj aligned only", ours_single(al, al_p))]:
-    fn()
-    results[name] = _best_of(fn, args.repeats)
-  hf_dera(0.5)()  # warm-up
-  results["HF generate + DeRa processor"] = _best_of(hf_dera(0.5), args.repeats)
-  with profiling.count_compiles("_sample_logit_mixed") as sweep_compiles:
-    start = time.perf_counter()
-    ours_sweep()
-    sweep_cold = time.perf_counter() - start
-  results["deranj 6-lam sweep (1 call)"] = _best_of(ours_sweep, args.repeats)
-  with profiling.count_compiles("_sample_logit_mixed") as scalar_compiles:
+  def hf_sweep():
     for lam in LAMS:
-      realigner.sample(prompts_j, lam, rng).tokens.block_until_ready()
-  hf_sweep = sum(_best_of(hf_dera(lam), 1) for lam in LAMS)
-  results["HF 6 separate runs"] = hf_sweep
+      hf_dera(lam)()
 
-  bandwidth = measure_bandwidth()
-  floor_bytes = streamed_bytes(ref_p) + streamed_bytes(al_p)
-  floor = floor_bytes * n / bandwidth
+  cores = os.cpu_count()
+  print(f"bench_sampler: batch {b}, prompt {s}, {n} new tokens, float32, "
+        f"{jax.devices()[0].platform} x{cores} cores, jax {jax.__version__}, "
+        f"torch {torch.__version__}, {args.rounds} rounds")
+  report = {"config": {"batch": b, "prompt_len": s, "new_tokens": n, "rounds": args.rounds,
+                       "cores": cores, "shape": shape, "jax": jax.__version__,
+                       "torch": torch.__version__}}
+
+  if args.profile:
+    times = profiling.interleaved_rounds({"dera": ours_dera, "prefill": ours_prefill},
+                                         args.rounds + 1)
+    loop = [d - p for d, p in zip(times["dera"][1:], times["prefill"][1:])]  # 1st: compiles
+    loop_step = statistics.median(loop) / n
+    report["profile"] = profile_step((ref, al), (ref_p, al_p), prompts_j, n, 2 * args.rounds,
+                                     loop_step, s)
+    print_profile(report["profile"], loop_step)
+    report["profile_loop_step_s"] = loop_step
+    _write_json(args.json, report)
+    return
+
+  names = {"dera": "deranj DeRa", "prefill": "deranj DeRa prefill (part of DeRa)",
+           "ref": "deranj ref only", "aligned": "deranj aligned only",
+           "hf": "HF generate + DeRa processor", "sweep": "deranj 6-lam sweep (1 call)",
+           "hf_sweep": "HF 6 separate runs"}
+  fns = {"dera": ours_dera, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
+         "aligned": ours_single(al, al_p), "hf": hf_dera(0.5), "sweep": ours_sweep,
+         "hf_sweep": hf_sweep}
+  compiles = {}
+  if "dera" in arms_wanted:
+    with profiling.count_compiles("_sample_logit_mixed") as c:
+      ours_dera()
+    compiles["first DeRa call"] = c.count
+  if "sweep" in arms_wanted:
+    with profiling.count_compiles("_sample_logit_mixed") as c:
+      start = time.perf_counter()
+      ours_sweep()
+      report["sweep_cold_s"] = time.perf_counter() - start
+    compiles["batched sweep"] = c.count
+    if "dera" in arms_wanted:
+      with profiling.count_compiles("_sample_logit_mixed") as c:
+        for lam in LAMS:
+          realigner.sample(prompts_j, lam, rng).tokens.block_until_ready()
+      compiles["6 scalar-lam calls"] = c.count
+  for arm in arms_wanted:  # warm-up: compiles, torch's allocations
+    fns[arm]()
+
+  probes = profiling.Probes({"[B,D]x[D,F]": (b, shape["d_model"], shape["d_ff"]),
+                             "[B,D]x[D,V]": (b, shape["d_model"], shape["vocab_size"]),
+                             "prefill [B*S,D]x[D,F]": (b * s, shape["d_model"], shape["d_ff"])},
+                            megabytes=64 if args.small else 512)
+  probe_rounds = []
+  timed = {names[a]: fns[a] for a in arms_wanted}
+  timed["probes"] = lambda: probe_rounds.append(probes.measure())
+  times = profiling.interleaved_rounds(
+      timed, args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True))
+  del times["probes"]
+
+  probe_spread, loaded = summarise_probes(probe_rounds)
+  read_bw = probe_spread["read"]["median"]
+  decode_rate = max(probe_spread[f"matmul {k}"]["median"] for k in ("[B,D]x[D,F]", "[B,D]x[D,V]"))
+  prefill_rate = probe_spread["matmul prefill [B*S,D]x[D,F]"]["median"]
+
+  cfg = ref_cfg
+  rl = lambda models, rows: roofline(cfg, models=models, rows=rows, prompts=b, prompt_len=s,
+                                     steps=n, read_bw=read_bw, matmul_rate=decode_rate)
+  pf = lambda models: prefill_floor(cfg, models=models, prompts=b, prompt_len=s,
+                                    read_bw=read_bw, matmul_rate=prefill_rate)
+  dera_rl, single_rl, sweep_rl = rl(2, b), rl(1, b), rl(2, b * len(LAMS))
+  floors = {"dera": dera_rl["floor_s"] + pf(2), "prefill": pf(2),
+            "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
+            "hf": dera_rl["floor_s"] + pf(2), "sweep": sweep_rl["floor_s"] + pf(2),
+            "hf_sweep": len(LAMS) * (dera_rl["floor_s"] + pf(2))}
+  binds = "memory" if 2 * dera_rl["memory_bound_steps"] >= n else "compute"
+  print(f"\nroofline per DeRa decode step (mean of {n} steps): "
+        f"{dera_rl['bytes_per_step'] / 2**20:.1f} MiB, "
+        f"{dera_rl['flops_per_step'] / 1e9:.2f} GFLOP; memory floor "
+        f"{dera_rl['memory_floor_s'] / n * 1e3:.1f} ms at {read_bw / 1e9:.1f} GB/s "
+        f"(streaming read), compute floor {dera_rl['compute_floor_s'] / n * 1e3:.1f} ms at "
+        f"{decode_rate / 1e9:.0f} GFLOP/s; {binds} binds "
+        f"({dera_rl['memory_bound_steps']} of {n} steps memory-bound); decode floor "
+        f"{dera_rl['floor_s'] * 1e3:.0f} ms, prefill floor {pf(2) * 1e3:.0f} ms")
+  print("  per step by part (MiB, GFLOP): " + "; ".join(
+      f"{k} {v['bytes'] / 2**20:.1f}, {v['flops'] / 1e9:.3f}"
+      for k, v in dera_rl["per_step_by_part"].items()))
 
   tokens = b * n
-  print(f"\nmemory bandwidth (copy, read+write): {bandwidth / 1e9:.1f} GB/s; "
-        f"bytes per step (both decoders + heads): {floor_bytes / 2**20:.0f} MiB; "
-        f"floor for {n} steps: {floor * 1e3:.0f} ms\n")
-  print(f"| {'run':36s} | {'time (s)':>8s} | {'tokens/s':>9s} |")
-  print(f"|{'-' * 38}|{'-' * 10}|{'-' * 11}|")
-  for name, seconds in results.items():
-    count = tokens * (len(LAMS) if "6" in name else 1)
-    rate = "" if "prefill" in name else f"{count / seconds:9.0f}"
-    print(f"| {name:36s} | {seconds:8.3f} | {rate:>9s} |")
-  t_dera = results["deranj DeRa"]
-  print()
-  print(f"| ratio | value |\n|---|---|")
-  print(f"| ours / HF (DeRa, tokens/s) | {results['HF generate + DeRa processor'] / t_dera:.2f}x |")
-  print(f"| ours / HF (6-lam sweep) | {hf_sweep / results['deranj 6-lam sweep (1 call)']:.2f}x |")
-  print(f"| time(DeRa) / (time(ref) + time(aligned)) | "
-        f"{t_dera / (results['deranj ref only'] + results['deranj aligned only']):.3f} |")
-  print(f"| time(DeRa) / floor | {t_dera / floor:.2f} |")
-  decode_only = t_dera - results["deranj DeRa prefill (part of DeRa)"]
-  print(f"| decode loop alone (DeRa - prefill) / floor | {decode_only / floor:.2f} |")
-  print(f"| compiles: first call / batched sweep (cold: {sweep_cold:.1f} s) / "
-        f"6 scalar-lam calls | {warm_compiles.count} / {sweep_compiles.count} / "
-        f"{scalar_compiles.count} |")
+  arms_out = {}
+  print(f"\n| run (median [min-max] of {args.rounds}) | time (s) | tokens/s | floor (s) "
+        f"| time / floor |")
+  print("|---|---:|---:|---:|---:|")
+  for arm in arms_wanted:
+    sp = profiling.spread(times[names[arm]])
+    count = tokens * (len(LAMS) if "sweep" in arm else 1)
+    rate = "" if arm == "prefill" else f"{count / sp['median']:.0f}"
+    arms_out[arm] = dict(name=names[arm], times=times[names[arm]], floor_s=floors[arm],
+                         time_over_floor=sp["median"] / floors[arm], **sp)
+    print(f"| {names[arm]} | {_fmt_spread(sp)} | {rate} | {floors[arm]:.3f} "
+          f"| {sp['median'] / floors[arm]:.2f} |")
+
+  ratios = {}
+  per_round = lambda num, den: [x / y for x, y in zip(times[names[num]], times[names[den]])]
+  if {"dera", "hf"} <= set(arms_wanted):
+    ratios["HF / ours, DeRa (speed-up)"] = per_round("hf", "dera")
+  if {"sweep", "hf_sweep"} <= set(arms_wanted):
+    ratios["HF / ours, 6-lam sweep (speed-up)"] = per_round("hf_sweep", "sweep")
+  if {"dera", "ref", "aligned"} <= set(arms_wanted):
+    ratios["time(DeRa) / (time(ref) + time(aligned))"] = [
+        d / (r + a) for d, r, a in zip(*(times[names[k]] for k in ("dera", "ref", "aligned")))]
+  if "dera" in arms_wanted:
+    ratios["time(DeRa) / floor"] = [t / floors["dera"] for t in times[names["dera"]]]
+  if {"dera", "prefill"} <= set(arms_wanted):
+    loop = [d - p for d, p in zip(times[names["dera"]], times[names["prefill"]])]
+    ratios["decode loop (DeRa - prefill) / decode floor"] = [t / dera_rl["floor_s"] for t in loop]
+    report["loop_step_s"] = statistics.median(loop) / n
+  if ratios:
+    print(f"\n| ratio (per round; median [min-max]) | value |\n|---|---:|")
+    for k, v in ratios.items():
+      print(f"| {k} | {_fmt_spread(profiling.spread(v), digits=2)} |")
+  if compiles:
+    print("\ncompiles of the DeRa sampler: " + ", ".join(f"{k} {v}" for k, v in compiles.items())
+          + (f" (sweep cold: {report['sweep_cold_s']:.1f} s)" if "sweep_cold_s" in report else ""))
+  report.update(arms=arms_out, ratios={k: dict(values=v, **profiling.spread(v))
+                                        for k, v in ratios.items()},
+                probes={"rounds": probe_rounds, **probe_spread}, loaded=loaded,
+                compiles=compiles,
+                roofline={"dera": dera_rl, "single": single_rl, "sweep": sweep_rl,
+                          "prefill_floor_s": {"dera": pf(2), "single": pf(1)},
+                          "read_bandwidth": read_bw, "decode_matmul_rate": decode_rate,
+                          "prefill_matmul_rate": prefill_rate})
+  if "loop_step_s" in report:
+    report["profile"] = profile_step((ref, al), (ref_p, al_p), prompts_j, n, 2 * args.rounds,
+                                     report["loop_step_s"], s)
+    print_profile(report["profile"], report["loop_step_s"])
+  _write_json(args.json, report)
+
+
+def _write_json(path: str, report: dict):
+  if not path:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=1, default=float)
+  os.replace(tmp, path)
+  print(f"\nwrote {path}")
 
 
 def transformers_list(processor):

@@ -81,8 +81,8 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
 GOLD_OPTIMUM = "gold reward model (gold_rm)"
 # What the optimum's numbers are comparable with, written to figN.json.
 OPTIMUM_METRIC = (
-    "optimum.gold_vs_sft: E_{pi*}[share of the prompt's other SFT samples whose gold reward "
-    "y beats, ties 1/2] = pi*'s expected gold win rate against SFT; comparable with "
+    "optimum.gold_vs_sft: E_{y ~ pi*}[share of the prompt's other SFT samples y' with "
+    "r_gold(y) > r_gold(y'), ties 1/2] = pi*'s gold win rate against SFT; comparable with "
     "per_lam[*][method].gold.vs_sft.rate (the same judge: a reward model's outcome does not "
     "depend on the position swap; the same test prompts), whose 95% intervals it may fall "
     "in or out of. optimum.mean_gold_reward: comparable with per_lam[*][method]"

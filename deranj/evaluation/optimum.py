@@ -97,6 +97,7 @@ def expectations(rewards, values: Mapping[str, object], beta, samples_per_prompt
     The mean over prompts of each prompt's self-normalised estimate, with the ESS
     of the weights (mean and smallest over prompts).
   """
+  beta = check_beta(beta)
   log_w = log_weights(rewards, beta, samples_per_prompt)
   ess = effective_sample_sizes(log_w)
   w = np.exp(log_w)
@@ -113,7 +114,7 @@ def expectations(rewards, values: Mapping[str, object], beta, samples_per_prompt
     reason = (f"ESS {ess_min:.3g} < {min_ess:g} on {int((ess < min_ess).sum())} of "
               f"{len(ess)} prompts ({samples_per_prompt} SFT samples each)")
     means = {name: None for name in means}
-  return Estimate(check_beta(beta), means, float(ess.mean()), ess_min, int(len(ess)),
+  return Estimate(beta, means, float(ess.mean()), ess_min, int(len(ess)),
                   int(samples_per_prompt), bool(left_out), reason)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shlex
+import struct
 import sys
 import time
 from typing import Any, Iterable, Optional, Sequence
@@ -107,6 +108,36 @@ def train(run_gin: str, preset: str, model_dir: str, bindings: Iterable[str] = (
 def load_policy(model_dir: str):
   """(model, params) of a finished run's exported policy."""
   return loading.load_model(os.path.join(model_dir, checkpoints.MODEL_EXPORT_DIR))
+
+
+EVAL_DIR = "eval"  # where the trainer's MetricsLogger writes a run's evaluations
+
+
+def read_evals(model_dir: str) -> list[dict[str, float]]:
+  """A run's evaluations, [{"step": s, metric: value, ...}] by step, from the TensorBoard
+  event files under MODEL_DIR/eval (the last write of a step wins: a resumed run may
+  repeat one). [] when the run wrote none. Reads the TFRecord frames directly, without
+  TensorFlow; a truncated last record (a run killed mid-write) is ignored."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(model_dir, EVAL_DIR)
+  by_step: dict[int, dict[str, float]] = {}
+  names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  for name in names:  # events.out.tfevents.<time>...: by name is in time order
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    i = 0
+    while i + 12 <= len(data):  # frame: u64 length, u32 crc, record, u32 crc
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      if i + 16 + n > len(data):
+        break
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 16 + n
+      for value in event.summary.value:
+        x = (tensor_util.make_ndarray(value.tensor) if value.HasField("tensor")
+             else value.simple_value)
+        by_step.setdefault(int(event.step), {})[value.tag] = float(x)
+  return [{"step": step, **by_step[step]} for step in sorted(by_step)]
 
 
 def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[float],

@@ -8,11 +8,17 @@ Stages (each training run through gin, skipped when already finished):
   3. PPO at β/λ for every λ ≠ 1 of the grid: the retrained models;
   4. one DeRa sweep over the whole grid from (SFT, aligned), a single compiled sampler;
   5. samples of every retrained model, and importance-resampled DeRa (the exact mixture);
-  6. length reward and length distributions of each, written to fig2.json and fig2.png
-     (panel a: reward against λ, 95% intervals clustered by prompt; b: DeRa's lengths;
-     c: the retrained models' lengths; the rewarded range [L_MIN, L_MAX] shaded).
+  6. the optimum π*(β/λ) under the length reward, from FIG2_OPTIMUM_SAMPLES SFT samples
+     per prompt (self-normalised importance sampling, deranj.evaluation.optimum);
+  7. length reward and length distributions of each, and each PPO run's convergence
+     record (its evaluations, final reward / KL / KL to the optimum, gap to the optimum's
+     reward, plateau test; a warning line per run not at a plateau), written to fig2.json
+     and fig2.png (panel a: reward against λ, 95% intervals clustered by prompt, the
+     optimum in black; b: DeRa's lengths; c: the retrained models' lengths; the rewarded
+     range [L_MIN, L_MAX] shaded, the optimum's mean length in black).
 
-The λ grid, prompts, samples and SIR candidates are the preset's FIG2_* macros.
+The λ grid, prompts, samples, SIR candidates and the optimum's SFT samples are the
+preset's FIG2_* macros.
 """
 from __future__ import annotations
 
@@ -53,14 +59,38 @@ def length_stats(tokens: np.ndarray, num_prompts: int, l_min: int, l_max: int,
           "histogram": counts.tolist()}
 
 
+def optimum_curve(sft_tokens: np.ndarray, num_prompts: int, betas, l_min: int,
+                  l_max: int) -> dict:
+  """The optimum π*(b) under the length reward at each b of `betas`, from [P * M] SFT
+  samples: its length reward, mean length and share in range, with the weights' ESS."""
+  lengths = np.asarray(rewards.response_lengths(sft_tokens), np.float64)
+  reward = np.asarray(rewards.length_reward(lengths, l_min, l_max), np.float64)
+  per_prompt = len(lengths) // num_prompts
+  values = {"length_reward": reward, "mean_length": lengths,
+            "in_range": (reward == 0).astype(np.float64)}
+  hits = (reward == 0).reshape(num_prompts, per_prompt).any(axis=1)
+  return {
+      **stages.optimum_method(per_prompt, num_prompts, "length reward (eq. 10)"),
+      "sft": {"length_reward": float(reward.mean()), "mean_length": float(lengths.mean())},
+      # Where no SFT sample is in range, the optimum's mass there is invisible to SNIS.
+      "prompts_without_an_in_range_sample": int((~hits).sum()),
+      "points": stages.optimum_points(reward, values, betas, per_prompt)}
+
+
 def report(result: dict) -> None:
-  common.log("\n| λ | β/λ | DeRa reward | retrained reward | DeRa+SIR reward | DeRa length | "
-             "retrained length |\n|---|---|---|---|---|---|---|")
+  common.log("\n| λ | β/λ | DeRa reward | retrained reward | DeRa+SIR reward | optimum reward "
+             "(ESS min) | DeRa length | retrained length | optimum length | retrained at "
+             "plateau |\n|---|---|---|---|---|---|---|---|---|---|")
   for r in result["per_lam"]:
     reward = lambda m: f"{r[m]['length_reward']:.3f} ± {r[m]['length_reward_se']:.3f}"  # noqa: E731
+    opt = r["optimum"]
+    opt_reward = "left out" if opt["left_out"] else f"{opt['length_reward']:.3f}"
+    opt_length = "left out" if opt["left_out"] else f"{opt['mean_length']:.1f}"
     common.log(f"| {r['lam']:g} | {r['beta_over_lam']:.4g} | {reward('dera')} | "
-               f"{reward('retrained')} | {reward('dera_resampled')} | "
-               f"{r['dera']['mean_length']:.1f} | {r['retrained']['mean_length']:.1f} |")
+               f"{reward('retrained')} | {reward('dera_resampled')} | {opt_reward} "
+               f"({opt['ess_min']:.1f}) | {r['dera']['mean_length']:.1f} | "
+               f"{r['retrained']['mean_length']:.1f} | {opt_length} | "
+               f"{'yes' if r['retrained']['plateau'] else 'no'} |")
   agree = result["agreement"]["length_reward"]
   common.log(f"\nreward ± its standard error over prompts; Spearman ρ(DeRa, retrained) = "
              f"{common.spearman_text(agree)}; mean |Δ| = {agree['mean_abs_difference']:.3f}; "
@@ -92,7 +122,8 @@ def main(argv=None) -> dict:
 
   def train_ppo(lam):
     return runs.train(RUN, args.preset, common.run_dir(workdir, KIND, args.beta / lam),
-                      [f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {args.beta / lam}"])
+                      [f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {args.beta / lam}",
+                       *stages.eval_bindings(args.preset, KIND)])
 
   with timer("aligned"):
     train_ppo(1.0)
@@ -112,22 +143,37 @@ def main(argv=None) -> dict:
   retrained_params = [common.load_policy(d)[1] for d in run_dirs]
   realigner = dera.Realigner(ref, ref_params, ref, retrained_params[lams.index(1.0)],
                              max_decode_len=max_len)
+  rng = jax.random.PRNGKey(args.seed)
   sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
-                                  prompts, grid, max_len, jax.random.PRNGKey(args.seed))
+                                  prompts, grid, max_len, rng)
+  with timer("optimum"):
+    sft_tokens = stages.sample_sft(ref, ref_params, prompts, grid, max_len, rng)
+    optimum = optimum_curve(sft_tokens, num_prompts, [args.beta / lam for lam in lams],
+                            l_min, l_max)
 
-  per_lam = []
+  per_lam, runs_record = [], []
   for i, lam in enumerate(lams):
     stats = {m: length_stats(sampled.tokens[m][i], num_prompts, l_min, l_max, bins)
              for m in stages.METHODS}
     stats["dera_resampled"].update(mean_ess=float(sampled.ess[i].mean()),
                                    num_candidates=grid.candidates)
-    per_lam.append({"lam": lam, "beta_over_lam": args.beta / lam, **stats})
+    point = optimum["points"][i]
+    record = stages.run_record(run_dirs[i], KIND, args.beta / lam, "length reward",
+                               point["length_reward"], stats["retrained"]["length_reward"])
+    runs_record.append(record)
+    stats["retrained"]["run"] = record["run"]
+    stats["retrained"]["plateau"] = record["plateau"]["passed"]
+    per_lam.append({"lam": lam, "beta_over_lam": args.beta / lam, **stats, "optimum": point})
   reward = lambda key: [r[key]["length_reward"] for r in per_lam]  # noqa: E731
   result = {
       "figure": "2", "preset": args.preset, "beta": args.beta, "lams": lams,
       "seed": args.seed, "length_range": [l_min, l_max], "num_prompts": int(num_prompts),
       "samples_per_prompt": grid.samples, "histogram_bins": bins.tolist(),
+      "optimum": {k: v for k, v in optimum.items() if k != "points"},
       "per_lam": per_lam,
+      "runs": runs_record,
+      "plateau_rule": stages.PLATEAU_RULE,
+      "all_runs_at_plateau": all(r["plateau"]["passed"] for r in runs_record),
       "agreement": {
           "length_reward": common.agreement(lams, reward("dera"), reward("retrained")),
           "dera_vs_resampled_mean_abs_difference": float(np.mean(np.abs(
@@ -140,6 +186,7 @@ def main(argv=None) -> dict:
   common.write_json(json_path, result)
   plots.figure2(result, png_path)
   report(result)
+  stages.warn_unconverged(runs_record)
   common.log(f"figure: {png_path}\nnumbers: {json_path}")
   return result
 

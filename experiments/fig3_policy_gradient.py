@@ -17,8 +17,9 @@ Stages (each training run skipped when already finished; see experiments/summari
   5. `pg_beta<β>`: policy gradient (configs/runs/pg_reward.gin, REWARD_MODEL = proxy_rm)
      at β from SFT, and `pg_beta<β/λ>` for every λ ≠ 1 of the grid;
   6. one DeRa sweep, retrained-model samples, importance-resampled DeRa, both judges,
-     eq. 14 pairwise accuracy; fig3.json and fig3.png (panels a, b, c as the paper's
-     Figure 3, d as its Figure 6).
+     eq. 14 pairwise accuracy; the optimum π*(β/λ) of the proxy reward, judged by gold;
+     fig3.json and fig3.png (panels a, b, c as the paper's Figure 3, d as its Figure 6,
+     the optimum in black; mean gold rewards bottom right).
 """
 from __future__ import annotations
 
@@ -50,13 +51,24 @@ def train_proxy(ctx: stages.Context) -> bool:
 def train_aligned(ctx: stages.Context, beta: float) -> bool:
   return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta), [
       f"INIT_CHECKPOINT = '{ctx.sft_dir}'", f"REWARD_MODEL = '{proxy_dir(ctx)}'",
-      f"BETA = {beta}"])
+      f"BETA = {beta}", *stages.eval_bindings(ctx.preset, KIND)])
+
+
+def proxy_reward(ctx: stages.Context, gold, batch_size: int):
+  """The optimum of Figure 3 is the proxy reward's (what policy gradient maximises),
+  judged by gold."""
+  del gold
+  from deranj.evaluation import judges  # pylint: disable=g-import-not-at-top
+  from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
+  return ("proxy reward model (proxy_rm), the reward policy gradient maximises",
+          judges.RewardModelJudge(*reward_model.load_reward_model(proxy_dir(ctx)),
+                                  batch_size=batch_size))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   return summarization.run("3", "policy gradient against a proxy reward model", KIND, argv,
                            __doc__.split("\n")[0], train_aligned,
-                           prepare=("proxy_rm", train_proxy))
+                           prepare=("proxy_rm", train_proxy), optimum_reward=proxy_reward)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Stages (each training run skipped when already finished; see experiments/summari
   4. `dpo_beta<β>`: DPO (configs/runs/dpo.gin) at β on the pairs from SFT, and
      `dpo_beta<β/λ>` for every λ ≠ 1 of the grid;
   5. one DeRa sweep, retrained-model samples, importance-resampled DeRa, both judges,
-     eq. 14 pairwise accuracy; fig7.json and fig7.png (panels a, b as the paper's
-     Figure 7, c DeRa against retrained, d pairwise accuracy).
+     eq. 14 pairwise accuracy; the optimum π*(β/λ) of the gold reward (DPO's implied
+     one); fig7.json and fig7.png (panels a, b as the paper's Figure 7, c DeRa against
+     retrained, d pairwise accuracy; the optimum in black; mean gold rewards bottom right).
 """
 from __future__ import annotations
 
@@ -35,11 +36,21 @@ RUN = "configs/runs/dpo.gin"
 
 def train_aligned(ctx: stages.Context, beta: float) -> bool:
   return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta), [
-      f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(), f"BETA = {beta}"])
+      f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(), f"BETA = {beta}",
+      *stages.eval_bindings(ctx.preset, KIND)])
+
+
+def implied_reward(ctx: stages.Context, gold, batch_size: int):
+  """DPO's pairs are labelled by the gold reward's Bradley-Terry model, so the reward
+  DPO implicitly fits, and its optimum, is the gold one."""
+  del ctx, batch_size
+  return ("gold reward model (gold_rm): it labels DPO's pairs by Bradley-Terry, so it is "
+          "the reward DPO implicitly fits", gold)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-  return summarization.run("7", "DPO", KIND, argv, __doc__.split("\n")[0], train_aligned)
+  return summarization.run("7", "DPO", KIND, argv, __doc__.split("\n")[0], train_aligned,
+                           optimum_reward=implied_reward)
 
 
 if __name__ == "__main__":

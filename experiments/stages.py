@@ -1,6 +1,7 @@
 """The stages Figures 2, 3 and 7 share: the preset's sampling grid, training the SFT,
-aligned and retrained models, sampling DeRa / SIR / every retrained model, and (Figures
-3 and 7) the gold-labelled preference pairs.
+aligned and retrained models, sampling DeRa / SIR / every retrained model, the optimum
+pi*(beta / lam) from SFT samples, each run's convergence record, and (Figures 3 and 7)
+the gold-labelled preference pairs.
 
 Random keys: the DeRa sweep, its importance-resampled version, the SFT samples and each
 retrained model draw from their own key (`model_key`: from the run's name, so a model's
@@ -25,6 +26,7 @@ from deranj.data import pipeline
 from deranj.data import preferences
 from deranj.data import tasks
 from deranj.data import tokenizer
+from deranj.evaluation import optimum
 from experiments import common
 
 SFT_RUN = "configs/runs/sft.gin"
@@ -49,20 +51,27 @@ class Grid:
   chunk: int  # rows per sampler call (FIG_CHUNK)
   pair_prompts: int = 0  # Figures 3 and 7: prompts giving training pairs
   val_pair_prompts: int = 0  # ... and held-out pairs
+  optimum_samples: int = 0  # SFT samples per prompt for the optimum (<PREFIX>_OPTIMUM_SAMPLES)
 
 
 def read_grid(preset: str, prefix: str, lams_flag: Optional[str]) -> Grid:
   """The preset's grid for `prefix` (FIG2 or SUMMARIZATION); `--lams` replaces its λs."""
   names = [f"{prefix}_{k}" for k in ("LAMS", "PROMPTS", "SAMPLES", "CANDIDATES")]
   pairs = ["PAIR_PROMPTS", "VAL_PAIR_PROMPTS"] if prefix == "SUMMARIZATION" else []
-  macros = common.preset_macros(preset, names + ["FIG_CHUNK"] + pairs)
+  macros = common.preset_macros(preset, names + ["FIG_CHUNK", f"{prefix}_OPTIMUM_SAMPLES"]
+                                + pairs)
   if lams_flag is not None:
     lams = common.parse_lams(lams_flag, add_one=True)
   else:
     lams = common.parse_lams(",".join(repr(float(x)) for x in macros[names[0]]),
                              add_one=True, flag=f"{common.PRESET_FILES[preset]}: {names[0]}")
+  optimum_samples = int(macros[f"{prefix}_OPTIMUM_SAMPLES"])
+  if optimum_samples < 2:
+    raise SystemExit(f"error: {common.PRESET_FILES[preset]}: {prefix}_OPTIMUM_SAMPLES = "
+                     f"{optimum_samples}: the optimum needs >= 2 SFT samples per prompt "
+                     f"(>= {optimum.MIN_ESS:g} for a point to be kept).")
   return Grid(lams, *(int(macros[n]) for n in names[1:]), int(macros["FIG_CHUNK"]),
-              *(int(macros[n]) for n in pairs))
+              *(int(macros[n]) for n in pairs), optimum_samples=optimum_samples)
 
 
 # ----------------------------------------------------------------------------- training
@@ -153,6 +162,137 @@ def sample_methods(timer: common.Timer, realigner, model, retrained: Sequence[tu
                                  model_key(rng, model_dir)))
   return Samples({"dera": dera, "retrained": np.stack(tokens), "dera_resampled": sir}, ess,
                  compiles.count)
+
+
+def sample_sft(model, params, prompts: np.ndarray, grid: Grid, max_len: int,
+               rng: jax.Array) -> np.ndarray:
+  """[P * M, T] SFT samples, M = grid.optimum_samples per prompt (prompt-major), from the
+  SFT stream of the driver's seed: the optimum's importance samples (and the first
+  `grid.samples` of each prompt serve as the SFT samples the judges compare against)."""
+  return sample_model(model, params, prompts, max(grid.optimum_samples, grid.samples),
+                      grid.chunk, max_len, jax.random.fold_in(rng, SFT))
+
+
+def first_samples(rows: np.ndarray, num_prompts: int, k: int) -> np.ndarray:
+  """The first k samples of each prompt from prompt-major rows [P * M, ...]."""
+  rows = np.asarray(rows)
+  return rows.reshape((num_prompts, -1) + rows.shape[1:])[:, :k].reshape(
+      (num_prompts * k,) + rows.shape[1:])
+
+
+def optimum_points(rewards: np.ndarray, values: dict, betas: Sequence[float],
+                   samples_per_prompt: int) -> list[dict]:
+  """Per beta, E_{pi*(beta)}[f] for each f in `values` from SFT samples with `rewards`
+  (deranj.evaluation.optimum): {"beta", f's name: value or None, "ess_mean", "ess_min",
+  "left_out", "reason"}."""
+  points = []
+  for beta in betas:
+    est = optimum.expectations(rewards, values, beta, samples_per_prompt)
+    points.append({"beta": est.beta, **est.values, "ess_mean": est.ess_mean,
+                   "ess_min": est.ess_min, "left_out": est.left_out, "reason": est.reason})
+  return points
+
+
+def optimum_method(samples_per_prompt: int, num_prompts: int, reward: str) -> dict:
+  """What figN.json says about how its optimum curve was computed."""
+  return {
+      "method": "self-normalised importance sampling of the SFT model's own samples: "
+                "E_{pi*(b)}[f] = E_sft[f exp(r / b)] / E_sft[exp(r / b)] per prompt (float64, "
+                "log space), averaged over prompts, at b = beta / lam",
+      "reward": reward, "sft_samples_per_prompt": int(samples_per_prompt),
+      "num_prompts": int(num_prompts), "min_ess": optimum.MIN_ESS,
+      "left_out_rule": "a point is left out (its values null) when any prompt's effective "
+                       "sample size 1 / sum w_i^2 is below min_ess; ESS does not see mass "
+                       "pi*(b) puts on responses the SFT samples never hit"}
+
+
+# ----------------------------------------------------------------------------- convergence
+
+# A run is "at a plateau" when, over its last PLATEAU_EVALS evaluations, every metric of
+# PLATEAU_METRICS[kind] moved (max - min) by at most PLATEAU_RTOL times max(|its mean over
+# those evaluations|, PLATEAU_FLOOR): 5% of its size, and at least 0.05 absolute (one unit,
+# a nat of KL or the length reward's whole range, is the floor of "its size"). The drivers
+# evaluate each alignment run every ceil(steps / EVALS_PER_RUN) steps and at its end: at
+# most EVALS_PER_RUN times (4 on the smoke preset's 8 steps).
+EVALS_PER_RUN = 5
+PLATEAU_EVALS = 3
+PLATEAU_RTOL = 0.05
+PLATEAU_FLOOR = 1.0
+PLATEAU_METRICS = {"ppo": ("objective/scores", "objective/kl"),
+                   "pg": ("objective/scores", "objective/kl"),
+                   "dpo": ("loss", "rewards/margins")}  # DPO evaluates held-out pairs
+STEPS_MACROS = {"ppo": "PPO_STEPS", "pg": "PG_STEPS", "dpo": "DPO_STEPS"}
+PLATEAU_RULE = (f"over the last {PLATEAU_EVALS} evaluations each of the run's plateau metrics "
+                f"moved (max - min) by at most {PLATEAU_RTOL:g} x max(|mean|, "
+                f"{PLATEAU_FLOOR:g}); runs are evaluated every ceil(steps / {EVALS_PER_RUN}) steps "
+                "and at their last")
+
+
+def eval_bindings(preset: str, kind: str) -> list[str]:
+  """The gin binding that evaluates a `kind` run up to EVALS_PER_RUN times, evenly."""
+  steps = int(common.preset_macros(preset, [STEPS_MACROS[kind]])[STEPS_MACROS[kind]])
+  return [f"train.eval_every = {max(1, -(-steps // EVALS_PER_RUN))}"]
+
+
+def plateau_test(evals: Sequence[dict], metrics: Sequence[str]) -> dict:
+  """Whether `evals` (`common.read_evals`) end on a plateau of `metrics` (see PLATEAU_RULE):
+  {"passed", "steps" (the window's), "moved" and "tolerance" per metric, "reason"}."""
+  out = {"passed": False, "steps": [e["step"] for e in evals[-PLATEAU_EVALS:]], "moved": {},
+         "tolerance": {}, "reason": None}
+  if len(evals) < PLATEAU_EVALS:
+    out["reason"] = f"{len(evals)} evaluation(s) logged, {PLATEAU_EVALS} needed"
+    return out
+  failed = []
+  for name in metrics:
+    values = [e.get(name) for e in evals[-PLATEAU_EVALS:]]
+    if any(v is None for v in values):
+      failed.append(f"{name} not logged")
+      continue
+    moved = float(max(values) - min(values))
+    tolerance = PLATEAU_RTOL * max(abs(float(np.mean(values))), PLATEAU_FLOOR)
+    out["moved"][name], out["tolerance"][name] = moved, tolerance
+    if not moved <= tolerance:
+      failed.append(f"{name} moved {moved:.3g} > {tolerance:.3g}")
+  out["passed"] = not failed
+  if failed:
+    out["reason"] = (f"over steps {out['steps'][0]}..{out['steps'][-1]}: "
+                     + "; ".join(failed))
+  return out
+
+
+def run_record(model_dir: str, kind: str, beta: float, reward: str,
+               optimum_reward: Optional[float], run_reward: Optional[float]) -> dict:
+  """A run's convergence: its evaluations, final reward / KL / KL to the optimum (None
+  where its objective does not log them), its gap to the optimum and its plateau test.
+
+  `reward`: the reward the run optimises, named; `optimum_reward`: pi*(beta)'s expected
+  value of it (None when left out), `run_reward`: the run's samples' mean of it on the
+  same prompts; gap = optimum - run (> 0: short of the optimum).
+  """
+  evals = common.read_evals(model_dir)
+  last = evals[-1] if evals else {}
+  gap = (optimum_reward - run_reward
+         if optimum_reward is not None and run_reward is not None else None)
+  return {
+      "run": os.path.basename(os.path.normpath(model_dir)), "kind": kind, "beta": beta,
+      "evals": evals,
+      "final_step": last.get("step"),
+      "final_reward": last.get("objective/scores"),  # the trained reward, eval prompts
+      "final_kl": last.get("objective/kl"),
+      "final_kl_to_optimum": last.get("objective/kl_to_optimum"),
+      "gap_to_optimum": {"reward": reward, "optimum": optimum_reward, "run": run_reward,
+                         "gap": gap},
+      "plateau": plateau_test(evals, PLATEAU_METRICS[kind]),
+  }
+
+
+def warn_unconverged(records: Sequence[dict]) -> None:
+  """A printed warning per run that failed its plateau test."""
+  for r in records:
+    if not r["plateau"]["passed"]:
+      common.log(f"warning: {r['run']} (beta = {r['beta']:.4g}) is not at a plateau "
+                 f"({r['plateau']['reason']}): its points are not a model trained to "
+                 "convergence at that beta.")
 
 
 # ----------------------------------------------------------------------------- pairs

@@ -26,7 +26,13 @@ when already finished; see common.py):
      over prompts (--bootstrap_resamples; a prompt's samples move together) (a) against SFT,
      (b) against the β model, (c) DeRa against the model retrained at the same λ; eq. 14
      pairwise accuracy of every DeRa and retrained model on the held-out pairs;
-  7. `figN.json` and `figN.png`.
+  7. the optimum π*(β/λ) of the reward the figure's aligner optimises (the driver's
+     `optimum_reward`), from SUMMARIZATION_OPTIMUM_SAMPLES SFT samples per test prompt
+     (self-normalised importance sampling, deranj.evaluation.optimum): its gold win rate
+     against SFT and its mean gold reward; each aligned run's convergence record (its
+     evaluations, gap to the optimum, plateau test; a warning line per run not at a
+     plateau);
+  8. `figN.json` and `figN.png`.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from deranj import dera  # noqa: E402
 from deranj.data import pipeline  # noqa: E402
 from deranj.data import tasks  # noqa: E402
 from deranj.evaluation import judges  # noqa: E402
+from deranj.evaluation import optimum as optimum_lib  # noqa: E402
 from deranj.evaluation import win_rates  # noqa: E402
 from experiments import judging  # noqa: E402
 from experiments import plots  # noqa: E402
@@ -94,9 +101,23 @@ def base_stages(ctx: stages.Context, macros: dict, grid: stages.Grid, timer: com
   return gold, sft, pair_stats
 
 
+GOLD_OPTIMUM = "gold reward model (gold_rm)"
+# What the optimum's numbers are comparable with, written to figN.json.
+OPTIMUM_METRIC = (
+    "optimum.gold_vs_sft: E_{y ~ pi*}[share of the prompt's other SFT samples y' with "
+    "r_gold(y) > r_gold(y'), ties 1/2] = pi*'s gold win rate against SFT; comparable with "
+    "per_lam[*][method].gold.vs_sft.rate (the same judge: a reward model's outcome does not "
+    "depend on the position swap; the same test prompts), whose 95% intervals it may fall "
+    "in or out of. optimum.mean_gold_reward: comparable with per_lam[*][method]"
+    ".mean_gold_reward. optimum.mean_trained_reward: the reward defining the optimum, "
+    "comparable with runs[*].gap_to_optimum.run. No ROUGE-L, vs-β or eq. 14 counterpart.")
+
+
 def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], description: str,
         train_aligned: Callable[[stages.Context, float], bool],
-        prepare: Optional[tuple[str, Callable[[stages.Context], bool]]] = None) -> dict:
+        prepare: Optional[tuple[str, Callable[[stages.Context], bool]]] = None,
+        optimum_reward: Optional[Callable[..., tuple[str, object]]] = None,
+        ) -> dict:
   """Runs a figure end to end and returns what it writes to figN.json.
 
   Args:
@@ -108,6 +129,8 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
       the SFT model through `ctx.train`, or skips it when finished (returns its bool).
     prepare: (stage name, fn(ctx) -> bool): a training run after the pairs and before
       the aligned models (Figure 3's proxy reward model).
+    optimum_reward: fn(ctx, gold judge, batch_size) -> (its name, a RewardModelJudge):
+      the reward whose optimum pi*(β/λ) the figure draws; None: the gold reward model.
   """
   args = parse_args(argv, description)
   grid = stages.read_grid(args.preset, "SUMMARIZATION", args.lams)
@@ -144,8 +167,8 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
                                   prompts, grid, max_len, rng)
   tokens = sampled.tokens
   with timer("sft_sampling"):
-    sft_tokens = stages.sample_model(ref, sft_params, prompts, samples, grid.chunk, max_len,
-                                     jax.random.fold_in(rng, stages.SFT))
+    sft_many = stages.sample_sft(ref, sft_params, prompts, grid, max_len, rng)
+    sft_tokens = stages.first_samples(sft_many, len(prompts), samples)
 
   with timer("pairwise_accuracy"):
     pairs_task = f"fig{figure}_pairs"
@@ -185,6 +208,21 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
       row["dera_resampled"]["num_candidates"] = grid.candidates
       per_lam.append(row)
 
+  with timer("optimum"):
+    reward_name, reward_judge = (optimum_reward(ctx, gold, grid.chunk) if optimum_reward
+                                 else (GOLD_OPTIMUM, gold))
+    opt = optimum_curve(gold, reward_name, reward_judge, prompts, sft_many,
+                        [args.beta / lam for lam in lams])
+    records = []
+    for i, (row, point) in enumerate(zip(per_lam, opt.pop("points"))):
+      row["optimum"] = point
+      run_reward = float(reward_judge.rewards(judge.prompts, tokens["retrained"][i]).mean())
+      record = stages.run_record(run_dirs[i], kind, row["beta_over_lam"], reward_name,
+                                 point["mean_trained_reward"], run_reward)
+      records.append(record)
+      row["retrained"]["run"] = record["run"]
+      row["retrained"]["plateau"] = record["plateau"]["passed"]
+
   def rates(method, j, key):
     return [r[method][j][key]["rate"] for r in per_lam]
 
@@ -207,7 +245,11 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
                             "resamples": args.bootstrap_resamples},
       "held_out_pairs": int(len(held_out["encoder_input_tokens"])),
       "sft": {**judge.describe(sft_tokens), "pairwise_accuracy": sft_acc},
+      "optimum": {**opt, "metric": OPTIMUM_METRIC},
       "per_lam": per_lam,
+      "runs": records,
+      "plateau_rule": stages.PLATEAU_RULE,
+      "all_runs_at_plateau": all(r["plateau"]["passed"] for r in records),
       "agreement": agreement,
       "lam_picked": {"by": "gold judge, win rate against SFT", **picked},
       "dera_sweep_compiles": sampled.compiles,
@@ -219,27 +261,55 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
   common.write_json(json_path, result)
   plots.summarization_figure(result, png_path)
   report(result)
+  stages.warn_unconverged(records)
   common.log(f"figure: {png_path}\nnumbers: {json_path}")
   return result
+
+
+def optimum_curve(gold, trained_name: str, trained, prompts: np.ndarray,
+                  sft_tokens: np.ndarray, betas: Sequence[float]) -> dict:
+  """The optimum pi*(b) of `trained`'s reward at each b of `betas`, from [P * M] SFT
+  samples (prompt-major): its gold win rate against SFT, mean gold reward and mean
+  trained reward, with the weights' ESS."""
+  per_prompt = len(sft_tokens) // len(prompts)
+  rows = np.repeat(prompts, per_prompt, axis=0)
+  gold_scores = np.asarray(gold.rewards(rows, sft_tokens), np.float64)
+  trained_scores = (gold_scores if trained is gold
+                    else np.asarray(trained.rewards(rows, sft_tokens), np.float64))
+  values = {"gold_vs_sft": optimum_lib.win_rate_against_samples(gold_scores, per_prompt),
+            "mean_gold_reward": gold_scores, "mean_trained_reward": trained_scores}
+  return {**stages.optimum_method(per_prompt, len(prompts), trained_name),
+          "sft": {"mean_gold_reward": float(gold_scores.mean()),
+                  "mean_trained_reward": float(trained_scores.mean())},
+          "points": stages.optimum_points(trained_scores, values, betas, per_prompt)}
 
 
 def report(result: dict) -> None:
   """A markdown table of the gold judge's win rates (95% intervals bootstrapped over
   prompts) and eq. 14 accuracies."""
-  common.log("\n| λ | β/λ | DeRa vs SFT | retrained vs SFT | SIR vs SFT | DeRa vs π(β) | "
-             "retrained vs π(β) | DeRa vs retrained | acc DeRa | acc retrained |\n"
-             "|---|---|---|---|---|---|---|---|---|---|")
+  common.log("\n| λ | β/λ | DeRa vs SFT | retrained vs SFT | SIR vs SFT | optimum vs SFT "
+             "(ESS min) | DeRa vs π(β) | retrained vs π(β) | DeRa vs retrained | acc DeRa | "
+             "acc retrained | gold reward DeRa / retrained / optimum | retrained at plateau |"
+             "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
   def g(row, method, key):
     w = row[method]["gold"][key]
     return f"{w['rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}]"
 
+  def opt(row, key):
+    o = row["optimum"]
+    return "left out" if o["left_out"] else f"{o[key]:.2f}"
+
   for r in result["per_lam"]:
     common.log(f"| {r['lam']:.4g} | {r['beta_over_lam']:.4g} | {g(r, 'dera', 'vs_sft')} | "
                f"{g(r, 'retrained', 'vs_sft')} | {g(r, 'dera_resampled', 'vs_sft')} | "
+               f"{opt(r, 'gold_vs_sft')} ({r['optimum']['ess_min']:.1f}) | "
                f"{g(r, 'dera', 'vs_beta')} | {g(r, 'retrained', 'vs_beta')} | "
                f"{g(r, 'dera', 'vs_retrained')} | {r['dera']['pairwise_accuracy']:.2f} | "
-               f"{r['retrained']['pairwise_accuracy']:.2f} |")
+               f"{r['retrained']['pairwise_accuracy']:.2f} | "
+               f"{r['dera']['mean_gold_reward']:.2f} / {r['retrained']['mean_gold_reward']:.2f}"
+               f" / {opt(r, 'mean_gold_reward')} | "
+               f"{'yes' if r['retrained']['plateau'] else 'no'} |")
   agree = result["agreement"]["gold/vs_sft"]
   common.log(f"\ngold judge vs SFT: Spearman ρ(DeRa, retrained) = {common.spearman_text(agree)}, "
              f"mean |Δ| = {agree['mean_abs_difference']:.3f}; λ picked: "

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import figure_checks
 from experiments import judging
 from experiments import stages
 from experiments import summarization
@@ -73,7 +74,7 @@ def workdir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("figs"))
 
 
-def _check(result, workdir, figure, lams):
+def _check(result, workdir, figure, lams, stdout):
   with open(os.path.join(workdir, f"fig{figure}.json")) as f:
     saved = json.load(f)
   assert saved["lams"] == lams
@@ -108,28 +109,42 @@ def _check(result, workdir, figure, lams):
   assert (agree["spearman"] is None) == (agree["spearman_p"] is None)
   assert os.path.getsize(os.path.join(workdir, f"fig{figure}.png")) > 0
   assert saved["trained_runs"] == result["trained_runs"] > 0
+  figure_checks.optimum_and_runs(saved, "gold_vs_sft", "pg" if figure == "3" else "dpo", stdout)
+  assert ("proxy" in saved["optimum"]["reward"]) == (figure == "3")
+  assert "gold_vs_sft" in saved["optimum"]["metric"]
+  for row in saved["per_lam"]:
+    point = row["optimum"]
+    if not point["left_out"]:
+      assert 0 <= point["gold_vs_sft"] <= 1
+      if figure == "7":  # defined by the gold reward itself
+        assert point["mean_trained_reward"] == point["mean_gold_reward"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("figure", ["3", "7"])
-def test_figure_smoke_run_then_rerun_skips_training(workdir, figure):
+def test_figure_smoke_run_then_rerun_skips_training(workdir, figure, capsys):
   if figure == "3":
     from experiments import fig3_policy_gradient as driver  # pylint: disable=g-import-not-at-top
   else:
     from experiments import fig7_dpo as driver  # pylint: disable=g-import-not-at-top
   argv = ["--preset", "smoke", "--workdir", workdir]  # the smoke grid: λ 0.5, 1, 2
   lams = [0.5, 1.0, 2.0]
-  _check(driver.main(argv), workdir, figure, lams)
+  result = driver.main(argv)
+  _check(result, workdir, figure, lams, capsys.readouterr().out)
   again = driver.main(argv)
   assert again["trained_runs"] == 0  # every run finished: all training skipped
   assert np.isfinite(again["per_lam"][0]["dera"]["gold"]["vs_sft"]["rate"])
+  assert again["runs"] == json.loads(json.dumps(result["runs"]))  # read back from the runs
 
 
 def test_report_says_when_spearman_is_undefined(capsys):
   rate = {"rate": 0.5, "low": 0.2, "high": 0.8}
-  judged = {"gold": {"vs_sft": rate, "vs_beta": rate, "vs_retrained": rate}}
+  judged = {"gold": {"vs_sft": rate, "vs_beta": rate, "vs_retrained": rate},
+            "mean_gold_reward": 0.25}
   row = {"lam": 2.0, "beta_over_lam": 0.05, "dera": {**judged, "pairwise_accuracy": 0.5},
-         "retrained": {**judged, "pairwise_accuracy": 0.5}, "dera_resampled": judged}
+         "retrained": {**judged, "pairwise_accuracy": 0.5, "plateau": False},
+         "dera_resampled": judged,
+         "optimum": {"left_out": True, "ess_min": 3.25, "gold_vs_sft": None}}
   result = {"per_lam": [row], "lam_picked": {"by": "gold", "dera": 2.0},
             "agreement": {"gold/vs_sft": {"spearman": None, "mean_abs_difference": 0.0}},
             "trained_runs": 0, "wall_seconds": {"sft": 1.0}}
@@ -137,6 +152,9 @@ def test_report_says_when_spearman_is_undefined(capsys):
   out = capsys.readouterr().out
   assert "Spearman ρ(DeRa, retrained) = n/a (a constant side)" in out
   assert "| 2 | 0.05 | 0.50 [0.20, 0.80] |" in out  # win rates with their intervals
+  # The optimum's point left out (ESS 3.25 < 10); the retrained run not at a plateau.
+  assert "| left out (3.2) |" in out and out.rstrip().split("\n")[-3].endswith(
+      "| 0.25 / 0.25 / left out | no |")
 
 
 def test_parse_lams_one_rule_one_line_errors():

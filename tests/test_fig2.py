@@ -11,6 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import figure_checks  # noqa: E402  (tests/)
 from experiments import fig2_length_reward  # noqa: E402
 from experiments import stages  # noqa: E402
 from scripts import sweep  # noqa: E402
@@ -72,6 +73,7 @@ def test_fig2_smoke_end_to_end_and_resumable(tmp_path):
   result = json.load(open(tmp_path / "fig2.json"))
   assert [r["lam"] for r in result["per_lam"]] == [0.5, 1.0, 2.0]
   l_min, l_max = result["length_range"]
+  max_len = result["histogram_bins"][-1] - 1
   n = result["num_prompts"] * result["samples_per_prompt"]
   for row in result["per_lam"]:
     for method in stages.METHODS:
@@ -87,6 +89,13 @@ def test_fig2_smoke_end_to_end_and_resumable(tmp_path):
   assert "-- run 4 of 4: ppo_beta0.05" in first.stdout  # smoke: SFT + 3 PPO runs
   assert result["dera_sweep_compiles"] == 1  # one compiled sampler for the whole grid
   assert os.path.getsize(tmp_path / "fig2.png") > 10_000
+  figure_checks.optimum_and_runs(result, "length_reward", "ppo", first.stdout)
+  assert "length reward" in result["optimum"]["reward"]
+  for row in result["per_lam"]:
+    point = row["optimum"]
+    if not point["left_out"]:
+      assert -1 <= point["length_reward"] <= 0 and 0 <= point["mean_length"] <= max_len
+      assert point["in_range"] == pytest.approx(1 + point["length_reward"], rel=1e-9)
   again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=900)
   assert again.returncode == 0

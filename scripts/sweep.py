@@ -253,8 +253,7 @@ def summarize(runs: Sequence[Run], kind: str, optimum: Optional[dict] = None) ->
         "gap": _spread([r["gap_to_optimum"]["gap"] for r in rows]),
         "at_plateau": sum(r["plateau"]["passed"] for r in rows)})
   return {"kind": kind, "plateau_rule": stages.PLATEAU_RULE,
-          "optimum": None if optimum is None else {
-              **{k: v for k, v in optimum.items() if k != "points"}, "gap_rule": GAP_RULE},
+          "optimum": None if optimum is None else {**optimum, "gap_rule": GAP_RULE},
           "runs": records, "by_beta": by_beta, "missing": missing}
 
 

@@ -4,8 +4,8 @@ summary table of the runs.
 
     python scripts/sweep.py --run_gin configs/runs/ppo_length.gin --preset tiny \
         --workdir /tmp/deranj/fig2 --init_checkpoint /tmp/deranj/fig2/sft \
-        --beta 0.1 --lams 0.25,0.5,1,2,4 [--betas 0.1,0.05] [--seeds 0,1,2] \
-        [--gin.NAME=value ...] [--run] [--summary] [--optimum_samples 256]
+        {--beta 0.1 --lams 0.25,0.5,1,2,4 | --betas 0.1,0.05} [--seeds 0,1,2] \
+        [--gin.NAME=value ...] [--run | --summary] [--optimum_samples 256]
 
 The grid: KL strengths β/λ for each λ of --lams (--beta 0.1 by default), or the βs of
 --betas; times each seed of --seeds (bound to the run file's SEED, which the trainer hashes

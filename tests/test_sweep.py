@@ -1,7 +1,6 @@
 """scripts/sweep.py: the grid's runs over betas and seeds (directories, gin bindings),
 finished runs skipped and interrupted ones resumed, the summary table from the trainer's
 own evaluation records, one-line errors (fast); a 2-run sweep on the smoke preset (slow)."""
-import io
 import json
 import os
 import shlex
@@ -20,6 +19,8 @@ from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
 from experiments import stages  # noqa: E402
 from scripts import sweep  # noqa: E402
+# tests/: evaluations written with the trainer's own MetricsLogger.
+from test_convergence import _write_evals  # noqa: E402  pylint: disable=g-bad-import-order
 
 PPO = "configs/runs/ppo_length.gin"
 
@@ -74,15 +75,6 @@ def test_lams_grid_without_seeds_keeps_the_drivers_commands(tmp_path):
   assert [f"train.eval_every = {got['train.eval_every']}"] == stages.eval_bindings("smoke", "ppo")
   assert sweep.commands(PPO, "smoke", str(tmp_path), "tiny", 0.1, [2.0, 0.5], []) == [
       (r.model_dir, r.command) for r in runs]
-
-
-def _write_evals(model_dir, rows):
-  """Evaluations written the way the trainer writes them (its MetricsLogger)."""
-  from deranj.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  log = metrics_lib.MetricsLogger(model_dir, 100, stream=io.StringIO())
-  for step, metrics in rows:
-    log.write_eval(step, metrics)
-  log.close()
 
 
 def _finish(model_dir):

@@ -228,9 +228,11 @@ PLATEAU_RULE = (f"over the last {PLATEAU_EVALS} evaluations each of the run's pl
                 "and at their last")
 
 
-def eval_bindings(preset: str, kind: str) -> list[str]:
-  """The gin binding that evaluates a `kind` run up to EVALS_PER_RUN times, evenly."""
-  steps = int(common.preset_macros(preset, [STEPS_MACROS[kind]])[STEPS_MACROS[kind]])
+def eval_bindings(preset: str, kind: str, steps: Optional[int] = None) -> list[str]:
+  """The gin binding that evaluates a `kind` run up to EVALS_PER_RUN times, evenly
+  (over `steps`, or the preset's STEPS_MACROS[kind] when None)."""
+  if steps is None:
+    steps = int(common.preset_macros(preset, [STEPS_MACROS[kind]])[STEPS_MACROS[kind]])
   return [f"train.eval_every = {max(1, -(-steps // EVALS_PER_RUN))}"]
 
 

@@ -93,7 +93,12 @@ def xla_cost(fn: Callable, *args) -> dict[str, float]:
 
   A while loop's body is counted once, whatever its trip count.
   """
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return compiled_cost(jax.jit(fn).lower(*args).compile())
+
+
+def compiled_cost(compiled) -> dict[str, float]:
+  """{'flops', 'bytes'} of an already compiled computation (NaN where XLA gives none)."""
+  cost = compiled.cost_analysis()
   cost = (cost[0] if cost else None) if isinstance(cost, (list, tuple)) else cost
   cost = cost or {}
   return {"flops": float(cost.get("flops", math.nan)),

@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from deranj import profiling  # noqa: E402
 from deranj.models import hf  # noqa: E402
 from deranj.models import t5  # noqa: E402
 from deranj.training import objectives  # noqa: E402
@@ -181,9 +182,7 @@ def main():
   start = time.perf_counter()
   compiled = step_fn.lower(state, {}, batch, rng).compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  xla_flops = profiling.compiled_cost(compiled)["flops"]
   for _ in range(2):  # warm-up: the first call also places the state; torch allocates
     ours_step()
     pt_step()

@@ -58,7 +58,7 @@ from deranj.models import base as models_base
 from deranj.models import t5
 
 Array = jax.Array
-ModelLike = Union[models_base.EncoderDecoderModel, t5.Transformer]
+ModelLike = Union[models_base.EncoderDecoderModel, models_base.DecoderOnlyModel, t5.Transformer]
 
 
 @flax.struct.dataclass
@@ -107,12 +107,12 @@ Scorer = Callable[[Array, RealignedSamples], Array]
 
 
 def _as_model(model: ModelLike) -> models_base.EncoderDecoderModel:
-  if isinstance(model, models_base.EncoderDecoderModel):
+  if isinstance(model, (models_base.EncoderDecoderModel, models_base.DecoderOnlyModel)):
     return model
   if isinstance(model, t5.Transformer):
     return models_base.EncoderDecoderModel(model)
-  raise TypeError(f"expected a deranj model (EncoderDecoderModel or t5.Transformer), "
-                  f"got {type(model).__name__}.")
+  raise TypeError(f"expected a deranj model (EncoderDecoderModel, DecoderOnlyModel or "
+                  f"t5.Transformer), got {type(model).__name__}.")
 
 
 def parse_lams(text: str, *, positive: bool = False, flag: str = "--lam") -> list[float]:

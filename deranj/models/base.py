@@ -1,6 +1,8 @@
-"""The model wrapper that training, scoring and decoding meet at (T5X's models.py).
+"""The model wrappers that training, scoring and decoding meet at (T5X's models.py).
 
-A batch is a dict of int32 arrays, T5X's encoder-decoder features:
+`EncoderDecoderModel` (T5) and `DecoderOnlyModel` (Llama / Mistral / Qwen) offer the same
+methods in terms of (prompts, responses). A batch is a dict of int32 arrays, T5X's
+encoder-decoder features (a decoder-only model packs them itself):
   encoder_input_tokens   [B, S]  prompt ids, 0 = PAD
   decoder_input_tokens   [B, T]  targets shifted right, starting with 0
   decoder_target_tokens  [B, T]  target ids, 0 = PAD
@@ -14,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deranj.models import decoder
 from deranj.models import losses
 from deranj.models import t5
 
@@ -179,3 +182,113 @@ class EncoderDecoderModel:
         {"params": params, "cache": cache}, None, None, tokens[:, None], decode=True,
         mutable=["cache"], method=t5.Transformer.decode)
     return logits[:, 0], variables["cache"]
+
+
+# ----------------------------------------------------------------------------- decoder-only
+
+
+def prompt_mask(prompts: Array) -> Array:
+  """[B, S] left-padded prompts -> [B, S] bool, False on each row's leading PADs (0)."""
+  return jnp.cumsum(prompts != 0, axis=1) > 0
+
+
+def left_pad(prompts: Array) -> Array:
+  """Right-padded prompts [B, S] (trailing 0s are PAD) -> the same rows left-padded."""
+  prompts = jnp.asarray(prompts)
+  length = prompts.shape[1]
+  last = jnp.max(jnp.where(prompts != 0, jnp.arange(length), -1), axis=1)  # -1: all PAD
+  shift = length - 1 - last
+  index = (jnp.arange(length)[None, :] - shift[:, None]) % length
+  return jnp.take_along_axis(prompts, index, axis=1)
+
+
+class DecoderOnlyModel:
+  """`EncoderDecoderModel`'s methods around a `decoder.Transformer`: T5X's DecoderOnlyModel,
+  prompt and response packed into one sequence, the loss and scores on the response only.
+
+  Padding: prompts [B, S] are LEFT-padded with 0, and only a row's leading 0s are padding
+  (0 is an ordinary token of these vocabularies; `left_pad` converts right-padded
+  prompts). Every row needs a real prompt token (e.g. BOS). Responses [B, T] are as for
+  `EncoderDecoderModel`: tokens, EOS, then PAD 0, every 0 masked (the sampler never
+  emits 0).
+
+  Batches are `EncoderDecoderModel`'s dicts (prompts in `encoder_input_tokens`, responses
+  in `decoder_target_tokens`, optional `decoder_loss_weights`; `decoder_input_tokens` is
+  not read), so trainers and `Realigner.score` take either model. The network reads
+  prompt + response[:-1]; the logit at the last prompt token predicts response token 0.
+  These architectures have no dropout: `dropout_rng` is accepted and unused.
+
+  Decoding: `init_cache` prefills all prompt tokens but the last and keeps that one;
+  the first `decode_step` feeds it in place of the token it is given (the sampler's
+  start token), so its logits predict the first response token and the sampler's loop is
+  the same for both families.
+  """
+
+  def __init__(self, module: decoder.Transformer, *, z_loss: float = 0.0,
+               label_smoothing: float = 0.0):
+    self.module = module
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+
+  def _init_variables(self, rng: Array):
+    return self.module.init(rng, jnp.ones((1, 2), jnp.int32))
+
+  # The same code as the encoder-decoder's: it reaches the network only through
+  # `_init_variables` and `logits`.
+  config = EncoderDecoderModel.config
+  init_params = EncoderDecoderModel.init_params
+  logical_axes = EncoderDecoderModel.logical_axes
+  param_shapes = EncoderDecoderModel.param_shapes
+  loss_fn = EncoderDecoderModel.loss_fn
+  token_logprobs = EncoderDecoderModel.token_logprobs
+  sequence_logprobs = EncoderDecoderModel.sequence_logprobs
+  score_batch = EncoderDecoderModel.score_batch
+  _token_logprobs = EncoderDecoderModel._token_logprobs
+
+  def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """Teacher-forced logits [B, T, V] of the responses given the prompts."""
+    del dropout_rng  # no dropout in these architectures
+    prompts = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
+    responses = jnp.asarray(batch["decoder_target_tokens"], jnp.int32)
+    _check_prompts(prompts)
+    tokens = jnp.concatenate([prompts, responses[:, :-1]], axis=1)  # [B, S + T - 1]
+    mask = jnp.concatenate([prompt_mask(prompts), jnp.ones_like(responses[:, :-1], bool)],
+                           axis=1)
+    return self.module.apply({"params": params}, tokens, mask, num_logits=responses.shape[1])
+
+  def init_cache(self, params: Params, prompts: Array, max_decode_length: int,
+                 num_decodes: int = 1) -> Cache:
+    """Prefills left-padded prompts [B, S] once; a cache for `max_decode_length` steps.
+
+    With `num_decodes` = N it serves B * N rows, each prompt's N rows adjacent.
+    """
+    prompts = jnp.asarray(prompts, jnp.int32)
+    _check_prompts(prompts)
+    mask = prompt_mask(prompts)
+    _, variables = self.module.apply(
+        {"params": params}, prompts[:, :-1], mask[:, :-1], decode=True,
+        max_decode_length=prompts.shape[1] - 1 + max_decode_length, num_logits=0,
+        mutable=["cache"])
+    cache = {"layers": variables["cache"], "pending": prompts[:, -1],
+             "started": jnp.zeros((), bool)}
+    if num_decodes > 1:  # every batched leaf has rank >= 1; the slot index is shared
+      cache = jax.tree_util.tree_map(
+          lambda x: jnp.repeat(x, num_decodes, axis=0) if x.ndim else x, cache)
+    return cache
+
+  def decode_step(self, params: Params, cache: Cache, tokens: Array) -> tuple[Array, Cache]:
+    """One token per row [B] -> (next-token logits [B, V], updated cache); the first call
+    feeds the last prompt token instead."""
+    tokens = jnp.where(cache["started"], tokens, cache["pending"])
+    logits, variables = self.module.apply(
+        {"params": params, "cache": cache["layers"]}, tokens[:, None], decode=True,
+        mutable=["cache"])
+    cache = {"layers": variables["cache"], "pending": cache["pending"],
+             "started": jnp.ones((), bool)}
+    return logits[:, 0], cache
+
+
+def _check_prompts(prompts: Array):
+  if prompts.ndim != 2 or prompts.shape[1] < 1:
+    raise ValueError(f"a decoder-only model needs prompts [batch, length >= 1], got shape "
+                     f"{prompts.shape}.")

@@ -394,3 +394,30 @@ def test_pickle_only_directory_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
   with pytest.raises(hf.CheckpointError, match="pickle.*AutoModelForCausalLM"):
     hf.load_decoder(str(tmp_path))
+
+
+def test_config_from_older_transformers_files():
+  """config.json as transformers 4 wrote it (Llama 3.1, Qwen2.5): rope_theta beside
+  rope_scaling; the llama3 frequencies are transformers' at real sizes."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  llama31 = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                 hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                 rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                   original_max_position_embeddings=8192, rope_type="llama3"),
+                 max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False)
+  config = hf.decoder_config_from_hf(llama31)
+  assert (config.rope_theta, config.head_dim, config.num_kv_heads) == (500000.0, 128, 8)
+  assert config.rope_scaling == decoder.RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+  theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers.LlamaConfig(**llama31))
+  np.testing.assert_allclose(decoder.rope_frequencies(config), theirs.numpy(), rtol=1e-6)
+
+  qwen25 = dict(architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
+                intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, rope_theta=1000000.0, rope_scaling=None,
+                use_sliding_window=False, sliding_window=32768, tie_word_embeddings=True)
+  config = hf.decoder_config_from_hf(qwen25)
+  assert (config.rope_theta, config.head_dim, config.rope_scaling) == (1e6, 64, None)
+  assert config.attention_bias and config.tie_word_embeddings and config.sliding_window is None
+  with pytest.raises(hf.CheckpointError, match="use_sliding_window=True"):
+    hf.decoder_config_from_hf(dict(qwen25, use_sliding_window=True))

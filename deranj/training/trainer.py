@@ -244,8 +244,10 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
       t0 = time.time()
       metrics = {}
       if eval_data is not None:
-        metrics = objective.evaluate(state.params, frozen, eval_data,
-                                     jax.random.fold_in(eval_rng, step),
+        # One key for every evaluation (common random numbers): two evaluations of
+        # nearly equal policies draw nearly equal samples, so their difference is the
+        # policy's change, not sampling noise (what the figures' plateau tests read).
+        metrics = objective.evaluate(state.params, frozen, eval_data, eval_rng,
                                      eval_batch_size or batch_size)
       if eval_hook is not None:
         metrics = {**metrics, **eval_hook(objective.policy_params(state.params), step)}

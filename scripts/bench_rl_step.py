@@ -13,9 +13,12 @@ run with --init for its response lengths):
   update    the optimizer updates (PPO: epochs x minibatches clipped-loss updates of policy
             and value; PG: one gradient step of the leave-one-out loss)
   step      the whole train step as the trainer jits it (the pieces fused by XLA)
+  score, unshared   (policy gradient) the score piece with every sample encoding its own
+            copy of the prompt, as before the samples shared their prompt's encoding
 
 Medians of --rounds interleaved rounds (pieces alternate order within a round) with min
-and max. The share column is each piece's median over the sum of the four pieces' medians.
+and max. The share column is each piece's median over the sum of the four pieces' medians
+(other rows: their median over that sum).
 
     PYTHONPATH=. python scripts/bench_rl_step.py [--init runs/sft] [--ppo_batch 16 \
         --pg_batch 8 --pg_samples 4 --rounds 5 --json out.json]
@@ -144,11 +147,12 @@ def pg_arms(model, base_params, prompts, args, reward):
       "reward": lambda: _block(reward_fn(frozen, rollout)),
       "update": lambda: _block(update_fn(state, scored, rng)),
       "step": lambda: _block(full_step(state, frozen, batch, rng)),
+      "score, unshared": lambda: _block(score_fn(frozen, rollout.replace(num_samples=1))),
   }
   return arms, rollout
 
 
-def measure(name, arms, rollout, rounds, eos_id=1):
+def measure(name, arms, rollout, rounds):
   for fn in arms.values():  # compile
     fn()
   times = profiling.interleaved_rounds(arms, rounds)
@@ -157,12 +161,11 @@ def measure(name, arms, rollout, rounds, eos_id=1):
   lengths = np.asarray(jax.device_get(rollout.mask.sum(-1)))
   print(f"\n{name}: {rollout.mask.shape[0]} responses, mean length {lengths.mean():.1f} "
         f"(max {int(lengths.max())} of {rollout.mask.shape[1]})")
-  print(f"  {'piece':8s} {'median s':>9s} {'min':>7s} {'max':>7s} {'share':>6s}")
-  for k in (*PIECES, "step"):
+  print(f"  {'piece':16s} {'median s':>9s} {'min':>7s} {'max':>7s} {'share':>6s}")
+  for k in (*PIECES, *(k for k in stats if k not in PIECES)):
     s = stats[k]
     share = f"{s['median'] / total:6.0%}" if k in PIECES else f"{s['median'] / total:5.2f}x"
-    print(f"  {k:8s} {s['median']:9.3f} {s['min']:7.3f} {s['max']:7.3f} {share}")
-  del eos_id
+    print(f"  {k:16s} {s['median']:9.3f} {s['min']:7.3f} {s['max']:7.3f} {share}")
   return {"responses": int(rollout.mask.shape[0]), "mean_length": float(lengths.mean()),
           "pieces": stats, "sum_of_pieces": total}
 

@@ -159,3 +159,34 @@ def test_evaluation_logs_the_kl_to_the_optimum(owner):
   assert abs(float(got["reference"]["objective/kl_to_optimum"])) < 1e-6
   assert float(got["moved"]["objective/kl_to_optimum"]) > 1e-3
   assert float(got["moved"]["objective/kl"]) > 1e-3
+
+
+def test_samples_share_their_prompts_encoding_with_the_same_log_probs():
+  """A rollout's N samples per prompt are scored with one encoding per prompt: the same
+  log-probabilities and gradients as encoding each repeated prompt."""
+  from deranj.models import base
+  from deranj.models import t5
+  import numerics
+  import tiny_models
+  model = base.EncoderDecoderModel(t5.Transformer(t5.T5Config(
+      vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=2)))
+  params = tiny_models.random_params(model, 0)
+  rng = np.random.default_rng(0)
+  prompts = jnp.asarray(rng.integers(2, 32, (3, 7)), jnp.int32).at[1, 5:].set(0)
+  responses = jnp.asarray(rng.integers(1, 32, (6, 5)), jnp.int32).at[2, 3:].set(0)
+  rollout = rollouts.Rollout(encoder_input_tokens=jnp.repeat(prompts, 2, axis=0),
+                             decoder_input_tokens=jnp.zeros_like(responses),
+                             decoder_target_tokens=responses,
+                             mask=(responses > 0).astype(jnp.float32), num_samples=2)
+  np.testing.assert_array_equal(rollout.prompts, prompts)
+
+  def total(p, shared):
+    ro = rollout if shared else rollout.replace(num_samples=1)
+    return rollouts.token_logprobs(model, p, ro)[0].sum()
+  shared, g_shared = jax.value_and_grad(total)(params, True)
+  repeated, g_repeated = jax.value_and_grad(total)(params, False)
+  numerics.assert_close_f32(shared, repeated, terms=6 * 5 * 32)
+  for a, b in zip(jax.tree_util.tree_leaves(g_shared), jax.tree_util.tree_leaves(g_repeated)):
+    numerics.assert_close_f32(a, b, terms=6 * 5 * 32, scale=np.abs(b).max() + 1e-3)
+  with pytest.raises(ValueError, match="do not split evenly"):
+    model.token_logprobs(params, prompts[:2], responses[:5])

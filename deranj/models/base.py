@@ -45,6 +45,14 @@ def response_batch(prompts: Array, responses: Array) -> dict[str, Array]:
           "decoder_input_tokens": shift_right(responses)}
 
 
+def samples_per_prompt(prompts: Array, responses: Array) -> int:
+  """N when `responses` [B * N, ...] hold N adjacent responses per row of `prompts` [B, S]."""
+  b, rows = prompts.shape[0], responses.shape[0]
+  if b == 0 or rows % b:
+    raise ValueError(f"{rows} responses do not split evenly over {b} prompts.")
+  return rows // b
+
+
 def masked_log_likelihood(logits: Array, targets: Array,
                           weights: Optional[Array] = None) -> Array:
   """log softmax(logits)[targets] [B, T], times `weights` (default: targets > 0)."""
@@ -90,11 +98,26 @@ class EncoderDecoderModel:
   # --------------------------------------------------------------------------- training
 
   def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
-    """Teacher-forced logits [B, T, V]; dropout only when `dropout_rng` is given."""
+    """Teacher-forced logits [B, T, V]; dropout only when `dropout_rng` is given.
+
+    `encoder_input_tokens` may hold each prompt once, [B / N, S], for N adjacent responses
+    per prompt (`samples_per_prompt`): the encoder then runs once per prompt, not once
+    per response (policy gradient's N samples share their prompt's encoding).
+    """
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return self.module.apply(
-        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        enable_dropout=dropout_rng is not None, rngs=rngs)
+    prompts, inputs = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    n = samples_per_prompt(prompts, inputs)
+    dropout = dropout_rng is not None
+    if n == 1:
+      return self.module.apply({"params": params}, prompts, inputs, enable_dropout=dropout,
+                               rngs=rngs)
+
+    def shared_encoding(module: t5.Transformer, prompts, inputs):
+      encoded = module.encode(prompts, enable_dropout=dropout)
+      return module.decode(jnp.repeat(encoded, n, axis=0), jnp.repeat(prompts, n, axis=0),
+                           inputs, enable_dropout=dropout)
+    return self.module.apply({"params": params}, prompts, inputs, method=shared_encoding,
+                             rngs=rngs)
 
   def loss_fn(self, params: Params, batch: Batch,
               dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
@@ -123,7 +146,8 @@ class EncoderDecoderModel:
 
     Args:
       params: the model's params.
-      prompts: [B, S] prompt ids, 0 = PAD.
+      prompts: [B, S] prompt ids, 0 = PAD; or [B / N, S], each prompt once for its N
+        adjacent responses (encoded once).
       responses: [B, T] response ids (tokens, EOS, then PAD = 0).
       dropout_rng: dropout only when given.
 
@@ -251,6 +275,7 @@ class DecoderOnlyModel:
     prompts = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
     responses = jnp.asarray(batch["decoder_target_tokens"], jnp.int32)
     _check_prompts(prompts)
+    prompts = jnp.repeat(prompts, samples_per_prompt(prompts, responses), axis=0)
     tokens = jnp.concatenate([prompts, responses[:, :-1]], axis=1)  # [B, S + T - 1]
     mask = jnp.concatenate([prompt_mask(prompts), jnp.ones_like(responses[:, :-1], bool)],
                            axis=1)

@@ -54,8 +54,10 @@ class PolicyGradient(rollouts.RolloutObjective):
   def loss(self, params, frozen, batch, rng):
     """`batch` is a scored rollout (see `train_step`); one row per response."""
     del frozen, rng
+    # Microbatches split rows contiguously, so a prompt's samples stay adjacent.
     rollout = rollouts.Rollout(**{k: batch[k] for k in (
-        "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "mask")})
+        "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "mask")},
+                               num_samples=self.num_samples)
     logp, logits = rollouts.token_logprobs(self.model, params, rollout)
     seq_logp = logp.sum(-1)
     kl = jax.lax.stop_gradient(seq_logp) - batch["ref_logp"]

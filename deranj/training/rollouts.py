@@ -143,6 +143,12 @@ class Rollout:
   decoder_input_tokens: Array  # responses shifted right
   decoder_target_tokens: Array  # responses, 0 after EOS
   mask: Array  # float32, 1 on response tokens (EOS included)
+  num_samples: int = flax.struct.field(pytree_node=False, default=1)  # per prompt, adjacent
+
+  @property
+  def prompts(self) -> Array:
+    """Each prompt once: [B / num_samples, S]."""
+    return self.encoder_input_tokens[::self.num_samples]
 
   def batch(self) -> dict[str, Array]:
     return {"encoder_input_tokens": self.encoder_input_tokens,
@@ -162,14 +168,14 @@ def sample_rollout(model: models_base.EncoderDecoderModel, params: Params, promp
   return Rollout(encoder_input_tokens=jnp.repeat(prompts, num_samples, axis=0),
                  decoder_input_tokens=models_base.shift_right(tokens),
                  decoder_target_tokens=tokens,
-                 mask=(tokens > 0).astype(jnp.float32))
+                 mask=(tokens > 0).astype(jnp.float32), num_samples=num_samples)
 
 
 def token_logprobs(model: models_base.EncoderDecoderModel, params: Params,
                    rollout: Rollout) -> tuple[Array, Array]:
-  """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V])."""
-  return model.token_logprobs(params, rollout.encoder_input_tokens,
-                              rollout.decoder_target_tokens)
+  """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V]).
+  A prompt's samples share one encoding."""
+  return model.token_logprobs(params, rollout.prompts, rollout.decoder_target_tokens)
 
 
 def count_nonfinite(*arrays: Array) -> Array:

@@ -1,16 +1,20 @@
-r"""Figure 2: DeRa at λ against PPO models retrained at β/λ, on the length reward (eq. 10).
+r"""Figure 2: DeRa at λ against models retrained at β/λ, on the length reward (eq. 10).
 
     python experiments/fig2_length_reward.py --preset tiny --workdir /tmp/deranj/fig2
 
+The trainer is the preset's FIG2_TRAINER (or --trainer): 'ppo' (the paper's,
+`configs/runs/ppo_length.gin`) or 'pg' (leave-one-out policy gradient,
+`configs/runs/pg_length.gin`); β is FIG2_BETA (or --beta).
+
 Stages (each training run through gin, skipped when already finished):
   1. SFT from the preset's INIT_CHECKPOINT (the shipped tiny T5 for smoke/tiny);
-  2. PPO at β from the SFT model (`configs/runs/ppo_length.gin`): the aligned model;
-  3. PPO at β/λ for every λ ≠ 1 of the grid: the retrained models;
+  2. the trainer at β from the SFT model: the aligned model;
+  3. the trainer at β/λ for every λ ≠ 1 of the grid: the retrained models;
   4. one DeRa sweep over the whole grid from (SFT, aligned), a single compiled sampler;
   5. samples of every retrained model, and importance-resampled DeRa (the exact mixture);
   6. the optimum π*(β/λ) under the length reward, from FIG2_OPTIMUM_SAMPLES SFT samples
      per prompt (self-normalised importance sampling, deranj.evaluation.optimum);
-  7. length reward and length distributions of each, and each PPO run's convergence
+  7. length reward and length distributions of each, and each run's convergence
      record (its evaluations, final reward / KL / KL to the optimum, gap to the optimum's
      reward, plateau test; a warning line per run not at a plateau), written to fig2.json
      and fig2.png (panel a: reward against λ, 95% intervals clustered by prompt, the
@@ -42,8 +46,9 @@ from deranj.evaluation import win_rates  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments import stages  # noqa: E402
 
-RUN = "configs/runs/ppo_length.gin"
-KIND = "ppo"
+# --trainer -> (run file, run kind: experiments.stages's name for its runs).
+TRAINERS = {"ppo": ("configs/runs/ppo_length.gin", "ppo"),
+            "pg": ("configs/runs/pg_length.gin", "pg_length")}
 
 
 def length_stats(tokens: np.ndarray, num_prompts: int, l_min: int, l_max: int,
@@ -101,7 +106,10 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(common.PRESET_FILES), default="tiny")
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--beta", type=float, default=0.1)
+  parser.add_argument("--beta", type=float, default=None,
+                      help="the aligned model's KL strength; default: the preset's FIG2_BETA")
+  parser.add_argument("--trainer", choices=sorted(TRAINERS), default=None,
+                      help="default: the preset's FIG2_TRAINER")
   parser.add_argument("--lams", default=None,
                       help="comma-separated λ grid (1 is added); default: the preset's FIG2_LAMS")
   parser.add_argument("--seed", type=int, default=0)
@@ -111,26 +119,36 @@ def main(argv=None) -> dict:
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
   macros = common.preset_macros(args.preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",
-                                              "L_MIN", "L_MAX"])
+                                              "L_MIN", "L_MAX", "FIG2_BETA", "FIG2_TRAINER"])
+  if args.beta is None:
+    args.beta = float(macros["FIG2_BETA"])
+  if args.trainer is None:
+    args.trainer = macros["FIG2_TRAINER"]
+    if args.trainer not in TRAINERS:
+      raise SystemExit(f"error: {common.PRESET_FILES[args.preset]}: FIG2_TRAINER = "
+                       f"{args.trainer!r}: expected one of {sorted(TRAINERS)}.")
+  if not args.beta > 0:
+    raise SystemExit(f"error: --beta={args.beta}: the KL strength must be > 0.")
+  run_gin, kind = TRAINERS[args.trainer]
   timer = common.Timer()
-  runs = stages.Runs(1 + len(lams))  # SFT, then one PPO run per λ
+  runs = stages.Runs(1 + len(lams))  # SFT, then one alignment run per λ
 
   sft_dir = common.run_dir(workdir, "sft")
   with timer("sft"):
     runs.train(stages.SFT_RUN, args.preset, sft_dir)
-  run_dirs = [common.run_dir(workdir, KIND, args.beta / lam) for lam in lams]
+  run_dirs = [common.run_dir(workdir, kind, args.beta / lam) for lam in lams]
 
-  def train_ppo(lam):
-    return runs.train(RUN, args.preset, common.run_dir(workdir, KIND, args.beta / lam),
+  def align(lam):
+    return runs.train(run_gin, args.preset, common.run_dir(workdir, kind, args.beta / lam),
                       [f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {args.beta / lam}",
-                       *stages.eval_bindings(args.preset, KIND)])
+                       *stages.eval_bindings(args.preset, kind)])
 
   with timer("aligned"):
-    train_ppo(1.0)
+    align(1.0)
   with timer("retrained"):
     for lam in lams:
       if lam != 1:
-        train_ppo(lam)
+        align(lam)
 
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
   val = pipeline.load(macros["TASK"], "validation", lengths, max_examples=grid.prompts)
@@ -158,7 +176,7 @@ def main(argv=None) -> dict:
     stats["dera_resampled"].update(mean_ess=float(sampled.ess[i].mean()),
                                    num_candidates=grid.candidates)
     point = optimum["points"][i]
-    record = stages.run_record(run_dirs[i], KIND, args.beta / lam, "length reward",
+    record = stages.run_record(run_dirs[i], kind, args.beta / lam, "length reward",
                                point["length_reward"], stats["retrained"]["length_reward"])
     runs_record.append(record)
     stats["retrained"]["run"] = record["run"]
@@ -166,7 +184,8 @@ def main(argv=None) -> dict:
     per_lam.append({"lam": lam, "beta_over_lam": args.beta / lam, **stats, "optimum": point})
   reward = lambda key: [r[key]["length_reward"] for r in per_lam]  # noqa: E731
   result = {
-      "figure": "2", "preset": args.preset, "beta": args.beta, "lams": lams,
+      "figure": "2", "preset": args.preset, "trainer": args.trainer, "run_gin": run_gin,
+      "beta": args.beta, "lams": lams,
       "seed": args.seed, "length_range": [l_min, l_max], "num_prompts": int(num_prompts),
       "samples_per_prompt": grid.samples, "histogram_bins": bins.tolist(),
       "optimum": {k: v for k, v in optimum.items() if k != "points"},

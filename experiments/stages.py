@@ -220,8 +220,11 @@ PLATEAU_RTOL = 0.05
 PLATEAU_FLOOR = 1.0
 PLATEAU_METRICS = {"ppo": ("objective/scores", "objective/kl"),
                    "pg": ("objective/scores", "objective/kl"),
+                   "pg_length": ("objective/scores", "objective/kl"),
                    "dpo": ("loss", "rewards/margins")}  # DPO evaluates held-out pairs
-STEPS_MACROS = {"ppo": "PPO_STEPS", "pg": "PG_STEPS", "dpo": "DPO_STEPS"}
+# kind: ppo (ppo_length.gin), pg (pg_reward.gin), pg_length (pg_length.gin), dpo (dpo.gin).
+STEPS_MACROS = {"ppo": "PPO_STEPS", "pg": "PG_STEPS", "pg_length": "PG_LENGTH_STEPS",
+                "dpo": "DPO_STEPS"}
 PLATEAU_RULE = (f"over the last {PLATEAU_EVALS} evaluations each of the run's plateau metrics "
                 f"moved (max - min) by at most {PLATEAU_RTOL:g} x max(|mean|, "
                 f"{PLATEAU_FLOOR:g}); runs are evaluated every ceil(steps / {EVALS_PER_RUN}) steps "

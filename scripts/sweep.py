@@ -10,8 +10,8 @@ summary table of the runs.
 The grid: KL strengths β/λ for each λ of --lams (--beta 0.1 by default), or the βs of
 --betas; times each seed of --seeds (bound to the run file's SEED, which the trainer hashes
 with the objective and β). Seed 0 trains in `<workdir>/<kind>_beta<β>` (the directory the
-figure drivers read, so a driver started afterwards skips it; kind = ppo | pg | dpo from
-the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>`. Every run is evaluated
+figure drivers read, so a driver started afterwards skips it; kind = ppo | pg_length |
+pg | dpo from the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>`. Every run is evaluated
 as the figure drivers' are (stages.eval_bindings), enough evaluations for the plateau test.
 
 --run trains the runs in turn, seed by seed: finished runs are skipped and an interrupted
@@ -43,9 +43,11 @@ from deranj.training import checkpoints  # noqa: E402
 from experiments import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from experiments import stages  # noqa: E402
 
-KINDS = {"ppo_length": "ppo", "pg_reward": "pg", "dpo": "dpo"}
+KINDS = {"ppo_length": "ppo", "pg_length": "pg_length", "pg_reward": "pg", "dpo": "dpo"}
 # The trained reward each kind's evaluations log as objective/scores (DPO logs none).
-REWARDS = {"ppo": "length reward", "pg": "the run's reward model", "dpo": "none logged"}
+REWARDS = {"ppo": "length reward", "pg_length": "length reward",
+           "pg": "the run's reward model", "dpo": "none logged"}
+LENGTH_REWARD_KINDS = ("ppo", "pg_length")  # where the sweep can estimate the optimum
 # Bindings the sweep makes itself: one extra --gin.NAME would silently undo the grid.
 RESERVED = ("MODEL_DIR", "INIT_CHECKPOINT", "BETA", "SEED", "train.model_dir", "train.seed")
 SUMMARY = "sweep_summary"  # <workdir>/sweep_summary.{json,md}
@@ -69,7 +71,8 @@ class Run:
 
 
 def kind_of(run_gin: str) -> str:
-  """ppo | pg | dpo for a run file; one line when it is none of the retraining runs."""
+  """ppo | pg_length | pg | dpo for a run file; one line when it is none of the retraining
+  runs."""
   stem = os.path.splitext(os.path.basename(run_gin))[0]
   if stem not in KINDS:
     raise SystemExit(f"error: --run_gin={run_gin}: expected one of "
@@ -393,9 +396,10 @@ def main(argv=None):
   if args.optimum_samples is not None:
     if not (args.run or args.summary):
       raise SystemExit("error: --optimum_samples goes with --run or --summary.")
-    if kind != "ppo":
+    if kind not in LENGTH_REWARD_KINDS:
       raise SystemExit(f"error: --optimum_samples: the optimum's reward is estimated for the "
-                       f"length reward (ppo_length.gin) only, not {args.run_gin}.")
+                       f"length reward (ppo_length.gin, pg_length.gin) only, not "
+                       f"{args.run_gin}.")
     if args.optimum_samples < 2:
       raise SystemExit(f"error: --optimum_samples={args.optimum_samples}: the optimum needs "
                        f">= 2 SFT samples per prompt (>= {stages.optimum.MIN_ESS:g} for a gap).")

@@ -86,10 +86,11 @@ def test_fig2_smoke_end_to_end_and_resumable(tmp_path):
           result["histogram_bins"]) - 1).tolist()
   beta_row = result["per_lam"][result["lams"].index(1.0)]
   assert beta_row["dera"]["lengths"] != beta_row["retrained"]["lengths"]  # own keys
-  assert "-- run 4 of 4: ppo_beta0.05" in first.stdout  # smoke: SFT + 3 PPO runs
+  assert "-- run 4 of 4: pg_length_beta0.05" in first.stdout  # smoke: SFT + 3 PG runs
   assert result["dera_sweep_compiles"] == 1  # one compiled sampler for the whole grid
   assert os.path.getsize(tmp_path / "fig2.png") > 10_000
-  figure_checks.optimum_and_runs(result, "length_reward", "ppo", first.stdout)
+  figure_checks.optimum_and_runs(result, "length_reward", "pg_length", first.stdout)
+  assert result["trainer"] == "pg" and result["run_gin"] == "configs/runs/pg_length.gin"
   assert "length reward" in result["optimum"]["reward"]
   for row in result["per_lam"]:
     point = row["optimum"]

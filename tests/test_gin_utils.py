@@ -164,20 +164,25 @@ def test_figure_drivers_bind_only_macros_their_runs_read(driver_runs, tmp_path, 
                                     str(tmp_path / "fig2"), "--lams", "0.5,2"])
   with pytest.raises(_Stop):
     fig2_length_reward.main()
+  monkeypatch.setattr(sys, "argv", ["fig2", "--preset", "smoke", "--workdir",
+                                    str(tmp_path / "fig2_ppo"), "--lams", "2", "--trainer", "ppo"])
+  with pytest.raises(_Stop):
+    fig2_length_reward.main()
   with pytest.raises(_Stop):  # sft and gold_rm, then stops loading the gold model
     fig3_policy_gradient.main(["--preset", "smoke", "--workdir", str(tmp_path / "figs")])
   ctx = stages.Context("smoke", str(tmp_path / "figs"))
   fig3_policy_gradient.train_proxy(ctx)
   fig3_policy_gradient.train_aligned(ctx, 0.1)
   fig7_dpo.train_aligned(ctx, 0.05)
-  assert driver_runs == ["sft.gin", "ppo_length.gin", "ppo_length.gin", "ppo_length.gin",
+  assert driver_runs == ["sft.gin", "pg_length.gin", "pg_length.gin", "pg_length.gin",
+                         "sft.gin", "ppo_length.gin", "ppo_length.gin",
                      "sft.gin", "reward_model.gin", "reward_model.gin", "pg_reward.gin",
                      "dpo.gin"]
 
 
 def test_sweep_commands_parse_with_the_checks(tmp_path):
   from scripts import sweep  # pylint: disable=g-import-not-at-top
-  for run in ("ppo_length", "pg_reward", "dpo"):
+  for run in ("ppo_length", "pg_length", "pg_reward", "dpo"):
     todo = sweep.commands(f"configs/runs/{run}.gin", "smoke", str(tmp_path), "/tmp/sft", 0.1,
                           [0.5, 1.0], ["LOG_EVERY = 1"])
     for _, command in todo:

@@ -30,7 +30,8 @@ from deranj.training import checkpoints  # noqa: E402
 from deranj.training import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESET_FILES = {name: f"configs/presets/{name}.gin" for name in ("smoke", "tiny", "paper")}
+PRESET_FILES = {name: f"configs/presets/{name}.gin"
+                for name in ("smoke", "demo", "tiny", "paper")}
 
 
 def log(text: str) -> None:

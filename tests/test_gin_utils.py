@@ -121,8 +121,9 @@ def test_misspelled_configurable_or_parameter_suggests_the_name(binding, suggest
   assert suggestion in error_of(SFT, [binding])
 
 
-@pytest.mark.parametrize("preset", ["smoke", "tiny", "paper"])
-@pytest.mark.parametrize("run", ["sft", "ppo_length", "pg_reward", "reward_model", "dpo"])
+@pytest.mark.parametrize("preset", ["smoke", "demo", "tiny", "paper"])
+@pytest.mark.parametrize("run", ["sft", "ppo_length", "pg_length", "pg_reward", "reward_model",
+                                 "dpo"])
 def test_every_run_file_passes_the_checks_with_every_preset(run, preset):
   gin_utils.parse_gin([f"configs/runs/{run}.gin", f"configs/presets/{preset}.gin"], [DIR])
 

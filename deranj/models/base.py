@@ -3,10 +3,15 @@
 `EncoderDecoderModel` (T5) and `DecoderOnlyModel` (Llama / Mistral / Qwen) offer the same
 methods in terms of (prompts, responses). A batch is a dict of int32 arrays, T5X's
 encoder-decoder features (a decoder-only model packs them itself):
-  encoder_input_tokens   [B, S]  prompt ids, 0 = PAD
+  encoder_input_tokens   [B, S]  prompt ids, PAD = the model's `pad_id`
   decoder_input_tokens   [B, T]  targets shifted right, starting with 0
-  decoder_target_tokens  [B, T]  target ids, 0 = PAD
-  decoder_loss_weights   [B, T]  optional; defaults to decoder_target_tokens > 0
+  decoder_target_tokens  [B, T]  target ids, PAD = `pad_id`
+  decoder_loss_weights   [B, T]  optional; defaults to decoder_target_tokens != pad_id
+
+`pad_id` is 0 for T5 (its vocabularies reserve 0 for PAD). A decoder-only model takes
+it as an argument: its tokenizer's PAD id when it has one, or `NO_PAD` (-1) when every
+id is a real token (Llama 3, Qwen); -1 then fills prompts and responses where they
+hold no token, and the sampler may emit any id.
 """
 from __future__ import annotations
 
@@ -32,11 +37,19 @@ def shift_right(targets: Array, start_id: int = 0) -> Array:
   return jnp.concatenate([start, targets[:, :-1]], axis=1)
 
 
-def loss_weights(batch: Batch) -> Array:
+NO_PAD = -1  # the pad_id of a vocabulary without a PAD token: no id is reserved
+
+
+def loss_weights(batch: Batch, pad_id: int = 0) -> Array:
   weights = batch.get("decoder_loss_weights")
   if weights is None:
-    weights = batch["decoder_target_tokens"] > 0
+    weights = batch["decoder_target_tokens"] != pad_id
   return weights.astype(jnp.float32)
+
+
+def token_ids(tokens: Array) -> Array:
+  """Ids a network can embed: NO_PAD (-1) fillers become 0 (they are masked anyway)."""
+  return jnp.maximum(tokens, 0)
 
 
 def response_batch(prompts: Array, responses: Array) -> dict[str, Array]:
@@ -45,17 +58,19 @@ def response_batch(prompts: Array, responses: Array) -> dict[str, Array]:
           "decoder_input_tokens": shift_right(responses)}
 
 
-def masked_log_likelihood(logits: Array, targets: Array,
-                          weights: Optional[Array] = None) -> Array:
-  """log softmax(logits)[targets] [B, T], times `weights` (default: targets > 0)."""
+def masked_log_likelihood(logits: Array, targets: Array, weights: Optional[Array] = None,
+                          pad_id: int = 0) -> Array:
+  """log softmax(logits)[targets] [B, T], times `weights` (default: targets != pad_id)."""
   if weights is None:
-    weights = (targets > 0).astype(jnp.float32)
-  return losses.token_log_likelihood(logits, targets) * weights
+    weights = (targets != pad_id).astype(jnp.float32)
+  return losses.token_log_likelihood(logits, token_ids(targets)) * weights
 
 
 class EncoderDecoderModel:
   """Loss, scores and a decoding cache around a `t5.Transformer`; the module is wrapped,
   never subclassed."""
+
+  pad_id = 0  # T5 vocabularies reserve id 0 for PAD
 
   def __init__(self, module: t5.Transformer, *, z_loss: float = 0.0,
                label_smoothing: float = 0.0):
@@ -100,8 +115,8 @@ class EncoderDecoderModel:
               dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
     """Mean token cross-entropy over weighted (non-PAD) target tokens, and metrics."""
     logits = self.logits(params, batch, dropout_rng)
-    targets = batch["decoder_target_tokens"]
-    weights = loss_weights(batch)
+    targets = token_ids(batch["decoder_target_tokens"])
+    weights = loss_weights(batch, self.pad_id)
     token_loss, z_term = losses.cross_entropy_with_logits(
         logits, targets, z_loss=self.z_loss, label_smoothing=self.label_smoothing)
     num_tokens = jnp.maximum(weights.sum(), 1.0)
@@ -147,7 +162,7 @@ class EncoderDecoderModel:
                       dropout_rng: Optional[Array] = None) -> tuple[Array, Array]:
     logits = self.logits(params, batch, dropout_rng)
     return masked_log_likelihood(logits, batch["decoder_target_tokens"],
-                                 loss_weights(batch)), logits
+                                 loss_weights(batch, self.pad_id)), logits
 
   # --------------------------------------------------------------------------- decoding
 
@@ -187,16 +202,17 @@ class EncoderDecoderModel:
 # ----------------------------------------------------------------------------- decoder-only
 
 
-def prompt_mask(prompts: Array) -> Array:
-  """[B, S] left-padded prompts -> [B, S] bool, False on each row's leading PADs (0)."""
-  return jnp.cumsum(prompts != 0, axis=1) > 0
+def prompt_mask(prompts: Array, pad_id: int = 0) -> Array:
+  """[B, S] left-padded prompts -> [B, S] bool, False on each row's leading PADs."""
+  return jnp.cumsum(prompts != pad_id, axis=1) > 0
 
 
-def left_pad(prompts: Array) -> Array:
-  """Right-padded prompts [B, S] (trailing 0s are PAD) -> the same rows left-padded."""
+def left_pad(prompts: Array, pad_id: int = 0) -> Array:
+  """Right-padded prompts [B, S] (trailing `pad_id`s are PAD) -> the same rows left-padded;
+  left-padded rows are returned as they are."""
   prompts = jnp.asarray(prompts)
   length = prompts.shape[1]
-  last = jnp.max(jnp.where(prompts != 0, jnp.arange(length), -1), axis=1)  # -1: all PAD
+  last = jnp.max(jnp.where(prompts != pad_id, jnp.arange(length), -1), axis=1)  # -1: all PAD
   shift = length - 1 - last
   index = (jnp.arange(length)[None, :] - shift[:, None]) % length
   return jnp.take_along_axis(prompts, index, axis=1)
@@ -206,11 +222,14 @@ class DecoderOnlyModel:
   """`EncoderDecoderModel`'s methods around a `decoder.Transformer`: T5X's DecoderOnlyModel,
   prompt and response packed into one sequence, the loss and scores on the response only.
 
-  Padding: prompts [B, S] are LEFT-padded with 0, and only a row's leading 0s are padding
-  (0 is an ordinary token of these vocabularies; `left_pad` converts right-padded
-  prompts). Every row needs a real prompt token (e.g. BOS). Responses [B, T] are as for
-  `EncoderDecoderModel`: tokens, EOS, then PAD 0, every 0 masked (the sampler never
-  emits 0).
+  Padding: `pad_id` fills prompts and responses where they hold no token: NO_PAD (-1,
+  the default) for vocabularies in which every id is a token (0 is an ordinary token of
+  Llama 3's and Qwen's), or the tokenizer's PAD id when it has one (deranj's
+  SentencePiece vocabulary: 0). Prompts [B, S] may be left- or right-padded (they are
+  left-padded here, `left_pad`); only a row's leading or trailing pads are padding, and
+  every row needs a real prompt token (e.g. BOS). Responses [B, T] are as for
+  `EncoderDecoderModel`: tokens, EOS, then pads, every pad masked (the sampler never
+  emits `pad_id`).
 
   Batches are `EncoderDecoderModel`'s dicts (prompts in `encoder_input_tokens`, responses
   in `decoder_target_tokens`, optional `decoder_loss_weights`; `decoder_input_tokens` is
@@ -224,14 +243,25 @@ class DecoderOnlyModel:
   the same for both families.
   """
 
-  def __init__(self, module: decoder.Transformer, *, z_loss: float = 0.0,
-               label_smoothing: float = 0.0):
+  def __init__(self, module: decoder.Transformer, *, pad_id: int = NO_PAD,
+               z_loss: float = 0.0, label_smoothing: float = 0.0):
+    if not NO_PAD <= pad_id < module.config.vocab_size:
+      raise ValueError(f"DecoderOnlyModel: pad_id={pad_id} must be an id of the vocabulary "
+                       f"(0..{module.config.vocab_size - 1}) or {NO_PAD} (no PAD token).")
     self.module = module
+    self.pad_id = int(pad_id)
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
 
   def _init_variables(self, rng: Array):
     return self.module.init(rng, jnp.ones((1, 2), jnp.int32))
+
+  def _prompts(self, prompts: Array) -> tuple[Array, Array]:
+    """Prompts [B, S] -> (left-padded embeddable ids, mask of real tokens), both [B, S]."""
+    prompts = jnp.asarray(prompts, jnp.int32)
+    _check_prompts(prompts)
+    prompts = left_pad(prompts, self.pad_id)
+    return token_ids(prompts), prompt_mask(prompts, self.pad_id)
 
   # The same code as the encoder-decoder's: it reaches the network only through
   # `_init_variables` and `logits`.
@@ -248,23 +278,20 @@ class DecoderOnlyModel:
   def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
     """Teacher-forced logits [B, T, V] of the responses given the prompts."""
     del dropout_rng  # no dropout in these architectures
-    prompts = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
-    responses = jnp.asarray(batch["decoder_target_tokens"], jnp.int32)
-    _check_prompts(prompts)
-    tokens = jnp.concatenate([prompts, responses[:, :-1]], axis=1)  # [B, S + T - 1]
-    mask = jnp.concatenate([prompt_mask(prompts), jnp.ones_like(responses[:, :-1], bool)],
-                           axis=1)
-    return self.module.apply({"params": params}, tokens, mask, num_logits=responses.shape[1])
+    prompts, mask = self._prompts(batch["encoder_input_tokens"])
+    responses = jnp.asarray(batch["decoder_target_tokens"], jnp.int32)[:, :-1]
+    tokens = jnp.concatenate([prompts, token_ids(responses)], axis=1)  # [B, S + T - 1]
+    mask = jnp.concatenate([mask, responses != self.pad_id], axis=1)
+    return self.module.apply({"params": params}, tokens, mask,
+                             num_logits=responses.shape[1] + 1)
 
   def init_cache(self, params: Params, prompts: Array, max_decode_length: int,
                  num_decodes: int = 1) -> Cache:
-    """Prefills left-padded prompts [B, S] once; a cache for `max_decode_length` steps.
+    """Prefills prompts [B, S] once; a cache for `max_decode_length` steps.
 
     With `num_decodes` = N it serves B * N rows, each prompt's N rows adjacent.
     """
-    prompts = jnp.asarray(prompts, jnp.int32)
-    _check_prompts(prompts)
-    mask = prompt_mask(prompts)
+    prompts, mask = self._prompts(prompts)
     _, variables = self.module.apply(
         {"params": params}, prompts[:, :-1], mask[:, :-1], decode=True,
         max_decode_length=prompts.shape[1] - 1 + max_decode_length, num_logits=0,
@@ -279,7 +306,7 @@ class DecoderOnlyModel:
   def decode_step(self, params: Params, cache: Cache, tokens: Array) -> tuple[Array, Cache]:
     """One token per row [B] -> (next-token logits [B, V], updated cache); the first call
     feeds the last prompt token instead."""
-    tokens = jnp.where(cache["started"], tokens, cache["pending"])
+    tokens = jnp.where(cache["started"], token_ids(tokens), cache["pending"])
     logits, variables = self.module.apply(
         {"params": params, "cache": cache["layers"]}, tokens[:, None], decode=True,
         mutable=["cache"])

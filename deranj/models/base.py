@@ -38,6 +38,7 @@ def shift_right(targets: Array, start_id: int = 0) -> Array:
 
 
 NO_PAD = -1  # the pad_id of a vocabulary without a PAD token: no id is reserved
+EMBED = t5.EMBED  # the logical axis of hidden vectors, for heads on `hidden_states`
 
 
 def loss_weights(batch: Batch, pad_id: int = 0) -> Array:
@@ -81,6 +82,11 @@ class EncoderDecoderModel:
   @property
   def config(self) -> t5.T5Config:
     return self.module.config
+
+  @property
+  def hidden_size(self) -> int:
+    """D of `hidden_states` and `pooled_hidden`."""
+    return self.config.d_model
 
   # --------------------------------------------------------------------------- params
 
@@ -164,6 +170,40 @@ class EncoderDecoderModel:
     return masked_log_likelihood(logits, batch["decoder_target_tokens"],
                                  loss_weights(batch, self.pad_id)), logits
 
+  # --------------------------------------------------------------------------- hidden
+
+  def hidden_states(self, params: Params, prompts: Array, responses: Array) -> Array:
+    """The decoder's final (normed) hidden states [B, T, D] that predict each response
+    token: position t has read the prompt and responses[:, :t] (for value heads)."""
+    batch = response_batch(prompts, responses)
+    _, state = self.module.apply(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        capture_intermediates=_is_decoder_norm, mutable=["intermediates"])
+    (hidden,) = state["intermediates"]["decoder"]["decoder_norm"]["__call__"]
+    return hidden
+
+  # What `pooled_hidden` reads: the encoder (the decoder is not needed).
+  POOLING_KEYS = ("token_embedder", "encoder")
+  pooling = "mean"
+
+  def pooling_params(self, params: Params) -> Params:
+    """The part of `params` (or of a tree like it) that `pooled_hidden` reads."""
+    return {k: params[k] for k in self.POOLING_KEYS}
+
+  def pooled_hidden(self, params: Params, tokens: Array,
+                    dropout_rng: Optional[Array] = None) -> Array:
+    """One [D] vector per sequence [B, L] (prompt and response joined, PAD = pad_id), for
+    a reward head: the encoder's final output mean-pooled over non-PAD positions. The
+    encoder is bidirectional, so every position has seen the whole sequence; the mean
+    uses them all and does not depend on padding. `params`: `pooling_params`."""
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    encoded = self.module.apply({"params": self.pooling_params(params)}, tokens,
+                                enable_dropout=dropout_rng is not None, rngs=rngs,
+                                method=t5.Transformer.encode)  # [B, L, D]
+    weights = (tokens != self.pad_id).astype(jnp.float32)[..., None]  # [B, L, 1]
+    return (jnp.sum(encoded.astype(jnp.float32) * weights, axis=1)
+            / jnp.maximum(jnp.sum(weights, axis=1), 1.0))  # [B, D]
+
   # --------------------------------------------------------------------------- decoding
 
   def encode(self, params: Params, encoder_input_tokens: Array) -> Array:
@@ -197,6 +237,10 @@ class EncoderDecoderModel:
         {"params": params, "cache": cache}, None, None, tokens[:, None], decode=True,
         mutable=["cache"], method=t5.Transformer.decode)
     return logits[:, 0], variables["cache"]
+
+
+def _is_decoder_norm(module, method_name) -> bool:
+  return module.name == "decoder_norm" and method_name == "__call__"
 
 
 # ----------------------------------------------------------------------------- decoder-only
@@ -275,15 +319,51 @@ class DecoderOnlyModel:
   score_batch = EncoderDecoderModel.score_batch
   _token_logprobs = EncoderDecoderModel._token_logprobs
 
-  def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
-    """Teacher-forced logits [B, T, V] of the responses given the prompts."""
-    del dropout_rng  # no dropout in these architectures
-    prompts, mask = self._prompts(batch["encoder_input_tokens"])
-    responses = jnp.asarray(batch["decoder_target_tokens"], jnp.int32)[:, :-1]
+  @property
+  def hidden_size(self) -> int:
+    """D of `hidden_states` and `pooled_hidden`."""
+    return self.config.hidden_size
+
+  def _packed(self, params: Params, prompts: Array, responses: Array, hidden: bool) -> Array:
+    """The network on prompt + responses[:, :-1]: its outputs at the T positions that
+    predict the response tokens."""
+    prompts, mask = self._prompts(prompts)
+    responses = jnp.asarray(responses, jnp.int32)[:, :-1]
     tokens = jnp.concatenate([prompts, token_ids(responses)], axis=1)  # [B, S + T - 1]
     mask = jnp.concatenate([mask, responses != self.pad_id], axis=1)
     return self.module.apply({"params": params}, tokens, mask,
-                             num_logits=responses.shape[1] + 1)
+                             num_logits=responses.shape[1] + 1, hidden=hidden)
+
+  def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """Teacher-forced logits [B, T, V] of the responses given the prompts."""
+    del dropout_rng  # no dropout in these architectures
+    return self._packed(params, batch["encoder_input_tokens"], batch["decoder_target_tokens"],
+                        hidden=False)
+
+  def hidden_states(self, params: Params, prompts: Array, responses: Array) -> Array:
+    """The final (normed) hidden states [B, T, D] that predict each response token:
+    position t has read the prompt and responses[:, :t] (for value heads)."""
+    return self._packed(params, prompts, responses, hidden=True)
+
+  pooling = "last"
+
+  def pooling_params(self, params: Params) -> Params:
+    """The part of `params` (or of a tree like it) that `pooled_hidden` reads: all but
+    an untied output head."""
+    return {k: v for k, v in params.items() if k != "lm_head"}
+
+  def pooled_hidden(self, params: Params, tokens: Array,
+                    dropout_rng: Optional[Array] = None) -> Array:
+    """One [D] vector per right-padded sequence [B, L] (prompt and response joined, PAD =
+    pad_id), for a reward head: the final hidden state at each row's last token, the
+    only position that has read the whole sequence (as transformers' sequence
+    classifiers). `params`: `pooling_params`."""
+    del dropout_rng  # no dropout in these architectures
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = tokens != self.pad_id
+    hidden = self.module.apply({"params": params}, token_ids(tokens), mask, hidden=True)
+    last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1]), 0), axis=1)  # [B]
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
   def init_cache(self, params: Params, prompts: Array, max_decode_length: int,
                  num_decodes: int = 1) -> Cache:
@@ -313,6 +393,21 @@ class DecoderOnlyModel:
     cache = {"layers": variables["cache"], "pending": cache["pending"],
              "started": jnp.ones((), bool)}
     return logits[:, 0], cache
+
+
+Model = Any  # EncoderDecoderModel or DecoderOnlyModel
+
+
+def as_model(model: Any) -> Model:
+  """A model wrapper, or a bare `t5.Transformer` / `decoder.Transformer` wrapped."""
+  if isinstance(model, (EncoderDecoderModel, DecoderOnlyModel)):
+    return model
+  if isinstance(model, t5.Transformer):
+    return EncoderDecoderModel(model)
+  if isinstance(model, decoder.Transformer):
+    return DecoderOnlyModel(model)
+  raise TypeError(f"expected a deranj model (EncoderDecoderModel, DecoderOnlyModel, "
+                  f"t5.Transformer or decoder.Transformer), got {type(model).__name__}.")
 
 
 def _check_prompts(prompts: Array):

@@ -250,6 +250,29 @@ def test_loss_masks_the_prompt_like_transformers(checkpoints):
                    float(theirs.logits.abs().max()))
 
 
+def test_hidden_states_are_what_the_head_reads(checkpoints):
+  """hidden_states [B, T, D] through the tied head are the scoring logits, and the reward
+  pooling reads each right-padded row's last token."""
+  _, config, params = checkpoints["llama_gqa_tied"]
+  ours = _model(config)
+  tokens, _ = _prompts(16)
+  responses = _responses(17)
+  hidden = ours.hidden_states(params, jnp.asarray(tokens), jnp.asarray(responses))
+  assert hidden.shape == responses.shape + (config.hidden_size,)
+  logits = ours.logits(params, base.response_batch(jnp.asarray(tokens), jnp.asarray(responses)))
+  via_head = np.asarray(hidden) @ np.asarray(params["token_embedder"]["embedding"]).T
+  _assert_logits_match(via_head, np.asarray(logits))
+  # Row r of a right-padded batch pools at its last token: the network's final hidden
+  # state there, as one unpadded row gives it.
+  joined = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+  pooled = np.asarray(ours.pooled_hidden(params, jnp.asarray(joined)))
+  net = decoder.Transformer(config)
+  for row, n in zip(range(2), (4, 2)):
+    alone = net.apply({"params": params}, jnp.asarray(joined[row:row + 1, :n]), hidden=True)
+    assert_close_f32(pooled[row], alone[0, -1], SIZES["intermediate_size"],
+                     np.abs(alone).max())
+
+
 def test_left_pad_and_prompt_mask():
   right = jnp.array([[5, 0, 7, 0, 0], [3, 4, 5, 6, 8], [0, 0, 0, 0, 0], [9, 0, 0, 0, 0]])
   left = base.left_pad(right)

@@ -144,3 +144,19 @@ def test_dpo_from_the_sft_run(tmp_path, sft_run):
   model, params = exported(str(tmp_path))
   assert isinstance(model, base.DecoderOnlyModel) and model.pad_id == 0
   assert_same_tree(params, jax.device_get(result["state"].params))
+
+
+@pytest.mark.slow
+def test_figure7_smoke_run_with_the_decoder_only_model(tmp_path, capsys):
+  """experiments/fig7_dpo.py end to end on the smoke preset with --model_gin: every run
+  (SFT, gold reward model, DPO at β and β/λ) trains the tiny Llama, and the figure's
+  checks hold as for T5."""
+  import test_experiments  # pylint: disable=g-import-not-at-top
+  from experiments import fig7_dpo  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  result = fig7_dpo.main(["--preset", "smoke", "--workdir", workdir, "--model_gin", LLAMA])
+  test_experiments._check(result, workdir, "7", [0.5, 1.0, 2.0], capsys.readouterr().out)
+  for run in ("sft", "dpo_beta0.1", "dpo_beta0.05", "dpo_beta0.2"):
+    assert isinstance(exported(os.path.join(workdir, run))[0], base.DecoderOnlyModel), run
+  gold, _ = reward_model.load_reward_model(os.path.join(workdir, "gold_rm"))
+  assert isinstance(gold.backbone, base.DecoderOnlyModel)

@@ -31,10 +31,12 @@ Per sequence the loop accumulates, over emitted tokens (EOS included, nothing af
 Models' distributions p_m,t are as they sample alone (PAD excluded), so lam = 0 gives
 logq = logp_ref and kl_ref = 0, and SIR's target is the mixture of what each model draws.
 
-PAD (id `pad_id`, 0) is never emitted by any rule: it would end a response without EOS
-and punch a hole in the response mask. Every rule (greedy included) works with PAD's
-logit at NEG_INF (probability 0), and Z_t sums over the same support, so the importance
-weights stay exact for the distribution actually sampled.
+PAD (id `pad_id`: the model's, 0 for T5) is never emitted by any rule: it would end a
+response without EOS and punch a hole in the response mask. Every rule (greedy included)
+works with PAD's logit at NEG_INF (probability 0), and Z_t sums over the same support, so
+the importance weights stay exact for the distribution actually sampled. A negative
+`pad_id` (a vocabulary without PAD, `models.base.NO_PAD`) masks nothing; it still fills
+the tokens after EOS.
 """
 from __future__ import annotations
 
@@ -121,7 +123,7 @@ class SamplingConfig:
   temperature: float = 1.0  # 0 = greedy
   top_k: int = 0  # 0 = full vocabulary
   top_p: float = 1.0
-  pad_id: int = 0  # never sampled; < 0 allows every id
+  pad_id: int = 0  # never sampled, fills rows after EOS; < 0 allows every id
 
   def __post_init__(self):
     if self.max_decode_len < 1:
@@ -150,7 +152,7 @@ class SamplingState:
 
 @flax.struct.dataclass
 class MixtureSamples:
-  tokens: Array  # [B, T], 0 after EOS
+  tokens: Array  # [B, T], pad_id after EOS
   lengths: Array  # [B], tokens emitted, EOS included
   logq: Array  # [B]
   logp: Array  # [B, M]
@@ -302,7 +304,7 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, rule_params: A
     kl = jnp.sum(jnp.where(q > 0, q * (q_logp - model_logp[0]), 0.0), axis=-1)
 
     live = ~state.ended
-    token = jnp.where(live, token, 0)
+    token = jnp.where(live, token, config.pad_id)
     take = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
     add = lambda acc, x: acc + jnp.where(live, x, 0.0)
     return SamplingState(
@@ -322,7 +324,7 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, rule_params: A
   state = SamplingState(
       step=jnp.array(0, jnp.int32),
       last_token=jnp.zeros((batch,), jnp.int32),  # T5's start token
-      tokens=jnp.zeros((batch, config.max_decode_len), jnp.int32),
+      tokens=jnp.full((batch, config.max_decode_len), config.pad_id, jnp.int32),
       ended=jnp.zeros((batch,), bool),
       caches=caches,
       logq=zeros, logp=jnp.zeros((batch, num_models), f32),
@@ -365,10 +367,11 @@ def _sample_jit(model, params, encoder_input_tokens, rng, config, num_decodes):
 def sample(model: models_base.EncoderDecoderModel, params, encoder_input_tokens: Array,
            rng: Array, *, max_decode_len: int, eos_id: int = 1, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, num_decodes: int = 1) -> MixtureSamples:
-  """Samples from a single model with the same compiled loop as DeRa.
+  """Samples from a single model (never its `pad_id`) with the same compiled loop as DeRa.
 
   Returns `MixtureSamples` with M = 1 (`logp[:, 0]` is the model's log-probability).
   """
-  config = SamplingConfig(max_decode_len, eos_id, float(temperature), int(top_k), float(top_p))
+  config = SamplingConfig(max_decode_len, eos_id, float(temperature), int(top_k), float(top_p),
+                          pad_id=model.pad_id)
   return _sample_jit(model, params, jnp.asarray(encoder_input_tokens, jnp.int32), rng,
                      config=config, num_decodes=int(num_decodes))

@@ -65,7 +65,8 @@ ModelLike = Union[models_base.EncoderDecoderModel, models_base.DecoderOnlyModel,
 class RealignedSamples:
   """Samples with per-sequence log-probabilities and weights ([B*N] each unless noted).
 
-  tokens: [B*N, T], 0 after EOS; rows of one prompt are adjacent (b * N + n).
+  tokens: [B*N, T], the models' pad_id after EOS; rows of one prompt are adjacent
+    (b * N + n).
   lengths: tokens emitted, EOS included.
   logq: log-probability under the distribution actually sampled from.
   logp_ref, logp_aligned: each model's own log-probability ([B*N, K] for K > 1 aligned
@@ -216,6 +217,11 @@ class Realigner:
     if len(set(vocab)) != 1:
       raise ValueError(f"the models must share a vocabulary: reference vocab_size={vocab[0]}, "
                        f"aligned vocab_size={', '.join(map(str, vocab[1:]))}.")
+    pads = [m.pad_id for m in self.models]
+    if len(set(pads)) != 1:
+      raise ValueError(f"the models must share a PAD id: reference pad_id={pads[0]}, aligned "
+                       f"pad_id={', '.join(map(str, pads[1:]))}.")
+    self.pad_id = pads[0]
     if combine not in ("logits", "weights"):
       raise ValueError(f"combine must be 'logits' or 'weights', got {combine!r}.")
     self.combine = combine
@@ -274,7 +280,7 @@ class Realigner:
     """Samples `num_decodes` sequences per prompt from the realigned model.
 
     Args:
-      encoder_input_tokens: [B, S] prompt ids, 0 = PAD.
+      encoder_input_tokens: [B, S] prompt ids, PAD = the models' pad_id.
       lam: rule="dera" only (required there): scalar, [B] (per prompt) or [B*N] (per
         output row) for one aligned model; [K], [B, K] or [B*N, K] for K aligned models.
         A lam sweep over one batch is `num_decodes=len(lams)` with
@@ -295,7 +301,7 @@ class Realigner:
     if num_decodes < 1:
       raise ValueError(f"num_decodes must be >= 1, got {num_decodes}.")
     config = decoding.SamplingConfig(self.max_decode_len, self.eos_id, float(temperature),
-                                     int(top_k), float(top_p))
+                                     int(top_k), float(top_p), pad_id=self.pad_id)
     step_rule, rule_params = self._rule(rule, lam, alpha, tokens.shape[0], num_decodes)
     if rng is None:
       if config.temperature != 0:
@@ -338,7 +344,7 @@ class Realigner:
   def score(self, encoder_input_tokens, decoder_target_tokens, lam) -> Array:
     """Teacher-forced log q(y|x) per sequence under DeRa at `lam` (temperature 1): [B].
 
-    `decoder_target_tokens` [B, T] are the responses, PAD (0) masked; each token's
+    `decoder_target_tokens` [B, T] are the responses, PAD (`pad_id`) masked; each token's
     distribution excludes PAD, as the sampler's does. This is the
     log-likelihood used for pairwise accuracy (paper eq. 14).
     """
@@ -357,8 +363,9 @@ class Realigner:
     logits = jnp.stack([m.logits(p, batch) for m, p in zip(self.models, params)])
     mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
                                     jnp.repeat(weights, targets.shape[1], axis=0))
-    mixed = decoding.mask_pad(mixed, decoding.SamplingConfig.pad_id)  # as sampled
-    token_ll = models_base.masked_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets)
+    mixed = decoding.mask_pad(mixed, self.pad_id)  # as sampled
+    token_ll = models_base.masked_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets,
+                                                 pad_id=self.pad_id)
     return jnp.sum(token_ll, axis=-1)
 
   # --------------------------------------------------------------------------- resample

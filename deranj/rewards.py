@@ -1,24 +1,20 @@
-"""Rewards for alignment: the length reward (paper eq. 10) and a learned T5 reward model.
+"""Rewards for alignment: the length reward (paper eq. 10) and a learned reward model.
 
-Token conventions are the sampler's: PAD = 0, EOS = 1; a response [B, T] holds its
-tokens, then EOS, then PAD (`deranj.decoding`'s output).
+Token conventions are the sampler's: PAD = the model's pad_id (0 unless given), EOS = 1;
+a response [B, T] holds its tokens, then EOS, then PAD (`deranj.decoding`'s output).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deranj.models import base
-from deranj.models import t5
 
 Array = jax.Array
 Params = Any
-
-# The parts of a T5 that `t5.Transformer.encode` reads.
-ENCODER_KEYS = ("token_embedder", "encoder")
 
 
 def _before_first_eos(tokens: Array, eos_id: int) -> Array:
@@ -76,87 +72,83 @@ def join_prompt_response(prompt: Array, response: Array, pad_id: int = 0,
 
 
 class RewardModel:
-  """A scalar reward r(x, y) from a T5 encoder reading prompt and response together.
+  """A scalar reward r(x, y) from a model reading prompt and response together.
 
-  The joined sequence x ++ y (`join_prompt_response`) runs through the T5 encoder;
-  the final encoder output (after its RMS norm) is mean-pooled over non-PAD
-  positions and a linear head maps the [D] pool to the reward:
+  The joined sequence x ++ y (`join_prompt_response`) goes through the backbone's
+  `pooled_hidden`, one [D] vector per sequence, and a linear head maps it to the reward:
 
-    r = mean_{s: tokens_s != PAD} encoded[s] @ head.kernel[:, 0] + head.bias[0]
+    r = pooled_hidden(x ++ y) @ head.kernel[:, 0] + head.bias[0]
 
-  Why mean pooling: the encoder is bidirectional, so every position already sees
-  the whole sequence and no position is special; the mean uses all of them (lower
-  variance than one token's vector, the choice of Sentence-T5 for T5 encoders),
-  does not depend on the response ending with EOS (truncated samples lack one),
-  and, since PAD keys are masked and PAD outputs excluded, is independent of
-  padding. A T5 encoder has no [CLS] token to pool instead.
+  A T5 backbone mean-pools its encoder's output over non-PAD positions (bidirectional:
+  every position has seen the whole sequence; the mean uses them all, does not depend on
+  the response ending with EOS, and is independent of padding; the choice of
+  Sentence-T5). A decoder-only backbone takes the final hidden state of the last token,
+  the only one that has read the whole sequence.
 
-  Params: {"token_embedder", "encoder"} as in `t5.Transformer`, plus
-  {"head": {"kernel": [D, 1], "bias": [1]}}. Starting from an SFT model (as in
-  the paper, Appendix D) reuses its embedder and encoder; the decoder is dropped.
+  Params: the backbone's `pooling_params` (T5: {"token_embedder", "encoder"}; decoder-only:
+  all but an untied output head) plus {"head": {"kernel": [D, 1], "bias": [1]}}. Starting
+  from an SFT model (as in the paper, Appendix D) reuses those parts of its params.
   """
 
-  def __init__(self, module: Union[t5.Transformer, base.EncoderDecoderModel], *,
-               pad_id: int = 0, eos_id: int = 1, head_init_scale: float = 1.0):
-    """Wraps `module`'s encoder; the head is created by `init_params`.
+  def __init__(self, module: Any, *, pad_id: Optional[int] = None, eos_id: int = 1,
+               head_init_scale: float = 1.0):
+    """Wraps `module`'s backbone; the head is created by `init_params`.
 
     Args:
-      module: the T5 (or its model wrapper) whose encoder reads the sequences.
-      pad_id: PAD id of prompts and responses.
+      module: a model wrapper (`base.EncoderDecoderModel`, `base.DecoderOnlyModel`) or a
+        bare `t5.Transformer`.
+      pad_id: PAD id of prompts and responses; the backbone's (which it must equal).
       eos_id: EOS id ending responses.
       head_init_scale: the head kernel starts at N(0, head_init_scale^2 / D): unit
         scale gives O(1) reward differences at initialisation; 0 gives a constant
         (zero) reward model, whose head still gets gradients.
     """
-    if isinstance(module, base.EncoderDecoderModel):
-      module = module.module
-    self.module = module
-    # The embedder and encoder are the encoder-decoder's own subtrees: their init, axes
-    # and shapes come from it (parameter names and init RNGs are per module path).
-    self.backbone = base.EncoderDecoderModel(module)
-    self.pad_id = pad_id
+    self.backbone = base.as_model(module)
+    self.module = self.backbone.module
+    if pad_id is not None and pad_id != self.backbone.pad_id:
+      raise ValueError(f"RewardModel: pad_id={pad_id} differs from the model's pad_id "
+                       f"{self.backbone.pad_id}.")
+    self.pad_id = self.backbone.pad_id
     self.eos_id = eos_id
     self.head_init_scale = head_init_scale
 
   @property
-  def config(self) -> t5.T5Config:
-    return self.module.config
+  def config(self) -> Any:
+    return self.backbone.config
 
   # --------------------------------------------------------------------------- params
 
-  def _encoder_part(self, tree: Any) -> dict[str, Any]:
-    return {k: tree[k] for k in ENCODER_KEYS}
-
   def _head_params(self, rng: Array) -> Params:
-    d = self.config.d_model
+    d = self.backbone.hidden_size
     std = self.head_init_scale * d**-0.5
     kernel = std * jax.random.normal(rng, (d, 1), self.config.param_dtype)
     return {"kernel": kernel, "bias": jnp.zeros((1,), self.config.param_dtype)}
 
   def init_params(self, rng: Array, from_params: Optional[Params] = None) -> Params:
-    """Reward-model params, fresh or from an encoder-decoder's params.
+    """Reward-model params, fresh or from the backbone model's params.
 
     Args:
-      rng: PRNG key for the head (and the encoder when `from_params` is None).
-      from_params: full `t5.Transformer` params (e.g. the SFT model's); their
-        "token_embedder" and "encoder" subtrees are used as they are.
+      rng: PRNG key for the head (and the backbone when `from_params` is None).
+      from_params: the backbone model's full params (e.g. the SFT model's); the parts
+        `pooled_hidden` reads are used as they are.
 
     Raises:
-      ValueError: if `from_params` lacks those subtrees or their shapes differ from
+      ValueError: if `from_params` lacks those parts or their shapes differ from
         this model's config.
     """
-    encoder_rng, head_rng = jax.random.split(rng)
+    backbone_rng, head_rng = jax.random.split(rng)
     if from_params is None:
-      params = self._encoder_part(self.backbone.init_params(encoder_rng))
+      params = self.backbone.pooling_params(self.backbone.init_params(backbone_rng))
     else:
-      missing = [k for k in ENCODER_KEYS if k not in from_params]
+      want = self.backbone.pooling_params(self.backbone.param_shapes())
+      missing = [k for k in want if k not in from_params]
       if missing:
-        raise ValueError(f"RewardModel.init_params: from_params lacks {missing}; expected a "
-                         f"t5.Transformer's params with keys {list(ENCODER_KEYS)}.")
-      params = self._encoder_part(from_params)
+        raise ValueError(f"RewardModel.init_params: from_params lacks {missing}; expected the "
+                         f"params of a {type(self.backbone).__name__} with keys {list(want)}.")
+      params = self.backbone.pooling_params(from_params)
       got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
-      if got != self._encoder_part(self.backbone.param_shapes()):
-        raise ValueError("RewardModel.init_params: from_params' embedder/encoder do not match "
+      if got != want:
+        raise ValueError("RewardModel.init_params: from_params' parameters do not match "
                          f"this model's config {self.config}.")
     params = dict(params)
     params["head"] = self._head_params(head_rng)
@@ -164,15 +156,15 @@ class RewardModel:
 
   def logical_axes(self) -> Any:
     """The params' tree with PartitionSpecs of logical axis names as leaves."""
-    axes = self._encoder_part(self.backbone.logical_axes())
-    axes["head"] = {"kernel": jax.sharding.PartitionSpec(t5.EMBED, None),
+    axes = dict(self.backbone.pooling_params(self.backbone.logical_axes()))
+    axes["head"] = {"kernel": jax.sharding.PartitionSpec(base.EMBED, None),
                     "bias": jax.sharding.PartitionSpec(None)}
     return axes
 
   def param_shapes(self) -> Any:
     """The params' tree with each leaf's shape as a tuple."""
-    shapes = self._encoder_part(self.backbone.param_shapes())
-    shapes["head"] = {"kernel": (self.config.d_model, 1), "bias": (1,)}
+    shapes = dict(self.backbone.pooling_params(self.backbone.param_shapes()))
+    shapes["head"] = {"kernel": (self.backbone.hidden_size, 1), "bias": (1,)}
     return shapes
 
   # --------------------------------------------------------------------------- rewards
@@ -183,14 +175,8 @@ class RewardModel:
 
     Dropout only when `dropout_rng` is given.
     """
-    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    encoder_params = {k: params[k] for k in ENCODER_KEYS}
-    encoded = self.module.apply({"params": encoder_params}, tokens,
-                                enable_dropout=dropout_rng is not None, rngs=rngs,
-                                method=t5.Transformer.encode)  # [B, L, D]
-    weights = (tokens != self.pad_id).astype(jnp.float32)[..., None]  # [B, L, 1]
-    pooled = (jnp.sum(encoded.astype(jnp.float32) * weights, axis=1)
-              / jnp.maximum(jnp.sum(weights, axis=1), 1.0))  # [B, D]
+    pooled = self.backbone.pooled_hidden({k: v for k, v in params.items() if k != "head"},
+                                         tokens, dropout_rng)  # [B, D]
     head = params["head"]
     return pooled @ head["kernel"][:, 0].astype(jnp.float32) + head["bias"][0]
 

@@ -4,8 +4,8 @@ r"""Sample realigned models from the command line.
         --input=prompts.jsonl --output=samples.jsonl --gin.ALIGNED="'runs/ppo'"
 
 The aligned checkpoint is a finished training run's MODEL_DIR (its `model/` is used), a
-deranj model directory, a Hugging Face T5 directory or "tiny" (see
-`deranj.models.loading`). The reference is, unless `SampleConfig.reference_checkpoint` names
+deranj model directory, a Hugging Face T5 or Llama / Mistral / Qwen2 / Qwen3 directory or
+"tiny" (see `deranj.models.loading`). The reference is, unless `SampleConfig.reference_checkpoint` names
 one, the model the aligned run started from: the `init_checkpoint` its `model/` records (the
 SFT run, for PPO, PG and DPO runs). Each input line is a JSON object with a "prompt" string.
 The output holds one line per prompt x lam x sample with the decoded text and the
@@ -19,10 +19,19 @@ Decoding rules and best-of-N (`deranj.dera`):
                                implicit (log p_aligned - log p_ref), mixture (DeRa's
                                exact-mixture weight) or reward_model (--reward_model=DIR,
                                a reward_model run's MODEL_DIR).
+
+Two Hugging Face decoder-only directories (reference and aligned, one vocabulary) are
+tokenized with the aligned directory's `tokenizer.json` (the `tokenizers` library; the
+prompt gets the tokenizer's special tokens, e.g. BOS, and no EOS), and `--chat_template`
+wraps each prompt as one user message in the `chat_template` of its
+`tokenizer_config.json`, with the generation prompt. EOS is SampleConfig.eos_id, else the
+tokenizer's `eos_token` (the end of a chat turn), else the checkpoint's `eos_token_id`.
+Other models use deranj's SentencePiece conventions (EOS 1 ends the prompt).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -60,6 +69,9 @@ _REWARD_MODEL = flags.DEFINE_string("reward_model", None, "--scorer=reward_model
 _INPUT = flags.DEFINE_string("input", None, "JSON-lines prompts, one {'prompt': ...} per line.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON-lines samples to write.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_CHAT_TEMPLATE = flags.DEFINE_boolean(
+    "chat_template", False, "Hugging Face decoder-only models: wrap each prompt as a user "
+    "message in the chat_template of the aligned model's tokenizer_config.json.")
 
 
 class SampleError(ValueError):
@@ -82,7 +94,7 @@ class SampleConfig:
   top_p: float = 1.0
   num_decodes: int = 1
   batch_size: int = 16  # prompts per compiled call (each carries every lam)
-  eos_id: int = 1
+  eos_id: Optional[int] = None  # None: 1, or a Hugging Face tokenizer's / checkpoint's
 
 
 def parse_lams(text: str) -> list[float]:
@@ -165,37 +177,183 @@ def read_prompts(path: str) -> list[str]:
 
 
 class Tokenizer:
-  """SentencePiece encode/decode with T5's EOS handling."""
+  """SentencePiece encode/decode with T5's EOS handling: a prompt ends with EOS."""
 
-  def __init__(self, spm_model: Optional[str], eos_id: int):
+  def __init__(self, spm_model: Optional[str], eos_id: Optional[int]):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     if spm_model is None:
       spm_model = tokenizer.model_path()
     if not os.path.isfile(spm_model):
       raise SampleError(f"SampleConfig.spm_model={spm_model!r}: no such file.")
     self.sp = spm.SentencePieceProcessor(model_file=spm_model)
-    self.eos_id = eos_id
+    self.eos_id = tokenizer.EOS_ID if eos_id is None else eos_id
+    self.name = spm_model
+    self.vocab_size = self.sp.get_piece_size()
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
+
+  def encode_prompt(self, text: str, limit: int) -> tuple[list[int], int]:
+    """(the ids of `text` then EOS, cut to `limit` with EOS kept; the uncut length)."""
+    ids = self.encode(text)
+    return ids[:limit - 1] + [self.eos_id], len(ids) + 1
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.sp.decode(tokenizer.response_ids(ids, self.eos_id))
 
 
-def encode_prompts(prompts: list[str], tok: Tokenizer, config: SampleConfig) -> np.ndarray:
-  """Prompts -> [N, max_input_length] ids ending in EOS, truncated (or refused) if long."""
-  rows = np.zeros((len(prompts), config.max_input_length), np.int32)
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def _token_text(value) -> Optional[str]:
+  """A special token of tokenizer_config.json: a string or {"content": ...}."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+def _first_id(value) -> Optional[int]:
+  return value[0] if isinstance(value, list) and value else value if isinstance(
+      value, int) else None
+
+
+class HFTokenizer:
+  """A Hugging Face directory's `tokenizer.json` (the `tokenizers` library) for
+  decoder-only models: prompts get the tokenizer's special tokens (e.g. BOS) and no EOS,
+  or, with `chat_template`, are one user message in tokenizer_config.json's template."""
+
+  def __init__(self, directory: str, eos_id: Optional[int], chat_template: bool):
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise SampleError(f"{directory} is a Hugging Face model: reading its "
+                        f"{HF_TOKENIZER_FILE} needs the `tokenizers` package "
+                        "(pip install tokenizers).") from None
+    path = os.path.join(directory, HF_TOKENIZER_FILE)
+    self.name = path
+    try:
+      self.tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises its own exception types
+      raise SampleError(f"cannot read the tokenizer {path}: {e}") from None
+    self.settings = _read_json(os.path.join(directory, HF_TOKENIZER_CONFIG), required=False)
+    self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+    self.eos_id = self._eos_id(directory) if eos_id is None else eos_id
+    self.template = self._template(directory) if chat_template else None
+
+  def _eos_id(self, directory: str) -> int:
+    """The tokenizer's eos_token (a chat turn's end), else the checkpoint's eos_token_id."""
+    eos = _token_text(self.settings.get("eos_token"))
+    if eos is not None and self.tok.token_to_id(eos) is not None:
+      return self.tok.token_to_id(eos)
+    for name in ("generation_config.json", "config.json"):
+      found = _first_id(_read_json(os.path.join(directory, name), required=False).get(
+          "eos_token_id"))
+      if found is not None:
+        return found
+    raise SampleError(f"{directory}: no EOS id in {HF_TOKENIZER_CONFIG}, "
+                      "generation_config.json or config.json; set SampleConfig.eos_id.")
+
+  def _template(self, directory: str):
+    """tokenizer_config.json's chat_template, compiled as transformers does."""
+    template = self.settings.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+      template = {t.get("name"): t.get("template") for t in template}.get("default")
+    jinja_file = os.path.join(directory, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja_file):
+      with open(jinja_file) as f:
+        template = f.read()
+    if not isinstance(template, str):
+      raise SampleError(f"--chat_template: {os.path.join(directory, HF_TOKENIZER_CONFIG)} has "
+                        "no chat_template.")
+    from jinja2 import exceptions  # pylint: disable=g-import-not-at-top
+    from jinja2 import ext  # pylint: disable=g-import-not-at-top
+    from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+
+    def raise_exception(message):
+      raise exceptions.TemplateError(message)
+
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
+                                                             indent=indent)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: time.strftime(fmt))
+    try:
+      return env.from_string(template)
+    except exceptions.TemplateError as e:
+      raise SampleError(f"--chat_template: the chat_template of {directory} does not "
+                        f"compile: {e}") from None
+
+  def render(self, text: str) -> str:
+    """`text` as one user message with the generation prompt, in the chat template."""
+    special = {k: _token_text(self.settings.get(k)) or "" for k in (
+        "bos_token", "eos_token", "pad_token", "unk_token")}
+    try:
+      return self.template.render(messages=[{"role": "user", "content": text}],
+                                  add_generation_prompt=True, **special)
+    except Exception as e:  # jinja2 raises several types
+      raise SampleError(f"--chat_template: rendering the chat template failed: {e}") from None
+
+  def encode_prompt(self, text: str, limit: int) -> tuple[list[int], int]:
+    """(the prompt's ids, its last `limit` when longer; the uncut length). The end is
+    kept: it holds the chat template's generation prompt."""
+    if self.template is not None:
+      ids = self.tok.encode(self.render(text), add_special_tokens=False).ids
+    else:
+      ids = self.tok.encode(text).ids
+    return ids[-limit:], len(ids)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids]
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return self.tok.decode([i for i in ids if i >= 0], skip_special_tokens=True)
+
+
+def _read_json(path: str, required: bool = True) -> dict:
+  if not os.path.isfile(path):
+    if required:
+      raise SampleError(f"{path} not found.")
+    return {}
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, OSError) as e:
+    raise SampleError(f"{path} is not valid JSON: {e}") from None
+  return value if isinstance(value, dict) else {}
+
+
+def make_tokenizer(config: SampleConfig, choice: "Choice", chat_template: bool = False):
+  """The aligned Hugging Face decoder directory's tokenizer.json (unless
+  SampleConfig.spm_model names a SentencePiece model), else SentencePiece."""
+  directory = choice.aligned
+  hf_decoder = (directory != "tiny" and config.spm_model is None
+                and loading.is_hf_decoder_dir(directory))
+  if hf_decoder:
+    if not os.path.isfile(os.path.join(directory, HF_TOKENIZER_FILE)):
+      raise SampleError(f"{directory} is a Hugging Face decoder-only model without "
+                        f"{HF_TOKENIZER_FILE}; copy its tokenizer files there.")
+    return HFTokenizer(directory, config.eos_id, chat_template)
+  if chat_template:
+    raise SampleError(f"--chat_template applies a Hugging Face tokenizer's chat template; "
+                      f"the aligned model {directory} is not a Hugging Face decoder-only "
+                      "directory with a tokenizer.json.")
+  return Tokenizer(config.spm_model, config.eos_id)
+
+
+def encode_prompts(prompts: list[str], tok, config: SampleConfig,
+                   pad_id: int = 0) -> np.ndarray:
+  """Prompts -> [N, max_input_length] ids padded with `pad_id`, truncated (or refused) if
+  long (SentencePiece: ending in EOS)."""
+  rows = np.full((len(prompts), config.max_input_length), pad_id, np.int32)
   for i, prompt in enumerate(prompts):
-    ids = tok.encode(config.prefix + prompt)
-    if len(ids) + 1 > config.max_input_length:
-      message = (f"prompt {i + 1} has {len(ids) + 1} tokens, more than "
+    ids, length = tok.encode_prompt(config.prefix + prompt, config.max_input_length)
+    if length > config.max_input_length:
+      message = (f"prompt {i + 1} has {length} tokens, more than "
                  f"SampleConfig.max_input_length={config.max_input_length}")
       if config.long_prompts == "error":
         raise SampleError(message + ".")
       logging.warning("%s; truncated.", message)
-      ids = ids[:config.max_input_length - 1]
-    rows[i, :len(ids) + 1] = ids + [config.eos_id]
+    rows[i, :len(ids)] = ids
   return rows
 
 
@@ -310,19 +468,19 @@ def _load(path: str, role: str, why: str, warning: Optional[str] = None):
   return model, params
 
 
-def check_vocabularies(choice: Choice, ref, al, tok: Tokenizer, spm_model: Optional[str]):
+def check_vocabularies(choice: Choice, ref, al, tok):
   """The two models share one vocabulary and the tokenizer's ids fit it."""
   if ref.config.vocab_size != al.config.vocab_size:
     raise SampleError(
         f"vocabulary mismatch: the reference {choice.reference} has vocab_size "
         f"{ref.config.vocab_size}, the aligned model {choice.aligned} {al.config.vocab_size}; "
         "DeRa mixes their next-token logits, so both need one vocabulary.")
-  pieces = tok.sp.get_piece_size()
-  if pieces > ref.config.vocab_size:
+  if tok.vocab_size > ref.config.vocab_size:
+    setting = "SampleConfig.spm_model" if isinstance(tok, Tokenizer) else "the tokenizer files"
     raise SampleError(
-        f"vocabulary mismatch: the tokenizer {spm_model or tokenizer.model_path()} has {pieces} "
+        f"vocabulary mismatch: the tokenizer {tok.name} has {tok.vocab_size} "
         f"pieces, more than the models' vocab_size {ref.config.vocab_size}; set "
-        "SampleConfig.spm_model to the models' tokenizer.")
+        f"{setting} to the models' tokenizer.")
 
 
 def _progress(total: int, groups: int, samples: int, name: str = "lam",
@@ -360,9 +518,9 @@ def _temperature(config: SampleConfig, method: Method) -> float:
 
 
 def run(config: SampleConfig, method: Union[Method, Sequence[float]], input_path: str,
-        output_path: str, seed: int) -> int:
+        output_path: str, seed: int, chat_template: bool = False) -> int:
   """Decodes every prompt at every value of `method` (a list: DeRa at those lams);
-  returns the number of lines written."""
+  returns the number of lines written. `chat_template`: --chat_template."""
   if not isinstance(method, Method):
     method = Method(values=tuple(method))
   if config.long_prompts not in ("truncate", "error"):
@@ -374,9 +532,8 @@ def run(config: SampleConfig, method: Union[Method, Sequence[float]], input_path
   temperature = _temperature(config, method)
   check_output(output_path)
   prompts = read_prompts(input_path)
-  tok = Tokenizer(config.spm_model, config.eos_id)
   choice = choose_checkpoints(config)
-  tokens = encode_prompts(prompts, tok, config)
+  tok = make_tokenizer(config, choice, chat_template)
   scorer = None
   if method.scorer == "reward_model":  # loaded first: a bad directory fails fast
     scorer, reward_vocab = reward_model_scorer(method.reward_model)
@@ -386,12 +543,17 @@ def run(config: SampleConfig, method: Union[Method, Sequence[float]], input_path
     scorer = dera.mixture_weight_scorer()
   al, al_p = _load(choice.aligned, "aligned", choice.aligned_why)
   ref, ref_p = _load(choice.reference, "reference", choice.reference_why, choice.warning)
-  check_vocabularies(choice, ref, al, tok, config.spm_model)
+  check_vocabularies(choice, ref, al, tok)
   if method.scorer == "reward_model" and reward_vocab != ref.config.vocab_size:
     raise SampleError(f"vocabulary mismatch: the reward model {method.reward_model} has "
                       f"vocab_size {reward_vocab}, the policies {ref.config.vocab_size}.")
-  realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=config.max_decode_len,
-                             eos_id=config.eos_id)
+  try:
+    realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=config.max_decode_len,
+                               eos_id=tok.eos_id)
+  except ValueError as e:
+    raise SampleError(f"the reference {choice.reference} and the aligned model "
+                      f"{choice.aligned} do not fit together: {e}") from None
+  tokens = encode_prompts(prompts, tok, config, realigner.pad_id)
 
   # Each call carries batch_size prompts x every value, padded to a fixed shape (one compile).
   per_call, values = config.batch_size, list(method.values)
@@ -440,7 +602,8 @@ def main(argv: Sequence[str]) -> None:
     gin_utils.parse_gin_flags()
     method = parse_method(_RULE.value, _LAM.value, _ALPHA.value, _BEST_OF.value, _SCORER.value,
                           _REWARD_MODEL.value)
-    count = run(gin_utils.build(SampleConfig), method, _INPUT.value, _OUTPUT.value, _SEED.value)
+    count = run(gin_utils.build(SampleConfig), method, _INPUT.value, _OUTPUT.value, _SEED.value,
+                _CHAT_TEMPLATE.value)
   except (SampleError, files.DataError, gin_utils.GinConfigError) as e:
     sys.exit(f"deranj.sample: {e}")
   print(f"wrote {count} samples to {_OUTPUT.value}")

@@ -32,6 +32,13 @@ from deranj.training import trainer  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_FILES = {name: f"configs/presets/{name}.gin"
                 for name in ("smoke", "demo", "tiny", "paper")}
+# A configs/models/ file read after the preset in every run (a driver's --model_gin).
+_MODEL_GIN: list[str] = []
+
+
+def use_model_gin(path: Optional[str]) -> None:
+  """Every later training run reads `path` after the preset (None: the preset's model)."""
+  _MODEL_GIN[:] = [path] if path else []
 
 
 def log(text: str) -> None:
@@ -80,7 +87,7 @@ def train_bindings(model_dir: str, bindings: Iterable[str]) -> list[str]:
 def train_command(run_gin: str, preset: str, model_dir: str, bindings: Iterable[str]) -> str:
   """The `python -m deranj.train` command line of a run (what scripts/sweep.py prints)."""
   args = ["python", "-m", "deranj.train", f"--gin_file={run_gin}",
-          f"--gin_file={PRESET_FILES[preset]}"]
+          f"--gin_file={PRESET_FILES[preset]}", *[f"--gin_file={f}" for f in _MODEL_GIN]]
   for binding in train_bindings(model_dir, bindings):
     name, value = (x.strip() for x in binding.split("=", 1))
     if shlex.quote(value) != value and not any(c in value for c in '"$`\\'):
@@ -99,7 +106,8 @@ def train(run_gin: str, preset: str, model_dir: str, bindings: Iterable[str] = (
   log(f"   {train_command(run_gin, preset, model_dir, bindings)}")
   gin.clear_config()
   try:
-    gin_utils.parse_gin([run_gin, PRESET_FILES[preset]], train_bindings(model_dir, bindings))
+    gin_utils.parse_gin([run_gin, PRESET_FILES[preset], *_MODEL_GIN],
+                        train_bindings(model_dir, bindings))
     trainer.train()
   finally:
     gin.clear_config()

@@ -69,6 +69,9 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
                       help="comma-separated λ grid (1 is added); default: the preset's "
                       "SUMMARIZATION_LAMS")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--model_gin", default=None,
+                      help="a model file read after the preset in every run, e.g. "
+                      "configs/models/llama_tiny.gin (a decoder-only model)")
   parser.add_argument("--bootstrap_resamples", type=int, default=win_rates.DEFAULT_RESAMPLES,
                       help="resamples of the prompts for the win rates' 95%% intervals "
                       "(samples of one prompt are resampled together)")
@@ -133,6 +136,7 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
       the reward whose optimum pi*(β/λ) the figure draws; None: the gold reward model.
   """
   args = parse_args(argv, description)
+  common.use_model_gin(args.model_gin)
   grid = stages.read_grid(args.preset, "SUMMARIZATION", args.lams)
   lams = grid.lams
   workdir = os.path.abspath(args.workdir)

@@ -47,6 +47,12 @@ CONFIGS = {  # (transformers config class, its arguments beyond SIZES)
 NEW_TOKENS = 32
 
 
+def _model(config, pad_id=0):
+  """Most tests here pad with 0, as a vocabulary with PAD 0 would (the sampler then never
+  emits 0, so transformers suppresses it too); the NO_PAD tests below use every id."""
+  return base.DecoderOnlyModel(decoder.Transformer(config), pad_id=pad_id)
+
+
 def hf_model(name, seed=0):
   """A random transformers model of CONFIGS[name] with weights large enough for sharp
   logits (greedy choices far from ties) and norms and biases away from their init."""
@@ -103,7 +109,7 @@ def _assert_logits_match(ours, theirs):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name, checkpoints):
   model, config, params = checkpoints[name]
-  ours_model = base.DecoderOnlyModel(decoder.Transformer(config))
+  ours_model = _model(config)
   shapes = jax.tree_util.tree_map(jnp.shape, params)
   assert shapes == ours_model.param_shapes()
   tokens, mask = _prompts(1, length=20)
@@ -137,7 +143,7 @@ def test_greedy_continuations_match_generate(name, checkpoints):
                             do_sample=False, max_new_tokens=NEW_TOKENS, suppress_tokens=[0])
   theirs = theirs[:, tokens.shape[1]:].numpy()
   assert theirs.shape == (3, NEW_TOKENS)
-  out = decoding.sample(base.DecoderOnlyModel(decoder.Transformer(config)), params,
+  out = decoding.sample(_model(config), params,
                         jnp.asarray(tokens), jax.random.PRNGKey(0), max_decode_len=NEW_TOKENS,
                         eos_id=-1, temperature=0.0)
   np.testing.assert_array_equal(np.asarray(out.tokens), theirs)
@@ -152,7 +158,7 @@ def test_greedy_stops_at_eos_like_generate(checkpoints):
   with torch.no_grad():
     eos = int(generate()[0, 6])  # row 0 ends by its 7th token
     theirs = generate(eos_token_id=eos)
-  out = decoding.sample(base.DecoderOnlyModel(decoder.Transformer(config)), params,
+  out = decoding.sample(_model(config), params,
                         jnp.asarray(tokens), jax.random.PRNGKey(0), max_decode_len=NEW_TOKENS,
                         eos_id=eos, temperature=0.0)
   assert int(out.lengths[0]) <= 7
@@ -216,7 +222,7 @@ def test_sequence_logprobs_against_float64(name, checkpoints):
   logp = response_logits - top - np.log(np.exp(response_logits - top).sum(-1, keepdims=True))
   expected = (np.take_along_axis(logp, responses[..., None], -1)[..., 0] * (responses > 0)).sum(-1)
 
-  ours = base.DecoderOnlyModel(decoder.Transformer(config))
+  ours = _model(config)
   got = ours.sequence_logprobs(params, jnp.asarray(tokens), jnp.asarray(responses))
   # Each log-probability is off by about twice a logit's error; T of them are summed.
   terms = 2 * responses.shape[1] * SIZES["intermediate_size"]
@@ -235,13 +241,36 @@ def test_loss_masks_the_prompt_like_transformers(checkpoints):
   with torch.no_grad():
     theirs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
                    labels=torch.tensor(labels))
-  ours = base.DecoderOnlyModel(decoder.Transformer(config))
+  ours = _model(config)
   batch = base.response_batch(jnp.asarray(tokens), jnp.asarray(responses))
   loss, metrics = ours.loss_fn(params, batch)
   assert int(metrics["num_tokens"]) == int((responses > 0).sum())
   # A mean of log-probabilities over softmaxes of V terms, from logits of size ~|logits|.
   assert_close_f32(float(loss), float(theirs.loss), 2 * SIZES["intermediate_size"],
                    float(theirs.logits.abs().max()))
+
+
+def test_hidden_states_are_what_the_head_reads(checkpoints):
+  """hidden_states [B, T, D] through the tied head are the scoring logits, and the reward
+  pooling reads each right-padded row's last token."""
+  _, config, params = checkpoints["llama_gqa_tied"]
+  ours = _model(config)
+  tokens, _ = _prompts(16)
+  responses = _responses(17)
+  hidden = ours.hidden_states(params, jnp.asarray(tokens), jnp.asarray(responses))
+  assert hidden.shape == responses.shape + (config.hidden_size,)
+  logits = ours.logits(params, base.response_batch(jnp.asarray(tokens), jnp.asarray(responses)))
+  via_head = np.asarray(hidden) @ np.asarray(params["token_embedder"]["embedding"]).T
+  _assert_logits_match(via_head, np.asarray(logits))
+  # Row r of a right-padded batch pools at its last token: the network's final hidden
+  # state there, as one unpadded row gives it.
+  joined = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+  pooled = np.asarray(ours.pooled_hidden(params, jnp.asarray(joined)))
+  net = decoder.Transformer(config)
+  for row, n in zip(range(2), (4, 2)):
+    alone = net.apply({"params": params}, jnp.asarray(joined[row:row + 1, :n]), hidden=True)
+    assert_close_f32(pooled[row], alone[0, -1], SIZES["intermediate_size"],
+                     np.abs(alone).max())
 
 
 def test_left_pad_and_prompt_mask():
@@ -257,7 +286,7 @@ def test_one_token_prompts_and_bad_prompts(checkpoints):
   """A prompt of one token (BOS alone) decodes from an empty prefill; no prompt at all is
   refused."""
   model, config, params = checkpoints["llama_gqa_tied"]
-  ours = base.DecoderOnlyModel(decoder.Transformer(config))
+  ours = _model(config)
   bos = np.array([[7], [9]])
   with torch.no_grad():
     theirs = model.generate(input_ids=torch.tensor(bos), do_sample=False, max_new_tokens=5,
@@ -277,8 +306,8 @@ def realigner(checkpoints):
   """A Llama reference and a Qwen3 aligned model (different architectures, one vocab)."""
   (_, ref_cfg, ref_p), (_, al_cfg, al_p) = (checkpoints["llama_gqa_tied"],
                                             checkpoints["qwen3_qk_norm"])
-  return dera.Realigner(base.DecoderOnlyModel(decoder.Transformer(ref_cfg)), ref_p,
-                        base.DecoderOnlyModel(decoder.Transformer(al_cfg)), al_p,
+  return dera.Realigner(_model(ref_cfg), ref_p,
+                        _model(al_cfg), al_p,
                         max_decode_len=12)
 
 
@@ -315,6 +344,132 @@ def test_realigner_samples_score_and_decodes_per_prompt(realigner):
   twice = realigner.sample(prompts, lam, None, temperature=0.0, num_decodes=2)
   np.testing.assert_array_equal(twice.tokens[::2], once.tokens)
   np.testing.assert_array_equal(twice.tokens[1::2], once.tokens)
+
+
+# ----------------------------------------------------------------------------- NO_PAD
+
+
+@pytest.fixture(scope="module")
+def zero_emitter(tmp_path_factory):
+  """An untied Llama whose greedy continuations hold id 0 (a real token here): its head
+  row for 0 is 1.05 x the row of a token the model emits, so 0 takes that token's
+  place. (transformers model, config, params)."""
+  model = hf_model("llama_head_dim_untied", seed=3)
+  tokens, mask = _prompts(11)
+  with torch.no_grad():
+    plain = model.generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                           do_sample=False, max_new_tokens=NEW_TOKENS)[:, tokens.shape[1]:]
+    common = int(torch.mode(plain.flatten()).values)
+    head = model.lm_head.weight
+    head[0] = 1.05 * head[common]
+  directory = tmp_path_factory.mktemp("zero_emitter")
+  model.save_pretrained(directory)
+  return (model, *hf.load_decoder(str(directory)))
+
+
+def _no_pad_prompts(seed):
+  """(left-padded with NO_PAD, attention mask): a full row that starts with the real
+  token 0, a shorter row, a one-token row."""
+  tokens, mask = _prompts(seed)
+  tokens[0, 0] = 0
+  return np.where(mask, tokens, base.NO_PAD), mask
+
+
+def test_no_pad_greedy_emits_zero_like_generate(zero_emitter):
+  """With pad_id=NO_PAD (the default) every id can be emitted: 32 greedy tokens equal
+  transformers' `generate` with nothing suppressed, 0 among them; right-padded prompts
+  give the same tokens."""
+  model, config, params = zero_emitter
+  tokens, mask = _no_pad_prompts(12)
+  with torch.no_grad():
+    theirs = model.generate(input_ids=torch.tensor(np.where(mask, tokens, 5)),
+                            attention_mask=torch.tensor(mask), do_sample=False,
+                            max_new_tokens=NEW_TOKENS)[:, tokens.shape[1]:].numpy()
+  assert (theirs == 0).sum() >= 2, theirs
+  ours = base.DecoderOnlyModel(decoder.Transformer(config))
+  assert ours.pad_id == base.NO_PAD
+  sample = lambda prompts: np.asarray(decoding.sample(  # noqa: E731
+      ours, params, jnp.asarray(prompts), jax.random.PRNGKey(0), max_decode_len=NEW_TOKENS,
+      eos_id=-1, temperature=0.0).tokens)
+  np.testing.assert_array_equal(sample(tokens), theirs)
+  right = np.stack([np.roll(t, -int((~m).sum())) for t, m in zip(tokens, mask)])
+  np.testing.assert_array_equal(sample(right), theirs)
+  # The same model with PAD 0 never emits 0, as generate(suppress_tokens=[0]).
+  with torch.no_grad():
+    suppressed = model.generate(input_ids=torch.tensor(np.where(mask, tokens, 5)),
+                                attention_mask=torch.tensor(mask), do_sample=False,
+                                max_new_tokens=NEW_TOKENS,
+                                suppress_tokens=[0])[:, tokens.shape[1]:].numpy()
+  padded_with_0 = np.where(mask, tokens, 0)
+  padded_with_0[0, 0] = 7  # with PAD 0, a leading 0 would be padding
+  np.testing.assert_array_equal(
+      np.asarray(decoding.sample(_model(config), params, jnp.asarray(padded_with_0),
+                                 jax.random.PRNGKey(0), max_decode_len=NEW_TOKENS, eos_id=-1,
+                                 temperature=0.0).tokens)[1:], suppressed[1:])
+
+
+def test_no_pad_scores_count_token_zero(zero_emitter):
+  """Responses holding 0, EOS, then NO_PAD: log-probabilities and loss against float64
+  transformers, every 0 counted."""
+  model, config, params = zero_emitter
+  tokens, mask = _no_pad_prompts(13)
+  responses = _responses(14)
+  responses[:, 1] = 0
+  responses = np.where((responses == 0) & (np.arange(7) > 1), base.NO_PAD, responses)
+  real = responses != base.NO_PAD
+  ids = np.concatenate([np.where(mask, tokens, 5), np.where(real, responses, 5)], axis=1)
+  full_mask = np.concatenate([mask, real], axis=1)
+  positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    logits = model.double()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(full_mask),
+                            position_ids=torch.tensor(positions)).logits.numpy()
+  model.float()
+  response_logits = logits[:, tokens.shape[1] - 1:-1]
+  top = response_logits.max(-1, keepdims=True)
+  logp = response_logits - top - np.log(np.exp(response_logits - top).sum(-1, keepdims=True))
+  token_logp = np.take_along_axis(logp, np.maximum(responses, 0)[..., None], -1)[..., 0] * real
+  ours = base.DecoderOnlyModel(decoder.Transformer(config))
+  got = ours.sequence_logprobs(params, jnp.asarray(tokens), jnp.asarray(responses))
+  terms = 2 * responses.shape[1] * SIZES["intermediate_size"]
+  assert_close_f32(got, token_logp.sum(-1), terms, np.abs(response_logits).max())
+  loss, metrics = ours.loss_fn(params, base.response_batch(jnp.asarray(tokens),
+                                                           jnp.asarray(responses)))
+  assert int(metrics["num_tokens"]) == int(real.sum())
+  assert_close_f32(float(loss), -token_logp.sum() / real.sum(),
+                   2 * SIZES["intermediate_size"], np.abs(response_logits).max())
+
+
+def test_no_pad_realigner_fills_with_no_pad_and_scores_its_samples(zero_emitter, checkpoints):
+  """A NO_PAD pair: rows that end are filled with NO_PAD, not 0, and `score` of the
+  samples is the sampler's log q; a pair whose PAD ids differ is refused."""
+  _, config, params = zero_emitter
+  _, al_cfg, al_p = checkpoints["llama_head_dim_untied"]
+  ref = base.DecoderOnlyModel(decoder.Transformer(config))
+  al = base.DecoderOnlyModel(decoder.Transformer(al_cfg))
+  tokens, _ = _no_pad_prompts(15)
+  greedy = decoding.sample(ref, params, jnp.asarray(tokens), jax.random.PRNGKey(0),
+                           max_decode_len=12, eos_id=-1, temperature=0.0)
+  eos = int(np.asarray(greedy.tokens)[0, 4])  # row 0 ends by its 5th token
+  realigner = dera.Realigner(ref, params, al, al_p, max_decode_len=12, eos_id=eos)
+  lam = np.array([0.0, 0.5, 2.0], np.float32)
+  prompts = jnp.asarray(tokens)
+  greedy = realigner.sample(prompts, lam, temperature=0.0)
+  got, lengths = np.asarray(greedy.tokens), np.asarray(greedy.lengths)
+  assert lengths[0] <= 5  # lam 0 is the reference's greedy continuation
+  for row, n in zip(got, lengths):
+    assert np.all(row[:n] != base.NO_PAD) and np.all(row[n:] == base.NO_PAD)
+  # At lam 0 the score is the reference's own: the NO_PAD fill adds nothing.
+  ref_logp = ref.sequence_logprobs(params, prompts, greedy.tokens)
+  assert_close_f32(realigner.score(prompts, greedy.tokens, 0.0), ref_logp,
+                   2 * SIZES["intermediate_size"] * got.shape[1], np.abs(ref_logp).max())
+  out = realigner.sample(prompts, lam, jax.random.PRNGKey(3))
+  scale = np.abs(np.asarray(out.logp_ref)).max() + np.abs(np.asarray(out.logq)).max()
+  assert_close_f32(realigner.score(prompts, out.tokens, lam), out.logq,
+                   2 * SIZES["intermediate_size"] * got.shape[1], scale)
+  with pytest.raises(ValueError, match="share a PAD id: reference pad_id=-1, aligned pad_id=0"):
+    dera.Realigner(ref, params, _model(al_cfg), al_p, max_decode_len=4)
+  with pytest.raises(ValueError, match="pad_id=160 must be an id of the vocabulary"):
+    base.DecoderOnlyModel(decoder.Transformer(config), pad_id=VOCAB)
 
 
 # ----------------------------------------------------------------------------- loader

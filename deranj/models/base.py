@@ -3,10 +3,15 @@
 `EncoderDecoderModel` (T5) and `DecoderOnlyModel` (Llama / Mistral / Qwen) offer the same
 methods in terms of (prompts, responses). A batch is a dict of int32 arrays, T5X's
 encoder-decoder features (a decoder-only model packs them itself):
-  encoder_input_tokens   [B, S]  prompt ids, 0 = PAD
+  encoder_input_tokens   [B, S]  prompt ids, PAD = the model's `pad_id`
   decoder_input_tokens   [B, T]  targets shifted right, starting with 0
-  decoder_target_tokens  [B, T]  target ids, 0 = PAD
-  decoder_loss_weights   [B, T]  optional; defaults to decoder_target_tokens > 0
+  decoder_target_tokens  [B, T]  target ids, PAD = `pad_id`
+  decoder_loss_weights   [B, T]  optional; defaults to decoder_target_tokens != pad_id
+
+`pad_id` is 0 for T5 (its vocabularies reserve 0 for PAD). A decoder-only model takes
+it as an argument: its tokenizer's PAD id when it has one, or `NO_PAD` (-1) when every
+id is a real token (Llama 3, Qwen); -1 then fills prompts and responses where they
+hold no token, and the sampler may emit any id.
 """
 from __future__ import annotations
 
@@ -32,11 +37,20 @@ def shift_right(targets: Array, start_id: int = 0) -> Array:
   return jnp.concatenate([start, targets[:, :-1]], axis=1)
 
 
-def loss_weights(batch: Batch) -> Array:
+NO_PAD = -1  # the pad_id of a vocabulary without a PAD token: no id is reserved
+EMBED = t5.EMBED  # the logical axis of hidden vectors, for heads on `hidden_states`
+
+
+def loss_weights(batch: Batch, pad_id: int = 0) -> Array:
   weights = batch.get("decoder_loss_weights")
   if weights is None:
-    weights = batch["decoder_target_tokens"] > 0
+    weights = batch["decoder_target_tokens"] != pad_id
   return weights.astype(jnp.float32)
+
+
+def token_ids(tokens: Array) -> Array:
+  """Ids a network can embed: NO_PAD (-1) fillers become 0 (they are masked anyway)."""
+  return jnp.maximum(tokens, 0)
 
 
 def response_batch(prompts: Array, responses: Array) -> dict[str, Array]:
@@ -53,17 +67,19 @@ def samples_per_prompt(prompts: Array, responses: Array) -> int:
   return rows // b
 
 
-def masked_log_likelihood(logits: Array, targets: Array,
-                          weights: Optional[Array] = None) -> Array:
-  """log softmax(logits)[targets] [B, T], times `weights` (default: targets > 0)."""
+def masked_log_likelihood(logits: Array, targets: Array, weights: Optional[Array] = None,
+                          pad_id: int = 0) -> Array:
+  """log softmax(logits)[targets] [B, T], times `weights` (default: targets != pad_id)."""
   if weights is None:
-    weights = (targets > 0).astype(jnp.float32)
-  return losses.token_log_likelihood(logits, targets) * weights
+    weights = (targets != pad_id).astype(jnp.float32)
+  return losses.token_log_likelihood(logits, token_ids(targets)) * weights
 
 
 class EncoderDecoderModel:
   """Loss, scores and a decoding cache around a `t5.Transformer`; the module is wrapped,
   never subclassed."""
+
+  pad_id = 0  # T5 vocabularies reserve id 0 for PAD
 
   def __init__(self, module: t5.Transformer, *, z_loss: float = 0.0,
                label_smoothing: float = 0.0):
@@ -74,6 +90,11 @@ class EncoderDecoderModel:
   @property
   def config(self) -> t5.T5Config:
     return self.module.config
+
+  @property
+  def hidden_size(self) -> int:
+    """D of `hidden_states` and `pooled_hidden`."""
+    return self.config.d_model
 
   # --------------------------------------------------------------------------- params
 
@@ -123,8 +144,8 @@ class EncoderDecoderModel:
               dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
     """Mean token cross-entropy over weighted (non-PAD) target tokens, and metrics."""
     logits = self.logits(params, batch, dropout_rng)
-    targets = batch["decoder_target_tokens"]
-    weights = loss_weights(batch)
+    targets = token_ids(batch["decoder_target_tokens"])
+    weights = loss_weights(batch, self.pad_id)
     token_loss, z_term = losses.cross_entropy_with_logits(
         logits, targets, z_loss=self.z_loss, label_smoothing=self.label_smoothing)
     num_tokens = jnp.maximum(weights.sum(), 1.0)
@@ -171,7 +192,41 @@ class EncoderDecoderModel:
                       dropout_rng: Optional[Array] = None) -> tuple[Array, Array]:
     logits = self.logits(params, batch, dropout_rng)
     return masked_log_likelihood(logits, batch["decoder_target_tokens"],
-                                 loss_weights(batch)), logits
+                                 loss_weights(batch, self.pad_id)), logits
+
+  # --------------------------------------------------------------------------- hidden
+
+  def hidden_states(self, params: Params, prompts: Array, responses: Array) -> Array:
+    """The decoder's final (normed) hidden states [B, T, D] that predict each response
+    token: position t has read the prompt and responses[:, :t] (for value heads)."""
+    batch = response_batch(prompts, responses)
+    _, state = self.module.apply(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        capture_intermediates=_is_decoder_norm, mutable=["intermediates"])
+    (hidden,) = state["intermediates"]["decoder"]["decoder_norm"]["__call__"]
+    return hidden
+
+  # What `pooled_hidden` reads: the encoder (the decoder is not needed).
+  POOLING_KEYS = ("token_embedder", "encoder")
+  pooling = "mean"
+
+  def pooling_params(self, params: Params) -> Params:
+    """The part of `params` (or of a tree like it) that `pooled_hidden` reads."""
+    return {k: params[k] for k in self.POOLING_KEYS}
+
+  def pooled_hidden(self, params: Params, tokens: Array,
+                    dropout_rng: Optional[Array] = None) -> Array:
+    """One [D] vector per sequence [B, L] (prompt and response joined, PAD = pad_id), for
+    a reward head: the encoder's final output mean-pooled over non-PAD positions. The
+    encoder is bidirectional, so every position has seen the whole sequence; the mean
+    uses them all and does not depend on padding. `params`: `pooling_params`."""
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    encoded = self.module.apply({"params": self.pooling_params(params)}, tokens,
+                                enable_dropout=dropout_rng is not None, rngs=rngs,
+                                method=t5.Transformer.encode)  # [B, L, D]
+    weights = (tokens != self.pad_id).astype(jnp.float32)[..., None]  # [B, L, 1]
+    return (jnp.sum(encoded.astype(jnp.float32) * weights, axis=1)
+            / jnp.maximum(jnp.sum(weights, axis=1), 1.0))  # [B, D]
 
   # --------------------------------------------------------------------------- decoding
 
@@ -208,19 +263,24 @@ class EncoderDecoderModel:
     return logits[:, 0], variables["cache"]
 
 
+def _is_decoder_norm(module, method_name) -> bool:
+  return module.name == "decoder_norm" and method_name == "__call__"
+
+
 # ----------------------------------------------------------------------------- decoder-only
 
 
-def prompt_mask(prompts: Array) -> Array:
-  """[B, S] left-padded prompts -> [B, S] bool, False on each row's leading PADs (0)."""
-  return jnp.cumsum(prompts != 0, axis=1) > 0
+def prompt_mask(prompts: Array, pad_id: int = 0) -> Array:
+  """[B, S] left-padded prompts -> [B, S] bool, False on each row's leading PADs."""
+  return jnp.cumsum(prompts != pad_id, axis=1) > 0
 
 
-def left_pad(prompts: Array) -> Array:
-  """Right-padded prompts [B, S] (trailing 0s are PAD) -> the same rows left-padded."""
+def left_pad(prompts: Array, pad_id: int = 0) -> Array:
+  """Right-padded prompts [B, S] (trailing `pad_id`s are PAD) -> the same rows left-padded;
+  left-padded rows are returned as they are."""
   prompts = jnp.asarray(prompts)
   length = prompts.shape[1]
-  last = jnp.max(jnp.where(prompts != 0, jnp.arange(length), -1), axis=1)  # -1: all PAD
+  last = jnp.max(jnp.where(prompts != pad_id, jnp.arange(length), -1), axis=1)  # -1: all PAD
   shift = length - 1 - last
   index = (jnp.arange(length)[None, :] - shift[:, None]) % length
   return jnp.take_along_axis(prompts, index, axis=1)
@@ -230,11 +290,14 @@ class DecoderOnlyModel:
   """`EncoderDecoderModel`'s methods around a `decoder.Transformer`: T5X's DecoderOnlyModel,
   prompt and response packed into one sequence, the loss and scores on the response only.
 
-  Padding: prompts [B, S] are LEFT-padded with 0, and only a row's leading 0s are padding
-  (0 is an ordinary token of these vocabularies; `left_pad` converts right-padded
-  prompts). Every row needs a real prompt token (e.g. BOS). Responses [B, T] are as for
-  `EncoderDecoderModel`: tokens, EOS, then PAD 0, every 0 masked (the sampler never
-  emits 0).
+  Padding: `pad_id` fills prompts and responses where they hold no token: NO_PAD (-1,
+  the default) for vocabularies in which every id is a token (0 is an ordinary token of
+  Llama 3's and Qwen's), or the tokenizer's PAD id when it has one (deranj's
+  SentencePiece vocabulary: 0). Prompts [B, S] may be left- or right-padded (they are
+  left-padded here, `left_pad`); only a row's leading or trailing pads are padding, and
+  every row needs a real prompt token (e.g. BOS). Responses [B, T] are as for
+  `EncoderDecoderModel`: tokens, EOS, then pads, every pad masked (the sampler never
+  emits `pad_id`).
 
   Batches are `EncoderDecoderModel`'s dicts (prompts in `encoder_input_tokens`, responses
   in `decoder_target_tokens`, optional `decoder_loss_weights`; `decoder_input_tokens` is
@@ -248,14 +311,25 @@ class DecoderOnlyModel:
   the same for both families.
   """
 
-  def __init__(self, module: decoder.Transformer, *, z_loss: float = 0.0,
-               label_smoothing: float = 0.0):
+  def __init__(self, module: decoder.Transformer, *, pad_id: int = NO_PAD,
+               z_loss: float = 0.0, label_smoothing: float = 0.0):
+    if not NO_PAD <= pad_id < module.config.vocab_size:
+      raise ValueError(f"DecoderOnlyModel: pad_id={pad_id} must be an id of the vocabulary "
+                       f"(0..{module.config.vocab_size - 1}) or {NO_PAD} (no PAD token).")
     self.module = module
+    self.pad_id = int(pad_id)
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
 
   def _init_variables(self, rng: Array):
     return self.module.init(rng, jnp.ones((1, 2), jnp.int32))
+
+  def _prompts(self, prompts: Array) -> tuple[Array, Array]:
+    """Prompts [B, S] -> (left-padded embeddable ids, mask of real tokens), both [B, S]."""
+    prompts = jnp.asarray(prompts, jnp.int32)
+    _check_prompts(prompts)
+    prompts = left_pad(prompts, self.pad_id)
+    return token_ids(prompts), prompt_mask(prompts, self.pad_id)
 
   # The same code as the encoder-decoder's: it reaches the network only through
   # `_init_variables` and `logits`.
@@ -269,27 +343,62 @@ class DecoderOnlyModel:
   score_batch = EncoderDecoderModel.score_batch
   _token_logprobs = EncoderDecoderModel._token_logprobs
 
+  @property
+  def hidden_size(self) -> int:
+    """D of `hidden_states` and `pooled_hidden`."""
+    return self.config.hidden_size
+
+  def _packed(self, params: Params, prompts: Array, responses: Array, hidden: bool) -> Array:
+    """The network on prompt + responses[:, :-1]: its outputs at the T positions that
+    predict the response tokens. `prompts` may hold each prompt once for N adjacent
+    responses (`samples_per_prompt`)."""
+    prompts = jnp.repeat(jnp.asarray(prompts, jnp.int32), samples_per_prompt(prompts, responses),
+                         axis=0)
+    prompts, mask = self._prompts(prompts)
+    responses = jnp.asarray(responses, jnp.int32)[:, :-1]
+    tokens = jnp.concatenate([prompts, token_ids(responses)], axis=1)  # [B, S + T - 1]
+    mask = jnp.concatenate([mask, responses != self.pad_id], axis=1)
+    return self.module.apply({"params": params}, tokens, mask,
+                             num_logits=responses.shape[1] + 1, hidden=hidden)
+
   def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
     """Teacher-forced logits [B, T, V] of the responses given the prompts."""
     del dropout_rng  # no dropout in these architectures
-    prompts = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
-    responses = jnp.asarray(batch["decoder_target_tokens"], jnp.int32)
-    _check_prompts(prompts)
-    prompts = jnp.repeat(prompts, samples_per_prompt(prompts, responses), axis=0)
-    tokens = jnp.concatenate([prompts, responses[:, :-1]], axis=1)  # [B, S + T - 1]
-    mask = jnp.concatenate([prompt_mask(prompts), jnp.ones_like(responses[:, :-1], bool)],
-                           axis=1)
-    return self.module.apply({"params": params}, tokens, mask, num_logits=responses.shape[1])
+    return self._packed(params, batch["encoder_input_tokens"], batch["decoder_target_tokens"],
+                        hidden=False)
+
+  def hidden_states(self, params: Params, prompts: Array, responses: Array) -> Array:
+    """The final (normed) hidden states [B, T, D] that predict each response token:
+    position t has read the prompt and responses[:, :t] (for value heads)."""
+    return self._packed(params, prompts, responses, hidden=True)
+
+  pooling = "last"
+
+  def pooling_params(self, params: Params) -> Params:
+    """The part of `params` (or of a tree like it) that `pooled_hidden` reads: all but
+    an untied output head."""
+    return {k: v for k, v in params.items() if k != "lm_head"}
+
+  def pooled_hidden(self, params: Params, tokens: Array,
+                    dropout_rng: Optional[Array] = None) -> Array:
+    """One [D] vector per right-padded sequence [B, L] (prompt and response joined, PAD =
+    pad_id), for a reward head: the final hidden state at each row's last token, the
+    only position that has read the whole sequence (as transformers' sequence
+    classifiers). `params`: `pooling_params`."""
+    del dropout_rng  # no dropout in these architectures
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = tokens != self.pad_id
+    hidden = self.module.apply({"params": params}, token_ids(tokens), mask, hidden=True)
+    last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1]), 0), axis=1)  # [B]
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
   def init_cache(self, params: Params, prompts: Array, max_decode_length: int,
                  num_decodes: int = 1) -> Cache:
-    """Prefills left-padded prompts [B, S] once; a cache for `max_decode_length` steps.
+    """Prefills prompts [B, S] once; a cache for `max_decode_length` steps.
 
     With `num_decodes` = N it serves B * N rows, each prompt's N rows adjacent.
     """
-    prompts = jnp.asarray(prompts, jnp.int32)
-    _check_prompts(prompts)
-    mask = prompt_mask(prompts)
+    prompts, mask = self._prompts(prompts)
     _, variables = self.module.apply(
         {"params": params}, prompts[:, :-1], mask[:, :-1], decode=True,
         max_decode_length=prompts.shape[1] - 1 + max_decode_length, num_logits=0,
@@ -304,13 +413,28 @@ class DecoderOnlyModel:
   def decode_step(self, params: Params, cache: Cache, tokens: Array) -> tuple[Array, Cache]:
     """One token per row [B] -> (next-token logits [B, V], updated cache); the first call
     feeds the last prompt token instead."""
-    tokens = jnp.where(cache["started"], tokens, cache["pending"])
+    tokens = jnp.where(cache["started"], token_ids(tokens), cache["pending"])
     logits, variables = self.module.apply(
         {"params": params, "cache": cache["layers"]}, tokens[:, None], decode=True,
         mutable=["cache"])
     cache = {"layers": variables["cache"], "pending": cache["pending"],
              "started": jnp.ones((), bool)}
     return logits[:, 0], cache
+
+
+Model = Any  # EncoderDecoderModel or DecoderOnlyModel
+
+
+def as_model(model: Any) -> Model:
+  """A model wrapper, or a bare `t5.Transformer` / `decoder.Transformer` wrapped."""
+  if isinstance(model, (EncoderDecoderModel, DecoderOnlyModel)):
+    return model
+  if isinstance(model, t5.Transformer):
+    return EncoderDecoderModel(model)
+  if isinstance(model, decoder.Transformer):
+    return DecoderOnlyModel(model)
+  raise TypeError(f"expected a deranj model (EncoderDecoderModel, DecoderOnlyModel, "
+                  f"t5.Transformer or decoder.Transformer), got {type(model).__name__}.")
 
 
 def _check_prompts(prompts: Array):

@@ -257,7 +257,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None, *,
                decode: bool = False, max_decode_length: Optional[int] = None,
-               num_logits: Optional[int] = None) -> Array:
+               num_logits: Optional[int] = None, hidden: bool = False) -> Array:
     """Logits [B, num_logits, V] at the last `num_logits` positions (default: all L).
 
     Args:
@@ -269,6 +269,8 @@ class Transformer(nn.Module):
       max_decode_length: slots of the cache, on the creating call.
       num_logits: how many trailing positions get logits; 0 skips the output head (a
         prefill whose logits are not needed).
+      hidden: return the final (normed) hidden states [B, num_logits, D] that the output
+        head would read, instead of logits (for value and reward heads).
     """
     cfg = self.config
     b, length = tokens.shape
@@ -294,9 +296,13 @@ class Transformer(nn.Module):
       positions = positions_from_mask(mask)
       bias = attention_bias(jnp.arange(length), positions, mask, positions, cfg.sliding_window)
 
+    # A tied head reads the embedding too: rows of norm ~1 keep a random model's logits
+    # (hidden states of norm ~sqrt(D) after the final norm) near unit scale.
+    init_std = cfg.hidden_size**-0.5 if cfg.tie_word_embeddings else 1.0
     embedder = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(init_std),
+                                                    (VOCAB, EMBED)),
         name="token_embedder")
     x = embedder(tokens.astype(jnp.int32)).astype(cfg.dtype)
     for i in range(cfg.num_layers):
@@ -305,6 +311,8 @@ class Transformer(nn.Module):
 
     keep = length if num_logits is None else num_logits
     x = x[:, length - keep:]
+    if hidden:
+      return x
     if cfg.tie_word_embeddings:
       logits = embedder.attend(x)
     else:

@@ -142,8 +142,8 @@ class Objective:
   def export(self, directory: str, params: Params, **metadata) -> None:
     """Writes the trained policy as a deranj model directory (`loading.load_model` reads it)."""
     from deranj.models import loading  # pylint: disable=g-import-not-at-top
-    loading.save_model(directory, self.model.config,
-                       jax.device_get(self.policy_params(params)), **metadata)
+    loading.save_model(directory, self.model, jax.device_get(self.policy_params(params)),
+                       **metadata)
 
   def prepare_features(self, features: Mapping[str, np.ndarray], frozen: Params,
                        batch_size: int) -> Mapping[str, np.ndarray]:

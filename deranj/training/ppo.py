@@ -9,9 +9,9 @@ Each trainer step is one rollout batch:
      an optimizer update of the clipped policy loss + `vf_coef` x the clipped value loss.
 Evaluation samples `eval_num_samples` responses per prompt (see `rollouts.RolloutObjective`).
 
-Params: {"policy": T5, "value": {"trunk": T5, "head": {kernel [D, 1], bias [1]}}}. The
-value model is a separate T5 initialised from the SFT model; its value at response
-position t is a linear head on the decoder's final (normed) hidden state there, which
+Params: {"policy": model, "value": {"trunk": model, "head": {kernel [D, 1], bias [1]}}}.
+The value model is a separate copy of the SFT model; its value at response position t is
+a linear head on the final (normed) hidden state there (`model.hidden_states`), which
 has seen the prompt and the response before t. Its updates are scaled by
 `value_learning_rate_multiplier` (the paper: policy 5e-6, value 1e-5, so 2). The
 optimizer's own step count (and so its schedule) counts minibatch updates.
@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import optax
 
 from deranj.models import base as models_base
-from deranj.models import t5
 from deranj.training import losses
 from deranj.training import objectives
 from deranj.training import rollouts
@@ -35,17 +34,13 @@ Array = jax.Array
 P = jax.sharding.PartitionSpec
 
 
-def _is_decoder_norm(module, method_name) -> bool:
-  return module.name == "decoder_norm" and method_name == "__call__"
-
-
 @gin.configurable
 class PPO(rollouts.RolloutObjective):
   """See the module docstring. Metric names follow TRL's PPO trainer."""
 
   name = "ppo"
 
-  def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED,
+  def __init__(self, model: models_base.Model = gin.REQUIRED,
                reward: Any = gin.REQUIRED, *, beta: float = 0.1, max_decode_len: int = 64,
                num_epochs: int = 4, num_minibatches: int = 1, clip_eps: float = 0.2,
                clip_value: float = 0.2, gamma: float = 1.0, gae_lambda: float = 0.95,
@@ -68,7 +63,7 @@ class PPO(rollouts.RolloutObjective):
   # ------------------------------------------------------------------ params
 
   def init_params(self, rng, base_params):
-    d = self.model.config.d_model
+    d = self.model.hidden_size
     dtype = self.model.config.param_dtype
     head = {"kernel": jnp.zeros((d, 1), dtype), "bias": jnp.zeros((1,), dtype)}
     del rng  # a zero head: values start at 0, so early advantages are the rewards
@@ -78,7 +73,8 @@ class PPO(rollouts.RolloutObjective):
   def param_logical_axes(self):
     axes = self.model.logical_axes()
     return {"policy": axes,
-            "value": {"trunk": axes, "head": {"kernel": P(t5.EMBED, None), "bias": P(None)}}}
+            "value": {"trunk": axes, "head": {"kernel": P(models_base.EMBED, None),
+                                                "bias": P(None)}}}
 
   def policy_params(self, params):
     return params["policy"]
@@ -87,12 +83,8 @@ class PPO(rollouts.RolloutObjective):
 
   def values(self, value_params, rollout: rollouts.Rollout) -> Array:
     """Value estimates [B, T] at each response position (0 on padding)."""
-    batch = rollout.batch()
-    _, state = self.model.module.apply(
-        {"params": value_params["trunk"]}, batch["encoder_input_tokens"],
-        batch["decoder_input_tokens"], capture_intermediates=_is_decoder_norm,
-        mutable=["intermediates"])
-    (hidden,) = state["intermediates"]["decoder"]["decoder_norm"]["__call__"]  # [B, T, D]
+    hidden = self.model.hidden_states(value_params["trunk"], rollout.encoder_input_tokens,
+                                      rollout.decoder_target_tokens)  # [B, T, D]
     head = value_params["head"]
     values = hidden.astype(jnp.float32) @ head["kernel"][:, 0] + head["bias"][0]
     return values * rollout.mask

@@ -1,12 +1,13 @@
-"""Reward-model training: a T5-encoder `RewardModel` fit to preference pairs.
+"""Reward-model training: a `RewardModel` fit to preference pairs.
 
     train.objective = @RewardModelObjective()
     RewardModelObjective.model = @build_model()
     train.task = %PREFERENCE_TASK            # features: prompt, chosen_*, rejected_*
     train.init_checkpoint = %INIT_CHECKPOINT # the SFT model (paper, Appendix D)
 
-The reward model reuses the INIT_CHECKPOINT model's embedder and encoder (the decoder
-is dropped) and adds a linear head (`deranj.rewards.RewardModel`). The loss is the
+The reward model reuses the INIT_CHECKPOINT model's network (a T5's embedder and encoder,
+the decoder dropped; a decoder-only model's all but an untied output head) and adds a
+linear head (`deranj.rewards.RewardModel`). The loss is the
 Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l)). The run's `model/` directory
 holds the reward model, which `load_reward_model` reads back for a later stage (PPO,
 policy gradient, or scoring samples).
@@ -28,7 +29,6 @@ from deranj import rewards
 from deranj.data import pipeline
 from deranj.models import base as models_base
 from deranj.models import loading
-from deranj.models import t5
 from deranj.training import checkpoints
 from deranj.training import losses
 from deranj.training import objectives
@@ -62,12 +62,13 @@ class RewardModelObjective(objectives.Objective):
   name = "reward_model"
   required_features = PREFERENCE_FEATURES
 
-  def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED, *,
+  def __init__(self, model: models_base.Model = gin.REQUIRED, *,
                head_init_scale: float = 0.0, dropout: bool = False):
     """A reward model over `model`'s encoder.
 
     Args:
-      model: the INIT_CHECKPOINT's architecture; its encoder becomes the reward model's.
+      model: the INIT_CHECKPOINT's architecture; its network (a T5's encoder) becomes the
+        reward model's.
       head_init_scale: the head starts at N(0, head_init_scale^2 / d_model). Zero: a
         constant reward model at step 0 (loss log 2, accuracy 1/2), with no arbitrary
         direction to unlearn; a little faster here (held-out accuracy 0.93 against 0.88
@@ -131,12 +132,12 @@ def _jitted_pair_rewards(objective: RewardModelObjective):
 
 def save_reward_model(directory: str, reward_model: rewards.RewardModel, params: Params,
                       **metadata) -> None:
-  """Writes deranj_model.json (T5 config, kind "reward_model", pad/eos ids) and
-  params.msgpack, atomically (`loading.save_model`)."""
-  loading.save_model(directory, reward_model.config, jax.device_get(params), **metadata,
+  """Writes deranj_model.json (the backbone's config, kind "reward_model", pad/eos ids,
+  pooling) and params.msgpack, atomically (`loading.save_model`)."""
+  loading.save_model(directory, reward_model.backbone, jax.device_get(params), **metadata,
                      kind=KIND, reward_model={"pad_id": reward_model.pad_id,
                                               "eos_id": reward_model.eos_id,
-                                              "pooling": "mean"})
+                                              "pooling": reward_model.backbone.pooling})
 
 
 def load_reward_model(directory: str) -> tuple[rewards.RewardModel, Params]:
@@ -160,12 +161,15 @@ def load_reward_model(directory: str) -> tuple[rewards.RewardModel, Params]:
     if info.get("kind") != KIND:
       raise loading.ModelLoadError(f"{path} describes a {info.get('kind') or 'policy'} "
                                    "model, not a reward model.")
-    config = loading.config_from_dict(info["config"])
+    backbone = loading.model_from_record(info)
     settings = info[KIND]
-  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    reward_model = rewards.RewardModel(backbone, pad_id=settings["pad_id"],
+                                       eos_id=settings["eos_id"])
+  except loading.ModelLoadError:
+    raise
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
     raise loading.ModelLoadError(f"{path} is not a reward model config: {e!r}") from None
-  reward_model = rewards.RewardModel(t5.Transformer(config), pad_id=settings["pad_id"],
-                                     eos_id=settings["eos_id"])
+  config = backbone.config
   msgpack = os.path.join(directory, loading.MSGPACK_FILE)
   try:
     with open(msgpack, "rb") as f:

@@ -1,8 +1,8 @@
 """What the figure drivers share: gin-driven training runs that are skipped when finished,
 preset macros, λ grids, agreement numbers, JSON and PNG (stages.py builds on these).
 
-A driver's work directory holds one MODEL_DIR per training run (`sft`, `<kind>_beta<β>`),
-then `figN.json` and `figN.png`. Re-running a driver skips every run whose final model
+A driver's work directory holds one MODEL_DIR per training run (`sft`, `<kind>_beta<β>`,
+`<kind>_beta<β>_seed<s>` for seeds s > 0), then `figN.json` and `figN.png`. Re-running a driver skips every run whose final model
 is present, so an interrupted sweep picks up where it stopped.
 """
 from __future__ import annotations
@@ -67,9 +67,25 @@ def beta_name(beta: float) -> str:
   return f"{beta:.4g}"
 
 
-def run_dir(workdir: str, kind: str, beta: Optional[float] = None) -> str:
+def run_dir(workdir: str, kind: str, beta: Optional[float] = None, seed: int = 0) -> str:
+  """`<workdir>/<kind>[_beta<β>][_seed<s>]`: seed 0 (the run file's SEED) has no suffix, so
+  the figure drivers and scripts/sweep.py find each other's runs."""
   name = kind if beta is None else f"{kind}_beta{beta_name(beta)}"
-  return os.path.join(workdir, name)
+  return os.path.join(workdir, name if seed == 0 else f"{name}_seed{seed}")
+
+
+def parse_seeds(text: str) -> list[int]:
+  """`--seeds 0,1,2`; exits with one line on a bad or repeated seed."""
+  try:
+    seeds = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    seeds = None
+  if not seeds or any(s < 0 for s in seeds):
+    raise SystemExit(f"error: --seeds={text!r}: expected comma-separated integers >= 0, "
+                     "e.g. --seeds=0,1,2.")
+  if len(set(seeds)) < len(seeds):
+    raise SystemExit(f"error: --seeds={text!r}: a seed given more than once.")
+  return seeds
 
 
 def train_bindings(model_dir: str, bindings: Iterable[str]) -> list[str]:
@@ -156,6 +172,15 @@ def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[
       "lam_picked_by_dera": float(lams[int(np.argmax(dera))]),
       "lam_picked_by_retrained": float(lams[int(np.argmax(retrained))]),
   }
+
+
+def spread(values: Sequence[Optional[float]]) -> dict[str, Any]:
+  """Over the values given (None: not logged, left out): their number, mean, sample
+  standard deviation (n - 1) and range; None where too few."""
+  x = np.array([v for v in values if v is not None], np.float64)
+  return {"n": int(x.size), "mean": float(x.mean()) if x.size else None,
+          "std": float(x.std(ddof=1)) if x.size > 1 else None,
+          "min": float(x.min()) if x.size else None, "max": float(x.max()) if x.size else None}
 
 
 def spearman_text(agreement: dict[str, Any]) -> str:

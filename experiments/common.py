@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import struct
@@ -131,15 +132,16 @@ EVAL_DIR = "eval"  # where the trainer's MetricsLogger writes a run's evaluation
 
 def read_evals(model_dir: str) -> list[dict[str, float]]:
   """A run's evaluations, [{"step": s, metric: value, ...}] by step, from the TensorBoard
-  event files under MODEL_DIR/eval (the last write of a step wins: a resumed run may
-  repeat one). [] when the run wrote none. Reads the TFRecord frames directly, without
+  event files under MODEL_DIR/eval (the last write of a step wins, by its wall time: a
+  resumed run may repeat one). [] when the run wrote none. Reads the TFRecord frames directly, without
   TensorFlow; a truncated last record (a run killed mid-write) is ignored."""
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   directory = os.path.join(model_dir, EVAL_DIR)
   by_step: dict[int, dict[str, float]] = {}
+  written: dict[tuple[int, str], float] = {}  # (step, tag): wall time of the value kept
   names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-  for name in names:  # events.out.tfevents.<time>...: by name is in time order
+  for name in names:  # two files of one second do not sort by name (…9.v2 > …10.v2)
     with open(os.path.join(directory, name), "rb") as f:
       data = f.read()
     i = 0
@@ -152,7 +154,10 @@ def read_evals(model_dir: str) -> list[dict[str, float]]:
       for value in event.summary.value:
         x = (tensor_util.make_ndarray(value.tensor) if value.HasField("tensor")
              else value.simple_value)
-        by_step.setdefault(int(event.step), {})[value.tag] = float(x)
+        key = (int(event.step), value.tag)
+        if event.wall_time >= written.get(key, -math.inf):
+          written[key] = event.wall_time
+          by_step.setdefault(key[0], {})[value.tag] = float(x)
   return [{"step": step, **by_step[step]} for step in sorted(by_step)]
 
 

@@ -11,7 +11,8 @@ The grid: KL strengths β/λ for each λ of --lams (--beta 0.1 by default), or t
 --betas; times each seed of --seeds (bound to the run file's SEED, which the trainer hashes
 with the objective and β). Seed 0 trains in `<workdir>/<kind>_beta<β>` (the directory the
 figure drivers read, so a driver started afterwards skips it; kind = ppo | pg_length |
-pg | dpo from the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>`. Every run is evaluated
+pg | dpo from the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>` (common.run_dir; where
+`fig2_length_reward.py --seeds` trains and reads them too). Every run is evaluated
 as the figure drivers' are (stages.eval_bindings), enough evaluations for the plateau test.
 
 --run trains the runs in turn, seed by seed: finished runs are skipped and an interrupted

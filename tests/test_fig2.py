@@ -1,5 +1,6 @@
-"""Figure 2's driver: length statistics (fast), the smoke preset end to end (slow), and the
-sweep script."""
+"""Figure 2's driver: length statistics, the runs several seeds train (sweep.py's), the
+spread over seeds in the JSON, report and figure (fast); the smoke preset end to end, one
+seed then two (slow); the sweep script."""
 import json
 import os
 import subprocess
@@ -246,7 +247,7 @@ def test_figure2_shades_the_range_over_seeds(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_fig2_smoke_end_to_end_and_resumable(tmp_path):
+def test_fig2_smoke_end_to_end_resumable_and_over_two_seeds(tmp_path):
   command = [sys.executable, "experiments/fig2_length_reward.py", "--preset", "smoke",
              "--workdir", str(tmp_path)]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -280,8 +281,33 @@ def test_fig2_smoke_end_to_end_and_resumable(tmp_path):
     if not point["left_out"]:
       assert -1 <= point["length_reward"] <= 0 and 0 <= point["mean_length"] <= max_len
       assert point["in_range"] == pytest.approx(1 + point["length_reward"], rel=1e-9)
-  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=900)
-  assert again.returncode == 0
+  # Two seeds: seed 0's runs are the ones above (skipped), seed 1 trains its own 3 runs.
+  again = subprocess.run(command + ["--seeds", "0,1"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("finished earlier, skipped") == 4
-  assert "[train]" not in again.stdout
+  assert again.stdout.count("-- run ") == 7 and "-- run 7 of 7: pg_length_beta0.05_seed1" in \
+      again.stdout
+  seeds = json.load(open(tmp_path / "fig2.json"))
+  # The first seed's numbers are the one-seed run's, to the bit.
+  for key in ("per_lam", "runs", "agreement", "optimum", "dera_sweep_compiles"):
+    assert seeds[key] == result[key], key
+  assert seeds["seeds"] == [0, 1] and [s["seed"] for s in seeds["per_seed"]] == [0, 1]
+  first, second = seeds["per_seed"]
+  for row, full in zip(first["per_lam"], result["per_lam"]):
+    for method in stages.METHODS:
+      assert row[method] == {k: v for k, v in full[method].items()
+                             if k not in ("lengths", "histogram")}
+  assert first["runs"] == result["runs"] and first["agreement"] == result["agreement"]
+  assert second["dera_sweep_compiles"] == 0  # the same sampler, seed 1's parameters
+  assert [r["run"] for r in second["runs"]] == [f"{r['run']}_seed1" for r in result["runs"]]
+  assert second["runs"][0]["evals"] != first["runs"][0]["evals"]  # trained with SEED = 1
+  assert "SEED = 1\n" in open(tmp_path / "pg_length_beta0.2_seed1" / "config.gin").read()
+  figure_checks.optimum_and_runs(seeds, "length_reward", "pg_length", again.stdout)
+  for i, row in enumerate(seeds["across_seeds"]["per_lam"]):
+    for method in stages.METHODS:
+      x = [s["per_lam"][i][method]["length_reward"] for s in seeds["per_seed"]]
+      np.testing.assert_allclose([row[method]["mean"], row[method]["std"]],
+                                 [np.mean(x), np.std(x, ddof=1)], rtol=1e-12, atol=1e-15)
+  assert "over seeds 0,1: mean length reward" in again.stdout
+  assert os.path.getsize(tmp_path / "fig2.png") > 10_000

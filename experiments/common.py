@@ -1,14 +1,15 @@
 """What the figure drivers share: gin-driven training runs that are skipped when finished,
 preset macros, λ grids, agreement numbers, JSON and PNG (stages.py builds on these).
 
-A driver's work directory holds one MODEL_DIR per training run (`sft`, `<kind>_beta<β>`),
-then `figN.json` and `figN.png`. Re-running a driver skips every run whose final model
+A driver's work directory holds one MODEL_DIR per training run (`sft`, `<kind>_beta<β>`,
+`<kind>_beta<β>_seed<s>` for seeds s > 0), then `figN.json` and `figN.png`. Re-running a driver skips every run whose final model
 is present, so an interrupted sweep picks up where it stopped.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import struct
@@ -75,9 +76,25 @@ def beta_name(beta: float) -> str:
   return f"{beta:.4g}"
 
 
-def run_dir(workdir: str, kind: str, beta: Optional[float] = None) -> str:
+def run_dir(workdir: str, kind: str, beta: Optional[float] = None, seed: int = 0) -> str:
+  """`<workdir>/<kind>[_beta<β>][_seed<s>]`: seed 0 (the run file's SEED) has no suffix, so
+  the figure drivers and scripts/sweep.py find each other's runs."""
   name = kind if beta is None else f"{kind}_beta{beta_name(beta)}"
-  return os.path.join(workdir, name)
+  return os.path.join(workdir, name if seed == 0 else f"{name}_seed{seed}")
+
+
+def parse_seeds(text: str) -> list[int]:
+  """`--seeds 0,1,2`; exits with one line on a bad or repeated seed."""
+  try:
+    seeds = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    seeds = None
+  if not seeds or any(s < 0 for s in seeds):
+    raise SystemExit(f"error: --seeds={text!r}: expected comma-separated integers >= 0, "
+                     "e.g. --seeds=0,1,2.")
+  if len(set(seeds)) < len(seeds):
+    raise SystemExit(f"error: --seeds={text!r}: a seed given more than once.")
+  return seeds
 
 
 def train_bindings(model_dir: str, bindings: Iterable[str]) -> list[str]:
@@ -124,15 +141,16 @@ EVAL_DIR = "eval"  # where the trainer's MetricsLogger writes a run's evaluation
 
 def read_evals(model_dir: str) -> list[dict[str, float]]:
   """A run's evaluations, [{"step": s, metric: value, ...}] by step, from the TensorBoard
-  event files under MODEL_DIR/eval (the last write of a step wins: a resumed run may
-  repeat one). [] when the run wrote none. Reads the TFRecord frames directly, without
+  event files under MODEL_DIR/eval (the last write of a step wins, by its wall time: a
+  resumed run may repeat one). [] when the run wrote none. Reads the TFRecord frames directly, without
   TensorFlow; a truncated last record (a run killed mid-write) is ignored."""
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   directory = os.path.join(model_dir, EVAL_DIR)
   by_step: dict[int, dict[str, float]] = {}
+  written: dict[tuple[int, str], float] = {}  # (step, tag): wall time of the value kept
   names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-  for name in names:  # events.out.tfevents.<time>...: by name is in time order
+  for name in names:  # two files of one second do not sort by name (…9.v2 > …10.v2)
     with open(os.path.join(directory, name), "rb") as f:
       data = f.read()
     i = 0
@@ -145,7 +163,10 @@ def read_evals(model_dir: str) -> list[dict[str, float]]:
       for value in event.summary.value:
         x = (tensor_util.make_ndarray(value.tensor) if value.HasField("tensor")
              else value.simple_value)
-        by_step.setdefault(int(event.step), {})[value.tag] = float(x)
+        key = (int(event.step), value.tag)
+        if event.wall_time >= written.get(key, -math.inf):
+          written[key] = event.wall_time
+          by_step.setdefault(key[0], {})[value.tag] = float(x)
   return [{"step": step, **by_step[step]} for step in sorted(by_step)]
 
 
@@ -165,6 +186,15 @@ def agreement(lams: Sequence[float], dera: Sequence[float], retrained: Sequence[
       "lam_picked_by_dera": float(lams[int(np.argmax(dera))]),
       "lam_picked_by_retrained": float(lams[int(np.argmax(retrained))]),
   }
+
+
+def spread(values: Sequence[Optional[float]]) -> dict[str, Any]:
+  """Over the values given (None: not logged, left out): their number, mean, sample
+  standard deviation (n - 1) and range; None where too few."""
+  x = np.array([v for v in values if v is not None], np.float64)
+  return {"n": int(x.size), "mean": float(x.mean()) if x.size else None,
+          "std": float(x.std(ddof=1)) if x.size > 1 else None,
+          "min": float(x.min()) if x.size else None, "max": float(x.max()) if x.size else None}
 
 
 def spearman_text(agreement: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 r"""Figure 2: DeRa at λ against models retrained at β/λ, on the length reward (eq. 10).
 
-    python experiments/fig2_length_reward.py --preset tiny --workdir /tmp/deranj/fig2
+    python experiments/fig2_length_reward.py --preset tiny --workdir /tmp/deranj/fig2 \
+        [--seeds 0,1,2]
 
 The trainer is the preset's FIG2_TRAINER (or --trainer): 'ppo' (the paper's,
 `configs/runs/ppo_length.gin`) or 'pg' (leave-one-out policy gradient,
@@ -23,6 +24,16 @@ Stages (each training run through gin, skipped when already finished):
 
 The λ grid, prompts, samples, SIR candidates and the optimum's SFT samples are the
 preset's FIG2_* macros.
+
+Seeds: `--seed s` (default 0) is the sampling key, the runs keeping the run file's SEED.
+`--seeds 0,1,2` trains stages 2 and 3 once per seed s (SEED = s, in scripts/sweep.py's
+directories: `<kind>_beta<β>` for seed 0, `<kind>_beta<β>_seed<s>` otherwise, so runs a
+sweep trained are reused) from the one SFT model, and repeats stages 4, 5 and 7 per seed
+with that seed's aligned and retrained models and the key `--seed s` would give. fig2.json
+keeps the single-seed keys for the first seed and adds `seeds`, `per_seed` (each seed's
+rewards per λ, run records and agreement) and `across_seeds` (per λ each method's mean,
+sample standard deviation and range over seeds; Spearman ρ and mean |Δ| per seed and their
+mean); panel (a) shades the range over seeds.
 """
 from __future__ import annotations
 
@@ -82,7 +93,76 @@ def optimum_curve(sft_tokens: np.ndarray, num_prompts: int, betas, l_min: int,
       "points": stages.optimum_points(reward, values, betas, per_prompt)}
 
 
+def seed_results(seed: int, sampled: stages.Samples, run_dirs: list[str], lams: list[float],
+                 beta: float, kind: str, points: list[dict], num_prompts: int,
+                 length_range: tuple[int, int], bins: np.ndarray, candidates: int) -> dict:
+  """One seed's numbers: per λ each method's length statistics (the optimum's `points`
+  beside them), each run's convergence record, and DeRa's agreement with the retrained
+  models across λ."""
+  per_lam, records = [], []
+  for i, lam in enumerate(lams):
+    stats = {m: length_stats(sampled.tokens[m][i], num_prompts, *length_range, bins)
+             for m in stages.METHODS}
+    stats["dera_resampled"].update(mean_ess=float(sampled.ess[i].mean()),
+                                   num_candidates=candidates)
+    record = stages.run_record(run_dirs[i], kind, beta / lam, "length reward",
+                               points[i]["length_reward"], stats["retrained"]["length_reward"])
+    records.append(record)
+    stats["retrained"]["run"] = record["run"]
+    stats["retrained"]["plateau"] = record["plateau"]["passed"]
+    per_lam.append({"lam": lam, "beta_over_lam": beta / lam, **stats, "optimum": points[i]})
+  reward = lambda key: [r[key]["length_reward"] for r in per_lam]  # noqa: E731
+  return {
+      "seed": seed, "per_lam": per_lam, "runs": records,
+      "all_runs_at_plateau": all(r["plateau"]["passed"] for r in records),
+      "agreement": {
+          "length_reward": common.agreement(lams, reward("dera"), reward("retrained")),
+          "dera_vs_resampled_mean_abs_difference": float(np.mean(np.abs(
+              np.subtract(reward("dera"), reward("dera_resampled"))))),
+      },
+      "dera_sweep_compiles": sampled.compiles,
+  }
+
+
+# Per-sample lists, kept for the first seed only (its per_lam): per_seed stays small.
+PER_SEED_LEFT_OUT = ("lengths", "histogram")
+
+
+def per_seed_entry(results: dict) -> dict:
+  """`seed_results` without the per-sample lists and the optimum (the same for every seed)."""
+  rows = [{k: ({n: x for n, x in v.items() if n not in PER_SEED_LEFT_OUT}
+               if k in stages.METHODS else v) for k, v in row.items() if k != "optimum"}
+          for row in results["per_lam"]]
+  return {**results, "per_lam": rows}
+
+
+def across_seeds(per_seed: list[dict]) -> dict:
+  """The spread over seeds (common.spread: n, mean, sample std (n - 1), min, max): per λ of
+  each method's mean length reward, and of the per-seed Spearman ρ (DeRa against the
+  retrained models across λ; seeds where it is undefined left out) and mean |Δ|."""
+  agree = [s["agreement"]["length_reward"] for s in per_seed]
+  rho = [a["spearman"] for a in agree]
+  mad = [a["mean_abs_difference"] for a in agree]
+  return {
+      "seeds": [s["seed"] for s in per_seed],
+      "per_lam": [{"lam": row["lam"], **{
+          m: common.spread([s["per_lam"][i][m]["length_reward"] for s in per_seed])
+          for m in stages.METHODS}} for i, row in enumerate(per_seed[0]["per_lam"])],
+      "spearman": {"per_seed": rho, **common.spread(rho)},
+      "mean_abs_difference": {"per_seed": mad, **common.spread(mad)},
+  }
+
+
+def _mean_sd(s: dict) -> str:
+  """`mean ± sd [min, max]` of a common.spread."""
+  sd = "" if s["std"] is None else f" ± {s['std']:.3f}"
+  return f"{s['mean']:.3f}{sd} [{s['min']:.3f}, {s['max']:.3f}]"
+
+
 def report(result: dict) -> None:
+  if "per_seed" in result:
+    common.log(f"\nseed {result['seed']} (the first of seeds "
+               f"{','.join(map(str, result['seeds']))}):")
   common.log("\n| λ | β/λ | DeRa reward | retrained reward | DeRa+SIR reward | optimum reward "
              "(ESS min) | DeRa length | retrained length | optimum length | retrained at "
              "plateau |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -100,6 +180,19 @@ def report(result: dict) -> None:
   common.log(f"\nreward ± its standard error over prompts; Spearman ρ(DeRa, retrained) = "
              f"{common.spearman_text(agree)}; mean |Δ| = {agree['mean_abs_difference']:.3f}; "
              f"wall {sum(result['wall_seconds'].values()):.0f} s")
+  if "per_seed" in result:
+    spread = result["across_seeds"]
+    common.log(f"\nover seeds {','.join(map(str, spread['seeds']))}: mean length reward, "
+               "mean ± sd (n - 1) [min, max]\n\n| λ | DeRa | retrained | DeRa+SIR |\n"
+               "|---|---|---|---|")
+    for r in spread["per_lam"]:
+      common.log(f"| {r['lam']:g} | {_mean_sd(r['dera'])} | {_mean_sd(r['retrained'])} | "
+                 f"{_mean_sd(r['dera_resampled'])} |")
+    rho, mad = spread["spearman"], spread["mean_abs_difference"]
+    rhos = ", ".join("n/a" if x is None else f"{x:.3f}" for x in rho["per_seed"])
+    common.log(f"\nper seed: Spearman ρ(DeRa, retrained) = {rhos} (mean "
+               f"{'n/a' if rho['mean'] is None else format(rho['mean'], '.3f')}); mean |Δ| = "
+               f"{', '.join(f'{x:.3f}' for x in mad['per_seed'])} (mean {mad['mean']:.3f})")
 
 
 def main(argv=None) -> dict:
@@ -112,12 +205,20 @@ def main(argv=None) -> dict:
                       help="default: the preset's FIG2_TRAINER")
   parser.add_argument("--lams", default=None,
                       help="comma-separated λ grid (1 is added); default: the preset's FIG2_LAMS")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=None,
+                      help="one seed (default 0): the sampling key; the runs keep the run "
+                           "file's SEED")
+  parser.add_argument("--seeds", default=None,
+                      help="e.g. 0,1,2: aligned and retrained runs per seed (SEED = s, "
+                           "scripts/sweep.py's directories), the spread over seeds in the figure")
   args = parser.parse_args(argv)
+  if args.seed is not None and args.seeds is not None:
+    raise SystemExit("error: --seed and --seeds: give one (--seeds=0,1,2 trains every seed).")
+  several = args.seeds is not None
+  seeds = common.parse_seeds(args.seeds) if several else [args.seed or 0]
   grid = stages.read_grid(args.preset, "FIG2", args.lams)
   lams = grid.lams
   workdir = os.path.abspath(args.workdir)
-  os.makedirs(workdir, exist_ok=True)
   macros = common.preset_macros(args.preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",
                                               "L_MIN", "L_MAX", "FIG2_BETA", "FIG2_TRAINER"])
   if args.beta is None:
@@ -129,26 +230,32 @@ def main(argv=None) -> dict:
                        f"{args.trainer!r}: expected one of {sorted(TRAINERS)}.")
   if not args.beta > 0:
     raise SystemExit(f"error: --beta={args.beta}: the KL strength must be > 0.")
+  os.makedirs(workdir, exist_ok=True)
   run_gin, kind = TRAINERS[args.trainer]
   timer = common.Timer()
-  runs = stages.Runs(1 + len(lams))  # SFT, then one alignment run per λ
+  runs = stages.Runs(1 + len(seeds) * len(lams))  # SFT, then per seed one run per λ
 
   sft_dir = common.run_dir(workdir, "sft")
   with timer("sft"):
     runs.train(stages.SFT_RUN, args.preset, sft_dir)
-  run_dirs = [common.run_dir(workdir, kind, args.beta / lam) for lam in lams]
 
-  def align(lam):
-    return runs.train(run_gin, args.preset, common.run_dir(workdir, kind, args.beta / lam),
+  def run_dir(lam, seed):  # one --seed: the run file's SEED, seed 0's directory
+    return common.run_dir(workdir, kind, args.beta / lam, seed if several else 0)
+
+  def align(lam, seed):
+    # The bindings of `scripts/sweep.py --seeds`, so that either reuses the other's runs.
+    return runs.train(run_gin, args.preset, run_dir(lam, seed),
                       [f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {args.beta / lam}",
+                       *([f"SEED = {seed}"] if several else []),
                        *stages.eval_bindings(args.preset, kind)])
 
-  with timer("aligned"):
-    align(1.0)
-  with timer("retrained"):
-    for lam in lams:
-      if lam != 1:
-        align(lam)
+  for seed in seeds:
+    with timer("aligned"):
+      align(1.0, seed)
+    with timer("retrained"):
+      for lam in lams:
+        if lam != 1:
+          align(lam, seed)
 
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
   val = pipeline.load(macros["TASK"], "validation", lengths, max_examples=grid.prompts)
@@ -158,54 +265,57 @@ def main(argv=None) -> dict:
   bins = np.arange(0, max_len + 2)
   l_min, l_max = macros["L_MIN"], macros["L_MAX"]
   ref, ref_params = common.load_policy(sft_dir)
-  retrained_params = [common.load_policy(d)[1] for d in run_dirs]
-  realigner = dera.Realigner(ref, ref_params, ref, retrained_params[lams.index(1.0)],
-                             max_decode_len=max_len)
-  rng = jax.random.PRNGKey(args.seed)
-  sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
-                                  prompts, grid, max_len, rng)
-  with timer("optimum"):
-    sft_tokens = stages.sample_sft(ref, ref_params, prompts, grid, max_len, rng)
+  with timer("optimum"):  # the SFT model's: one for every seed, from the first seed's key
+    sft_tokens = stages.sample_sft(ref, ref_params, prompts, grid, max_len,
+                                   jax.random.PRNGKey(seeds[0]))
     optimum = optimum_curve(sft_tokens, num_prompts, [args.beta / lam for lam in lams],
                             l_min, l_max)
-
-  per_lam, runs_record = [], []
-  for i, lam in enumerate(lams):
-    stats = {m: length_stats(sampled.tokens[m][i], num_prompts, l_min, l_max, bins)
-             for m in stages.METHODS}
-    stats["dera_resampled"].update(mean_ess=float(sampled.ess[i].mean()),
-                                   num_candidates=grid.candidates)
-    point = optimum["points"][i]
-    record = stages.run_record(run_dirs[i], kind, args.beta / lam, "length reward",
-                               point["length_reward"], stats["retrained"]["length_reward"])
-    runs_record.append(record)
-    stats["retrained"]["run"] = record["run"]
-    stats["retrained"]["plateau"] = record["plateau"]["passed"]
-    per_lam.append({"lam": lam, "beta_over_lam": args.beta / lam, **stats, "optimum": point})
-  reward = lambda key: [r[key]["length_reward"] for r in per_lam]  # noqa: E731
+  realigner, results = None, []
+  for seed in seeds:
+    run_dirs = [run_dir(lam, seed) for lam in lams]
+    retrained_params = [common.load_policy(d)[1] for d in run_dirs]
+    aligned_params = retrained_params[lams.index(1.0)]
+    if realigner is None:
+      realigner = dera.Realigner(ref, ref_params, ref, aligned_params, max_decode_len=max_len)
+    else:  # the same models, this seed's parameters: the compiled sampler is reused
+      realigner.params = (ref_params, aligned_params)
+    if several:
+      common.log(f"-- seed {seed}")
+    # A seed samples with the key `--seed` gives it alone.
+    sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
+                                    prompts, grid, max_len, jax.random.PRNGKey(seed))
+    results.append(seed_results(seed, sampled, run_dirs, lams, args.beta, kind,
+                                optimum["points"], num_prompts, (l_min, l_max), bins,
+                                grid.candidates))
+  first = results[0]
   result = {
       "figure": "2", "preset": args.preset, "trainer": args.trainer, "run_gin": run_gin,
       "beta": args.beta, "lams": lams,
-      "seed": args.seed, "length_range": [l_min, l_max], "num_prompts": int(num_prompts),
+      "seed": seeds[0], "length_range": [l_min, l_max], "num_prompts": int(num_prompts),
       "samples_per_prompt": grid.samples, "histogram_bins": bins.tolist(),
       "optimum": {k: v for k, v in optimum.items() if k != "points"},
-      "per_lam": per_lam,
-      "runs": runs_record,
+      "per_lam": first["per_lam"],
+      "runs": first["runs"],
       "plateau_rule": stages.PLATEAU_RULE,
-      "all_runs_at_plateau": all(r["plateau"]["passed"] for r in runs_record),
-      "agreement": {
-          "length_reward": common.agreement(lams, reward("dera"), reward("retrained")),
-          "dera_vs_resampled_mean_abs_difference": float(np.mean(np.abs(
-              np.subtract(reward("dera"), reward("dera_resampled"))))),
-      },
-      "dera_sweep_compiles": sampled.compiles,
+      "all_runs_at_plateau": first["all_runs_at_plateau"],
+      "agreement": first["agreement"],
+      "dera_sweep_compiles": first["dera_sweep_compiles"],
       "wall_seconds": timer.seconds,
   }
+  if several:
+    per_seed = [per_seed_entry(r) for r in results]
+    result.update(
+        seeds=seeds,
+        first_seed_note=(f"per_lam, runs, all_runs_at_plateau, agreement and "
+                         f"dera_sweep_compiles are seed {seeds[0]}'s (the first of seeds); "
+                         "per_seed has every seed's (without per-sample lengths), "
+                         "across_seeds their spread; the optimum (of the SFT model) is shared"),
+        per_seed=per_seed, across_seeds=across_seeds(per_seed))
   json_path, png_path = (os.path.join(workdir, f"fig2.{x}") for x in ("json", "png"))
   common.write_json(json_path, result)
   plots.figure2(result, png_path)
   report(result)
-  stages.warn_unconverged(runs_record)
+  stages.warn_unconverged([record for r in results for record in r["runs"]])
   common.log(f"figure: {png_path}\nnumbers: {json_path}")
   return result
 

@@ -57,6 +57,17 @@ def figure2(result: dict, path: str) -> None:
                 yerr=[Z95 * r[method]["length_reward_se"] for r in rows], fmt=fmt,
                 capsize=3, color=color, label=label,
                 alpha=0.7 if method == "dera_resampled" else 1.0)
+  seeds_note = ""
+  if "per_seed" in result:  # behind the first seed's points: the range over seeds
+    spread = result["across_seeds"]
+    seeds = ",".join(map(str, spread["seeds"]))
+    for method in ("dera", "retrained"):
+      _, label, color = STYLES[method]
+      ax.fill_between(lams, [r[method]["min"] for r in spread["per_lam"]],
+                      [r[method]["max"] for r in spread["per_lam"]], color=color, alpha=0.18,
+                      linewidth=0, zorder=0, label=f"{label}: range over seeds {seeds}")
+    seeds_note = (f"\nPanel (a): points and error bars of seed {result['seed']}; shaded: "
+                  f"min to max over seeds {seeds}.")
   min_ess = result["optimum"]["min_ess"]
   _plot_optimum(ax, lams, rows, "length_reward", min_ess)
   _mark_unconverged(ax, lams, [r["retrained"]["length_reward"] for r in rows],
@@ -82,7 +93,7 @@ def figure2(result: dict, path: str) -> None:
                f"of the {result['num_prompts']} per-prompt means "
                f"({result['samples_per_prompt']} samples each). Optimum π*(β/λ): "
                f"{result['optimum']['sft_samples_per_prompt']} SFT samples per prompt "
-               "reweighted by exp(r / (β/λ)).", fontsize=10)
+               f"reweighted by exp(r / (β/λ)).{seeds_note}", fontsize=10)
   fig.tight_layout()
   common.save_figure(fig, path)
   plt.close(fig)

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import zlib
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -22,12 +22,15 @@ from deranj import decoding
 from deranj import profiling
 from deranj import progress as progress_lib
 from deranj.data import batching
-from deranj.data import pipeline
 from deranj.data import preferences
-from deranj.data import tasks
 from deranj.data import tokenizer
 from deranj.evaluation import optimum
 from experiments import common
+
+# deranj.data.pipeline and .tasks import TensorFlow (seconds): imported where used, so that
+# scripts/sweep.py prints its commands without it.
+if TYPE_CHECKING:
+  from deranj.data import pipeline  # pylint: disable=g-bad-import-order
 
 SFT_RUN = "configs/runs/sft.gin"
 RM_RUN = "configs/runs/reward_model.gin"
@@ -378,6 +381,7 @@ def label_pairs(prompts: Sequence[str], responses_a: Sequence[str],
 
 def documents(split: pipeline.Split) -> list[str]:
   """The raw prompts of a summarization split (the task adds the prefix back)."""
+  from deranj.data import tasks  # pylint: disable=g-import-not-at-top
   return [x[len(tasks.PREFIX):] if x.startswith(tasks.PREFIX) else x
           for x in split.texts["inputs"]]
 
@@ -411,6 +415,7 @@ def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array
   Bradley-Terry on the gold reward (`label_pairs`, LABEL_RULE, seeded by `seed`); the
   pairs keep the sampled token ids.
   """
+  from deranj.data import pipeline  # pylint: disable=g-import-not-at-top,redefined-outer-name
   splits = (("train", grid.pair_prompts), ("validation", grid.val_pair_prompts))
   paths = [os.path.join(ctx.pairs_dir, f"{split}.jsonl") for split, _ in splits]
   if all(os.path.isfile(p) for p in paths):

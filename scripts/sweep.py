@@ -11,7 +11,8 @@ The grid: KL strengths β/λ for each λ of --lams (--beta 0.1 by default), or t
 --betas; times each seed of --seeds (bound to the run file's SEED, which the trainer hashes
 with the objective and β). Seed 0 trains in `<workdir>/<kind>_beta<β>` (the directory the
 figure drivers read, so a driver started afterwards skips it; kind = ppo | pg_length |
-pg | dpo from the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>`. Every run is evaluated
+pg | dpo from the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>` (common.run_dir; where
+`fig2_length_reward.py --seeds` trains and reads them too). Every run is evaluated
 as the figure drivers' are (stages.eval_bindings), enough evaluations for the plateau test.
 
 --run trains the runs in turn, seed by seed: finished runs are skipped and an interrupted
@@ -33,8 +34,6 @@ import sys
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
 
 from deranj import dera  # noqa: E402
 from deranj import gin_utils  # noqa: E402
@@ -80,12 +79,6 @@ def kind_of(run_gin: str) -> str:
   return KINDS[stem]
 
 
-def run_dir(workdir: str, kind: str, beta: float, seed: int) -> str:
-  """Seed 0 is the figure drivers' own run; other seeds get a suffix."""
-  model_dir = common.run_dir(workdir, kind, beta)
-  return model_dir if seed == 0 else f"{model_dir}_seed{seed}"
-
-
 def _steps_given(kind: str, extra: Sequence[str]) -> Optional[int]:
   """The run's step count when an extra binding sets the kind's STEPS macro."""
   value = None
@@ -117,7 +110,7 @@ def plan(run_gin: str, preset: str, workdir: str, init_checkpoint: Optional[str]
   runs = []
   for seed in seeds if seeds is not None else [0]:
     for beta, lam in grid:
-      model_dir = run_dir(workdir, kind, beta, seed)
+      model_dir = common.run_dir(workdir, kind, beta, seed)
       bindings = [f"BETA = {beta!r}", *([f"SEED = {seed}"] if seeds is not None else []),
                   *evals, *extra]
       if init_checkpoint is not None:
@@ -220,13 +213,6 @@ def estimate_optimum(run_gin: str, preset: str, runs: Sequence[Run], init_checkp
 # ----------------------------------------------------------------------------- summary
 
 
-def _spread(values: Sequence[Optional[float]]) -> dict:
-  """Mean and standard deviation (n - 1) of the values logged; None where too few."""
-  x = np.array([v for v in values if v is not None], np.float64)
-  return {"n": int(x.size), "mean": float(x.mean()) if x.size else None,
-          "std": float(x.std(ddof=1)) if x.size > 1 else None}
-
-
 def summarize(runs: Sequence[Run], kind: str, optimum: Optional[dict] = None) -> dict:
   """Each existing run's convergence record (stages.run_record) with its seed and λ, the
   gap to `optimum`'s expected reward (estimate_optimum) where given, and per β the spread
@@ -252,8 +238,8 @@ def summarize(runs: Sequence[Run], kind: str, optimum: Optional[dict] = None) ->
     rows = [r for r in records if r["beta"] == beta]
     by_beta.append({
         "beta": beta, "seeds": [r["seed"] for r in rows],
-        **{key: _spread([r[key] for r in rows]) for key in ("final_reward", "final_kl")},
-        "gap": _spread([r["gap_to_optimum"]["gap"] for r in rows]),
+        **{key: common.spread([r[key] for r in rows]) for key in ("final_reward", "final_kl")},
+        "gap": common.spread([r["gap_to_optimum"]["gap"] for r in rows]),
         "at_plateau": sum(r["plateau"]["passed"] for r in rows)})
   return {"kind": kind, "plateau_rule": stages.PLATEAU_RULE,
           "optimum": None if optimum is None else {**optimum, "gap_rule": GAP_RULE},
@@ -317,19 +303,6 @@ def write_summary(workdir: str, summary: dict) -> str:
 # ----------------------------------------------------------------------------- flags
 
 
-def parse_seeds(text: str) -> list[int]:
-  try:
-    seeds = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    seeds = None
-  if not seeds or any(s < 0 for s in seeds):
-    raise SystemExit(f"error: --seeds={text!r}: expected comma-separated integers >= 0, "
-                     "e.g. --seeds=0,1,2.")
-  if len(set(seeds)) < len(seeds):
-    raise SystemExit(f"error: --seeds={text!r}: a seed given more than once.")
-  return seeds
-
-
 def parse_betas(text: str) -> list[float]:
   try:
     betas = dera.parse_lams(text, flag="--betas")
@@ -388,7 +361,7 @@ def main(argv=None):
     if not beta > 0:
       raise SystemExit(f"error: --beta={args.beta}: the KL strength must be > 0.")
     grid = [(beta / lam, lam) for lam in common.parse_lams(args.lams or "0.25,0.5,1,2,4")]
-  seeds = None if args.seeds is None else parse_seeds(args.seeds)
+  seeds = None if args.seeds is None else common.parse_seeds(args.seeds)
   summary_only = args.summary and not args.run
   if args.init_checkpoint is None and (not summary_only or args.optimum_samples):
     raise SystemExit("error: --init_checkpoint (the SFT run) is needed to print or run the "

@@ -41,6 +41,14 @@ def test_read_evals_from_the_trainers_event_files(tmp_path):
   assert common.read_evals(str(tmp_path / "never_ran")) == []
 
 
+def test_read_evals_keeps_the_latest_write_when_file_names_do_not_sort_in_time(tmp_path):
+  # Writers of one second are named by a counter: ...9.v2 sorts after ...10.v2.
+  model_dir = str(tmp_path / "ppo_beta0.1")
+  for k in range(12):
+    _write_evals(model_dir, [(2, {"objective/scores": float(k)})])
+  assert common.read_evals(model_dir) == [{"step": 2, "objective/scores": 11.0}]
+
+
 def _evals(values):
   return [{"step": 10 * (i + 1), "objective/scores": r, "objective/kl": k}
           for i, (r, k) in enumerate(values)]

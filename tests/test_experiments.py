@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import figure_checks
+from deranj.data import pipeline
 from experiments import judging
 from experiments import stages
 from experiments import summarization
@@ -62,7 +63,7 @@ def test_pairs_labelled_by_another_rule_are_not_reused(tmp_path):
 
 
 def test_documents_strip_the_task_prefix():
-  split = stages.pipeline.Split(
+  split = pipeline.Split(
       features={}, texts={"inputs": ["summarize: the cat sat.", "no prefix"]})
   assert stages.documents(split) == ["the cat sat.", "no prefix"]
 

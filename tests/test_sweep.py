@@ -158,8 +158,10 @@ def test_summary_from_the_trainers_eval_records(tmp_path, capsys):
   np.testing.assert_allclose(b[0.1]["final_reward"]["std"], np.std([-0.5, -0.25], ddof=1),
                              rtol=1e-12)
   np.testing.assert_allclose(b[0.1]["final_kl"]["mean"], 1.75, rtol=1e-12)
-  assert b[0.05]["final_kl"] == {"n": 1, "mean": 2.0, "std": None}
-  assert b[0.1]["gap"] == {"n": 0, "mean": None, "std": None}  # no optimum estimated
+  assert (b[0.1]["final_reward"]["min"], b[0.1]["final_reward"]["max"]) == (-0.5, -0.25)
+  assert b[0.05]["final_kl"] == {"n": 1, "mean": 2.0, "std": None, "min": 2.0, "max": 2.0}
+  assert b[0.1]["gap"] == {"n": 0, "mean": None, "std": None, "min": None,
+                           "max": None}  # no optimum estimated
   # Written next to the runs, the markdown printed as well.
   saved = json.load(open(tmp_path / "sweep_summary.json"))
   assert saved["runs"][0]["evals"] == [{"step": s, "objective/scores": -0.5, "objective/kl": 2.0,

@@ -86,9 +86,12 @@ def test_nan_reward_stops_the_run_naming_step_and_source(tmp_path):
 @pytest.mark.slow
 def test_policy_gradient_raises_the_length_reward(sft_dir, tmp_path):
   _, text = gin_runs.gin_train(PG, tmp_path, [
-      f"INIT_CHECKPOINT = '{sft_dir}'", *PG_LENGTH_REWARD, "PG_STEPS = 40", "LOG_EVERY = 10", "CHECKPOINT_EVERY = 40", *QUIET])
-  scores = gin_runs.logged(text, "objective/scores")
-  assert scores[-1] > scores[0] + 0.1, scores
+      f"INIT_CHECKPOINT = '{sft_dir}'", *PG_LENGTH_REWARD, "PG_STEPS = 40", "LOG_EVERY = 1",
+      "CHECKPOINT_EVERY = 40", *QUIET])
+  # One step's 16 samples read the reward to about +-0.1; means over 10 steps to +-0.03.
+  scores = np.asarray(gin_runs.logged(text, "objective/scores"))
+  assert len(scores) == 40, scores
+  assert scores[-10:].mean() > scores[:10].mean() + 0.08, scores
 
 
 @pytest.mark.slow

@@ -338,12 +338,14 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, rule_params: A
 # ----------------------------------------------------------------------------- models
 
 
-def models_tokens_to_logits(models, params) -> TokensToLogits:
-  """The callback for deranj models: each decodes one step from its own cache."""
+def models_tokens_to_logits(models, params, vocab: Optional[int] = None) -> TokensToLogits:
+  """The callback for deranj models: each decodes one step from its own cache. With
+  `vocab`, each model's logits are cut to the first `vocab` ids (vocabularies that differ
+  only by padding rows)."""
 
   def fn(tokens: Array, caches):
     outs = [m.decode_step(p, c, tokens) for m, p, c in zip(models, params, caches)]
-    return jnp.stack([o[0] for o in outs]), tuple(o[1] for o in outs)
+    return jnp.stack([o[0][..., :vocab] for o in outs]), tuple(o[1] for o in outs)
 
   return fn
 

@@ -10,6 +10,8 @@ its per-token approximation q_t = softmax(lam h_aligned + (1-lam) h_ref) (eq. 9)
     out = realigner.sample(prompts, lam=jnp.array([0., .5, 1., 2.]), rng=key)
 
 `lam` is traced: any number of values, scalar or one per row, share one compilation.
+Checkpoints whose vocabularies differ only by padding rows realign over the ids they share
+with `shared_vocab=N` (each model's logits cut to [..., :N]).
 Several aligned models (paper App. B): pass lists of models and params; `lam` is then
 [K] or [B, K] and the reference gets 1 - sum(lam).
 
@@ -70,7 +72,8 @@ class RealignedSamples:
   lengths: tokens emitted, EOS included.
   logq: log-probability under the distribution actually sampled from.
   logp_ref, logp_aligned: each model's own log-probability ([B*N, K] for K > 1 aligned
-    models). None when sampling from weight-mixed parameters.
+    models), over ids < shared_vocab when the Realigner has one. None when sampling from
+    weight-mixed parameters.
   log_weight: sum_t log Z_t; exp(log_weight) ∝ (exact mixture) / q at temperature 1.
     None for rule="aad" (it samples no geometric mixture).
   kl_ref: sum_t KL(q_t || p_ref,t).
@@ -197,10 +200,15 @@ class Realigner:
     combine: "logits" (DeRa, eq. 9) or "weights": sample from the single model with
       parameters lam * theta + (1 - lam) * theta_ref (paper App. D.5), which needs
       identical shapes, one aligned model and a scalar lam.
+    shared_vocab: N for models whose vocabularies differ only by padding rows (e.g. a
+      fine-tune resized 151936 -> 151665): every model's logits are cut to ids < N
+      before mixing, so samples, scores and each model's log-probabilities are over those
+      N ids. N <= every model's vocab_size. None: the vocabularies must be equal.
   """
 
   def __init__(self, ref_model: ModelLike, ref_params, aligned_model, aligned_params, *,
-               max_decode_len: int, eos_id: int = 1, combine: str = "logits"):
+               max_decode_len: int, eos_id: int = 1, combine: str = "logits",
+               shared_vocab: Optional[int] = None):
     many = isinstance(aligned_model, (list, tuple))
     aligned_models = tuple(aligned_model) if many else (aligned_model,)
     aligned_params = tuple(aligned_params) if many else (aligned_params,)
@@ -213,20 +221,40 @@ class Realigner:
     self.many = many
     self.max_decode_len = int(max_decode_len)
     self.eos_id = int(eos_id)
-    vocab = [m.config.vocab_size for m in self.models]
-    if len(set(vocab)) != 1:
-      raise ValueError(f"the models must share a vocabulary: reference vocab_size={vocab[0]}, "
-                       f"aligned vocab_size={', '.join(map(str, vocab[1:]))}.")
     pads = [m.pad_id for m in self.models]
     if len(set(pads)) != 1:
       raise ValueError(f"the models must share a PAD id: reference pad_id={pads[0]}, aligned "
                        f"pad_id={', '.join(map(str, pads[1:]))}.")
     self.pad_id = pads[0]
+    self.shared_vocab = self._check_shared_vocab(shared_vocab)
     if combine not in ("logits", "weights"):
       raise ValueError(f"combine must be 'logits' or 'weights', got {combine!r}.")
     self.combine = combine
     if combine == "weights":
       self._check_same_shapes()
+
+  def _check_shared_vocab(self, shared_vocab: Optional[int]) -> Optional[int]:
+    """`shared_vocab` checked against the models' vocabularies, EOS and PAD."""
+    vocab = [m.config.vocab_size for m in self.models]
+    sizes = (f"reference vocab_size={vocab[0]}, aligned vocab_size="
+             f"{', '.join(map(str, vocab[1:]))}")
+    if shared_vocab is None:
+      if len(set(vocab)) != 1:
+        raise ValueError(f"the models must share a vocabulary: {sizes}; if they differ only "
+                         f"by padding rows, pass shared_vocab=N (at most {min(vocab)}) to "
+                         "realign over ids 0..N-1.")
+      return None
+    if isinstance(shared_vocab, bool) or not isinstance(shared_vocab, (int, np.integer)):
+      raise ValueError(f"shared_vocab must be an integer, got {shared_vocab!r}.")
+    n = int(shared_vocab)
+    if not 0 < n <= min(vocab):
+      raise ValueError(f"shared_vocab={n} must be in 1..{min(vocab)}, the smallest vocabulary "
+                       f"({sizes}).")
+    for name, token in (("eos_id", self.eos_id), ("pad_id", self.pad_id)):
+      if token >= n:
+        raise ValueError(f"shared_vocab={n} cuts off {name}={token}: the realigned "
+                         f"vocabulary must hold it.")
+    return n
 
   def _check_same_shapes(self):
     if self.num_aligned != 1:
@@ -320,8 +348,9 @@ class Realigner:
   def _sample_logit_mixed(self, params, tokens, rule_params, rng, config, num_decodes, rule):
     caches = decoding.init_caches(self.models, params, tokens, config.max_decode_len,
                                   num_decodes)
-    out = decoding.mixture_sample(decoding.models_tokens_to_logits(self.models, params),
-                                  caches, rule_params, rng, config, rule)
+    out = decoding.mixture_sample(
+        decoding.models_tokens_to_logits(self.models, params, self.shared_vocab), caches,
+        rule_params, rng, config, rule)
     logp_aligned = out.logp[:, 1:] if self.many else out.logp[:, 1]
     return RealignedSamples(tokens=out.tokens, lengths=out.lengths, logq=out.logq,
                             logp_ref=out.logp[:, 0], logp_aligned=logp_aligned,
@@ -333,8 +362,9 @@ class Realigner:
     model = self.models[0]
     caches = decoding.init_caches((model,), (mixed,), tokens, config.max_decode_len, num_decodes)
     weights = jnp.ones((tokens.shape[0] * num_decodes, 1), jnp.float32)
-    out = decoding.mixture_sample(decoding.models_tokens_to_logits((model,), (mixed,)),
-                                  caches, weights, rng, config)
+    out = decoding.mixture_sample(
+        decoding.models_tokens_to_logits((model,), (mixed,), self.shared_vocab), caches,
+        weights, rng, config)
     return RealignedSamples(tokens=out.tokens, lengths=out.lengths, logq=out.logq,
                             logp_ref=None, logp_aligned=None, log_weight=out.log_weight,
                             kl_ref=out.kl_ref)
@@ -345,27 +375,41 @@ class Realigner:
     """Teacher-forced log q(y|x) per sequence under DeRa at `lam` (temperature 1): [B].
 
     `decoder_target_tokens` [B, T] are the responses, PAD (`pad_id`) masked; each token's
-    distribution excludes PAD, as the sampler's does. This is the
+    distribution excludes PAD and ids >= `shared_vocab`, as the sampler's does. This is the
     log-likelihood used for pairwise accuracy (paper eq. 14).
     """
+    enc, targets = self._check_pairs(encoder_input_tokens, decoder_target_tokens)
+    return self._score(self.params, enc, targets, self._mix_weights(lam, enc.shape[0]))
+
+  def logits(self, encoder_input_tokens, decoder_target_tokens, lam) -> Array:
+    """Teacher-forced DeRa logits sum_m w_m h_m [B, T, V] at `lam` (as `score`), V =
+    `shared_vocab` when given; PAD is not masked here (`score` and the sampler mask it)."""
+    enc, targets = self._check_pairs(encoder_input_tokens, decoder_target_tokens)
+    return self._logits(self.params, enc, targets, self._mix_weights(lam, enc.shape[0]))
+
+  def _check_pairs(self, encoder_input_tokens, decoder_target_tokens) -> tuple[Array, Array]:
     if self.combine == "weights":
-      raise ValueError("score is defined for combine='logits'.")
+      raise ValueError("score and logits are defined for combine='logits'.")
     enc = jnp.asarray(encoder_input_tokens, jnp.int32)
     targets = jnp.asarray(decoder_target_tokens, jnp.int32)
     if enc.shape[0] != targets.shape[0]:
       raise ValueError(f"{enc.shape[0]} prompts but {targets.shape[0]} responses.")
-    return self._score(self.params, enc, targets, self._mix_weights(lam, enc.shape[0]))
+    return enc, targets
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def _logits(self, params, enc, targets, weights):
+    # Each model's teacher-forced logits over the shared ids, mixed per token.
+    batch = models_base.response_batch(enc, targets)
+    logits = jnp.stack([m.logits(p, batch)[..., :self.shared_vocab]
+                        for m, p in zip(self.models, params)])
+    mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
+                                    jnp.repeat(weights, targets.shape[1], axis=0))
+    return mixed.reshape(targets.shape + (-1,))
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def _score(self, params, enc, targets, weights):
-    # The models' teacher-forced logits, mixed per token, then the shared masked sum.
-    batch = models_base.response_batch(enc, targets)
-    logits = jnp.stack([m.logits(p, batch) for m, p in zip(self.models, params)])
-    mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
-                                    jnp.repeat(weights, targets.shape[1], axis=0))
-    mixed = decoding.mask_pad(mixed, self.pad_id)  # as sampled
-    token_ll = models_base.masked_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets,
-                                                 pad_id=self.pad_id)
+    mixed = decoding.mask_pad(self._logits(params, enc, targets, weights), self.pad_id)
+    token_ll = models_base.masked_log_likelihood(mixed, targets, pad_id=self.pad_id)
     return jnp.sum(token_ll, axis=-1)
 
   # --------------------------------------------------------------------------- resample

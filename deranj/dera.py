@@ -48,7 +48,7 @@ normalisation):
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -57,10 +57,9 @@ import numpy as np
 
 from deranj import decoding
 from deranj.models import base as models_base
-from deranj.models import t5
 
 Array = jax.Array
-ModelLike = Union[models_base.EncoderDecoderModel, models_base.DecoderOnlyModel, t5.Transformer]
+ModelLike = Any  # a models_base wrapper, or a bare t5 / decoder Transformer (base.as_model)
 
 
 @flax.struct.dataclass
@@ -108,15 +107,6 @@ DEFAULT_ALPHA = 0.1  # the AAD paper's setting throughout
 
 # (prompts [B*N, S], samples with B*N rows) -> [B*N] scores; higher is better.
 Scorer = Callable[[Array, RealignedSamples], Array]
-
-
-def _as_model(model: ModelLike) -> models_base.EncoderDecoderModel:
-  if isinstance(model, (models_base.EncoderDecoderModel, models_base.DecoderOnlyModel)):
-    return model
-  if isinstance(model, t5.Transformer):
-    return models_base.EncoderDecoderModel(model)
-  raise TypeError(f"expected a deranj model (EncoderDecoderModel, DecoderOnlyModel or "
-                  f"t5.Transformer), got {type(model).__name__}.")
 
 
 def parse_lams(text: str, *, positive: bool = False, flag: str = "--lam") -> list[float]:
@@ -215,7 +205,8 @@ class Realigner:
     if len(aligned_models) != len(aligned_params) or not aligned_models:
       raise ValueError(f"got {len(aligned_models)} aligned models and {len(aligned_params)} "
                        "parameter sets; give one set per model.")
-    self.models = (_as_model(ref_model),) + tuple(_as_model(m) for m in aligned_models)
+    self.models = (models_base.as_model(ref_model),) + tuple(
+        models_base.as_model(m) for m in aligned_models)
     self.params = (ref_params,) + aligned_params
     self.num_aligned = len(aligned_models)
     self.many = many

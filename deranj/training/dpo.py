@@ -52,15 +52,15 @@ def sequence_logps(model: models_base.EncoderDecoderModel, params: Params,
 
   Returns:
     (chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B]),
-    float32; logps are `model.sequence_logprobs` (non-PAD tokens, EOS included, one
-    [2B] forward pass), lengths the number of those tokens.
+    float32; logps are `model.sequence_logprobs` (tokens other than the model's
+    pad_id, EOS included, one [2B] forward pass), lengths the number of those tokens.
   """
   prompts = batch["encoder_input_tokens"]
   responses = jnp.concatenate([batch[f"{side}_decoder_target_tokens"]
                                for side in pipeline.PREFERENCE_SIDES], axis=0)
   logps = model.sequence_logprobs(params, jnp.concatenate([prompts, prompts], axis=0),
                                   responses, dropout_rng=dropout_rng)
-  lengths = jnp.sum(responses > 0, axis=-1).astype(jnp.float32)
+  lengths = jnp.sum(responses != model.pad_id, axis=-1).astype(jnp.float32)
   b = prompts.shape[0]
   return logps[:b], logps[b:], lengths[:b], lengths[b:]
 

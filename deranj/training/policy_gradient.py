@@ -57,7 +57,7 @@ class PolicyGradient(rollouts.RolloutObjective):
     # Microbatches split rows contiguously, so a prompt's samples stay adjacent.
     rollout = rollouts.Rollout(**{k: batch[k] for k in (
         "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "mask")},
-                               num_samples=self.num_samples)
+                               num_samples=self.num_samples, pad_id=self.model.pad_id)
     logp, logits = rollouts.token_logprobs(self.model, params, rollout)
     seq_logp = logp.sum(-1)
     kl = jax.lax.stop_gradient(seq_logp) - batch["ref_logp"]

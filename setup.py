@@ -26,7 +26,12 @@ INSTALL_REQUIRES = [
     "numpy",
 ]
 
+# Hugging Face decoder-only pairs in `python -m deranj.sample` (tokenizer.json, chat
+# templates); the models themselves load with safetensors alone.
+HF_REQUIRES = ["tokenizers", "jinja2"]
+
 TEST_REQUIRES = [
+    *HF_REQUIRES,
     "pytest",
     "hypothesis",
     # Any other torch pulls a multi-GB CUDA build; 2.13.0 has a CPU wheel here.
@@ -42,5 +47,5 @@ setuptools.setup(
     package_data={"deranj": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"hf": HF_REQUIRES, "test": TEST_REQUIRES},
 )

@@ -51,18 +51,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from deranj import profiling  # noqa: E402
+from deranj.models import build  # noqa: E402
 from deranj.models import hf  # noqa: E402
-from deranj.models import t5  # noqa: E402
 from deranj.training import objectives  # noqa: E402
 from deranj.training import optimizers  # noqa: E402
-from deranj.training import trainer  # noqa: E402
 
 T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6,
                 num_decoder_layers=6, feed_forward_proj="relu", tie_word_embeddings=True)
 LEARNING_RATE = 1e-4
 
 
-def train_flops(cfg: t5.T5Config, b: int, s: int, t: int) -> float:
+def train_flops(cfg: build.T5Config, b: int, s: int, t: int) -> float:
   """Matmul FLOPs of one forward + backward pass (the formula in the module docstring)."""
   d, hk, f, v = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
   le, ld = cfg.num_layers, cfg.decoder_layers
@@ -129,11 +128,11 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     pt_model.save_pretrained(tmp)
     loaded_cfg, params = hf.load_t5(tmp, dropout_rate=args.dropout)
-  cfg = t5.T5Config(dropout_rate=args.dropout, **shape)
+  cfg = build.T5Config(dropout_rate=args.dropout, **shape)
   assert loaded_cfg == cfg, (loaded_cfg, cfg)
 
   # Ours: the trainer's step, built as deranj/training/trainer.py builds it.
-  objective = objectives.SFT(trainer.build_model(cfg, z_loss=0.0))
+  objective = objectives.SFT(build.build_model(cfg, z_loss=0.0))
   optimizer = optimizers.make_optimizer(optax.constant_schedule(LEARNING_RATE), name="adamw",
                                         clip_norm=None)
   state = objectives.TrainState(step=jnp.zeros((), jnp.int32), params=params,

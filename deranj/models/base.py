@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deranj.models import axes
 from deranj.models import decoder
 from deranj.models import losses
 from deranj.models import t5
@@ -38,7 +39,7 @@ def shift_right(targets: Array, start_id: int = 0) -> Array:
 
 
 NO_PAD = -1  # the pad_id of a vocabulary without a PAD token: no id is reserved
-EMBED = t5.EMBED  # the logical axis of hidden vectors, for heads on `hidden_states`
+EMBED = axes.EMBED  # the logical axis of hidden vectors, for heads on `hidden_states`
 
 
 def loss_weights(batch: Batch, pad_id: int = 0) -> Array:

@@ -293,13 +293,13 @@ class Realigner:
 
   # --------------------------------------------------------------------------- sample
 
-  def sample(self, encoder_input_tokens, lam=None, rng: Optional[Array] = None, *,
+  def sample(self, prompts, lam=None, rng: Optional[Array] = None, *,
              rule: str = "dera", alpha=None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, num_decodes: int = 1) -> RealignedSamples:
     """Samples `num_decodes` sequences per prompt from the realigned model.
 
     Args:
-      encoder_input_tokens: [B, S] prompt ids, PAD = the models' pad_id.
+      prompts: [B, S] prompt ids, PAD = the models' pad_id.
       lam: rule="dera" only (required there): scalar, [B] (per prompt) or [B*N] (per
         output row) for one aligned model; [K], [B, K] or [B*N, K] for K aligned models.
         A lam sweep over one batch is `num_decodes=len(lams)` with
@@ -313,9 +313,9 @@ class Realigner:
         distribution sampled from (for "aad", after the restriction to V_alpha).
       num_decodes: N samples per prompt; outputs have B * N rows.
     """
-    tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+    tokens = jnp.asarray(prompts, jnp.int32)
     if tokens.ndim != 2:
-      raise ValueError(f"encoder_input_tokens must be [batch, length], got {tokens.shape}.")
+      raise ValueError(f"prompts must be [batch, length], got {tokens.shape}.")
     num_decodes = int(num_decodes)
     if num_decodes < 1:
       raise ValueError(f"num_decodes must be >= 1, got {num_decodes}.")
@@ -362,50 +362,52 @@ class Realigner:
 
   # --------------------------------------------------------------------------- score
 
-  def score(self, encoder_input_tokens, decoder_target_tokens, lam) -> Array:
+  def score(self, prompts, responses, lam) -> Array:
     """Teacher-forced log q(y|x) per sequence under DeRa at `lam` (temperature 1): [B].
 
-    `decoder_target_tokens` [B, T] are the responses, PAD (`pad_id`) masked; each token's
+    `responses` [B, T] are PAD (`pad_id`) masked; each token's
     distribution excludes PAD and ids >= `shared_vocab`, as the sampler's does. This is the
     log-likelihood used for pairwise accuracy (paper eq. 14).
     """
-    enc, targets = self._check_pairs(encoder_input_tokens, decoder_target_tokens)
-    return self._score(self.params, enc, targets, self._mix_weights(lam, enc.shape[0]))
+    prompts, responses = self._check_pairs(prompts, responses)
+    return self._score(self.params, prompts, responses,
+                       self._mix_weights(lam, prompts.shape[0]))
 
-  def logits(self, encoder_input_tokens, decoder_target_tokens, lam) -> Array:
+  def logits(self, prompts, responses, lam) -> Array:
     """Teacher-forced DeRa logits sum_m w_m h_m [B, T, V] at `lam` (as `score`), V =
     `shared_vocab` when given; PAD is not masked here (`score` and the sampler mask it)."""
-    enc, targets = self._check_pairs(encoder_input_tokens, decoder_target_tokens)
-    return self._logits(self.params, enc, targets, self._mix_weights(lam, enc.shape[0]))
+    prompts, responses = self._check_pairs(prompts, responses)
+    return self._logits(self.params, prompts, responses,
+                        self._mix_weights(lam, prompts.shape[0]))
 
-  def _check_pairs(self, encoder_input_tokens, decoder_target_tokens) -> tuple[Array, Array]:
+  def _check_pairs(self, prompts, responses) -> tuple[Array, Array]:
     if self.combine == "weights":
       raise ValueError("score and logits are defined for combine='logits'.")
-    enc = jnp.asarray(encoder_input_tokens, jnp.int32)
-    targets = jnp.asarray(decoder_target_tokens, jnp.int32)
-    if enc.shape[0] != targets.shape[0]:
-      raise ValueError(f"{enc.shape[0]} prompts but {targets.shape[0]} responses.")
-    return enc, targets
+    prompts = jnp.asarray(prompts, jnp.int32)
+    responses = jnp.asarray(responses, jnp.int32)
+    if prompts.shape[0] != responses.shape[0]:
+      raise ValueError(f"{prompts.shape[0]} prompts but {responses.shape[0]} responses.")
+    return prompts, responses
 
   @functools.partial(jax.jit, static_argnums=(0,))
-  def _logits(self, params, enc, targets, weights):
+  def _logits(self, params, prompts, responses, weights):
     # Each model's teacher-forced logits over the shared ids, mixed per token.
-    batch = models_base.response_batch(enc, targets)
+    batch = models_base.response_batch(prompts, responses)
     logits = jnp.stack([m.logits(p, batch)[..., :self.shared_vocab]
                         for m, p in zip(self.models, params)])
     mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
-                                    jnp.repeat(weights, targets.shape[1], axis=0))
-    return mixed.reshape(targets.shape + (-1,))
+                                    jnp.repeat(weights, responses.shape[1], axis=0))
+    return mixed.reshape(responses.shape + (-1,))
 
   @functools.partial(jax.jit, static_argnums=(0,))
-  def _score(self, params, enc, targets, weights):
-    mixed = decoding.mask_pad(self._logits(params, enc, targets, weights), self.pad_id)
-    token_ll = models_base.masked_log_likelihood(mixed, targets, pad_id=self.pad_id)
+  def _score(self, params, prompts, responses, weights):
+    mixed = decoding.mask_pad(self._logits(params, prompts, responses, weights), self.pad_id)
+    token_ll = models_base.masked_log_likelihood(mixed, responses, pad_id=self.pad_id)
     return jnp.sum(token_ll, axis=-1)
 
   # --------------------------------------------------------------------------- resample
 
-  def resample(self, encoder_input_tokens, lam, rng: Array, *, num_candidates: int
+  def resample(self, prompts, lam, rng: Array, *, num_candidates: int
                ) -> Resampled:
     """Sampling-importance-resampling towards the exact sequence-level mixture.
 
@@ -419,18 +421,18 @@ class Realigner:
     if self.combine == "weights":
       raise ValueError("resample is defined for combine='logits'.")
     sample_rng, pick_rng = jax.random.split(rng)
-    out = self.sample(encoder_input_tokens, lam, sample_rng, num_decodes=num_candidates)
+    out = self.sample(prompts, lam, sample_rng, num_decodes=num_candidates)
     return _pick(out, pick_rng, num_candidates)
 
   # --------------------------------------------------------------------------- best-of-N
 
-  def best_of_n(self, encoder_input_tokens, n: int, scorer: Scorer, rng: Optional[Array] = None,
+  def best_of_n(self, prompts, n: int, scorer: Scorer, rng: Optional[Array] = None,
                 *, lam=None, rule: str = "dera", alpha=None, temperature: float = 1.0,
                 top_k: int = 0, top_p: float = 1.0) -> BestOfN:
     """Draws `n` candidates per prompt in one call and keeps the highest-scoring one.
 
     Args:
-      encoder_input_tokens: [B, S] prompt ids.
+      prompts: [B, S] prompt ids.
       n: candidates per prompt, >= 1.
       scorer: (prompts [B*n, S], candidates) -> [B*n] scores, e.g.
         `implicit_reward_scorer(beta)` or `mixture_weight_scorer()`; a reward model
@@ -444,7 +446,7 @@ class Realigner:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
       raise ValueError(f"best-of-N needs n >= 1 candidates per prompt, got {n!r}.")
     n = int(n)
-    prompts = jnp.asarray(encoder_input_tokens, jnp.int32)
+    prompts = jnp.asarray(prompts, jnp.int32)
     out = self.sample(prompts, lam, rng, rule=rule, alpha=alpha, temperature=temperature,
                       top_k=top_k, top_p=top_p, num_decodes=n)
     rows = out.tokens.shape[0]

@@ -91,14 +91,12 @@ def gemm_timers(n: int = 2048):
 
 
 def make_batch(vocab: int, b: int, s: int, t: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Full-length random rows: targets end in EOS (1); decoder inputs are them shifted."""
+  """A model batch of full-length random rows; prompts and responses end in EOS (1)."""
   rng = np.random.default_rng(seed)
   inputs = rng.integers(2, vocab, size=(b, s)).astype(np.int32)
   targets = rng.integers(2, vocab, size=(b, t)).astype(np.int32)
   inputs[:, -1] = targets[:, -1] = 1
-  decoder_inputs = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
-  return {"encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs,
-          "decoder_target_tokens": targets}
+  return {"prompts": inputs, "responses": targets}
 
 
 def main():
@@ -143,14 +141,15 @@ def main():
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
   rng = jax.random.PRNGKey(0)
 
-  # PyTorch: labels are the targets (-100 would mark PAD; there is none here).
+  # PyTorch: labels are the responses (-100 would mark PAD; there is none here); the
+  # model shifts them right into its decoder inputs, starting with
+  # decoder_start_token_id = 0, as deranj's wrapper does.
   pt_model.train()
   pt_opt = torch.optim.AdamW(pt_model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999),
                              eps=1e-8, weight_decay=0.0)
-  enc = torch.from_numpy(batch_np["encoder_input_tokens"]).long()
-  pt_inputs = dict(input_ids=enc, attention_mask=enc != 0,
-                   decoder_input_ids=torch.from_numpy(batch_np["decoder_input_tokens"]).long(),
-                   labels=torch.from_numpy(batch_np["decoder_target_tokens"]).long())
+  prompts = torch.from_numpy(batch_np["prompts"]).long()
+  pt_inputs = dict(input_ids=prompts, attention_mask=prompts != 0,
+                   labels=torch.from_numpy(batch_np["responses"]).long())
 
   # Same starting loss (dropout off): the two compute the same function.
   ours_loss0 = float(jax.jit(objective.model.loss_fn)(params, batch)[0])

@@ -61,9 +61,7 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
   lengths = rng.integers(3, SRC_LEN + 1, BATCH)
   enc[np.arange(SRC_LEN)[None, :] >= lengths[:, None]] = 0
   tgt[np.arange(TGT_LEN)[None, :] >= lengths[::-1, None]] = 0
-  dec_in = np.concatenate([np.zeros((BATCH, 1), np.int32), tgt[:, :-1]], axis=1)
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
-          "decoder_target_tokens": tgt}
+  return {"prompts": enc, "responses": tgt}
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,7 +104,7 @@ def sft(name: str) -> dict:
   query = _get(params, QUERY)
   expected = _get(part.param_shardings(axes), QUERY)
   mu = _get(opt_state[1][0].mu, QUERY)  # chain(clip, adamw)
-  tokens = batch["encoder_input_tokens"]
+  tokens = batch["prompts"]
   return {
       "losses": losses,
       "query_spec": _spec(query),
@@ -128,7 +126,7 @@ def sample(name: str) -> dict:
   ref_params = part.shard_params(_host_params(REF_CFG, 1), ref.logical_axes())
   al_params = part.shard_params(_host_params(SFT_CFG, 2), aligned.logical_axes())
   realigner = dera.Realigner(ref, ref_params, aligned, al_params, max_decode_len=10)
-  prompts = part.shard_batch({"p": _batch(1)["encoder_input_tokens"]})["p"]
+  prompts = part.shard_batch({"p": _batch(1)["prompts"]})["p"]
   lam = np.linspace(0.0, 1.5, BATCH).astype(np.float32)
   out = realigner.sample(prompts, lam, jax.random.PRNGKey(3), temperature=0.0)
   return {

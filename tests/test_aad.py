@@ -244,8 +244,7 @@ def pair():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(model, params, prompts, tokens):
-  return model.logits(params, {"encoder_input_tokens": prompts,
-                               "decoder_input_tokens": base.shift_right(tokens)})
+  return model.logits(params, base.response_batch(prompts, tokens))
 
 
 def test_alpha_sweep_compiles_once_and_rows_match_scalar_calls(pair):

@@ -288,7 +288,7 @@ def test_greedy_follows_argmax():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(model, params, prompts, tokens):
-  batch = {"encoder_input_tokens": prompts, "decoder_input_tokens": base.shift_right(tokens)}
+  batch = base.response_batch(prompts, tokens)
   return model.logits(params, batch)
 
 

@@ -225,9 +225,8 @@ def test_realigned_pairwise_accuracy_endpoints_are_the_models_own():
   def own(params):
     def logp(targets):
       targets = jnp.asarray(targets)
-      return np.asarray(score_batch(params, {"encoder_input_tokens": jnp.asarray(prompts),
-                                             "decoder_target_tokens": targets,
-                                             "decoder_input_tokens": base.shift_right(targets)}))
+      return np.asarray(score_batch(params, {"prompts": jnp.asarray(prompts),
+                                             "responses": targets}))
     return win_rates.pairwise_accuracy(logp(chosen), (chosen > 0).sum(1),
                                        logp(padded), (rejected > 0).sum(1))
 

@@ -257,8 +257,8 @@ def _without_pad(logits):
 
 def _logits(model, params, prompt, responses):
   targets = np.asarray(responses)
-  batch = {"encoder_input_tokens": np.repeat(prompt[None], len(targets), 0),
-           "decoder_target_tokens": targets, "decoder_input_tokens": base.shift_right(targets)}
+  batch = {"prompts": np.repeat(prompt[None], len(targets), 0),
+           "responses": targets}
   return model.logits(params, batch)
 
 

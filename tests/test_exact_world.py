@@ -72,12 +72,12 @@ def test_tasks_keep_the_world_ids(data_dir):
   """Features are the written ids: EOS where a response has one, none added to cut ones."""
   _, prompts, targets = data_dir
   split = pipeline.load(exact_world.TASK, "train", {"inputs": 5, "targets": L})
-  np.testing.assert_array_equal(split.features["encoder_input_tokens"], prompts)
-  np.testing.assert_array_equal(split.features["decoder_target_tokens"], targets)
-  np.testing.assert_array_equal(split.features["decoder_loss_weights"], targets != 0)
+  np.testing.assert_array_equal(split.features["prompts"], prompts)
+  np.testing.assert_array_equal(split.features["responses"], targets)
+  np.testing.assert_array_equal(split.features["loss_weights"], targets != 0)
   pairs = pipeline.load(exact_world.PREFERENCE_TASK, "validation", {"inputs": 5, "targets": L})
-  np.testing.assert_array_equal(pairs.features["chosen_decoder_target_tokens"], targets)
-  np.testing.assert_array_equal(pairs.features["rejected_decoder_target_tokens"], targets[::-1])
+  np.testing.assert_array_equal(pairs.features["chosen_responses"], targets)
+  np.testing.assert_array_equal(pairs.features["rejected_responses"], targets[::-1])
 
 
 def test_missing_data_dir_is_one_line():

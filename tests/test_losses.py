@@ -63,9 +63,8 @@ def test_model_loss_and_score_mask_padding():
   model = base.EncoderDecoderModel(t5.Transformer(cfg))
   params = tiny_models.random_params(model, 0)
   targets = jnp.array([[3, 4, 1, 0, 0], [5, 6, 7, 8, 1]])
-  batch = {"encoder_input_tokens": jnp.array([[2, 3, 1], [4, 1, 0]]),
-           "decoder_input_tokens": base.shift_right(targets),
-           "decoder_target_tokens": targets}
+  batch = {"prompts": jnp.array([[2, 3, 1], [4, 1, 0]]),
+           "responses": targets}
   logits = np.asarray(jax.jit(model.logits)(params, batch), np.float64)
   lsm = _np_log_softmax(logits)
   tok_ll = np.take_along_axis(lsm, np.asarray(targets)[..., None], -1)[..., 0]

@@ -58,7 +58,7 @@ def test_rollout_mask_and_lengths_count_token_zero(tiny):
   model, params, _ = tiny
   rollout = rollouts.sample_rollout(model, params, jnp.asarray(PROMPTS), jax.random.PRNGKey(0),
                                     max_decode_len=8, num_samples=8, eos_id=EOS)
-  tokens = np.asarray(rollout.decoder_target_tokens)
+  tokens = np.asarray(rollout.responses)
   mask = np.asarray(rollout.mask)
   ended = np.cumsum(tokens == EOS, axis=1) - (tokens == EOS) > 0  # after the first EOS
   np.testing.assert_array_equal(tokens[ended], X)
@@ -84,10 +84,9 @@ def test_policy_gradient_loss_counts_token_zero(tiny):
   scores = np.asarray(objective.reward({}, jnp.asarray(prompts), jnp.asarray(RESPONSES)))
   np.testing.assert_array_equal(scores, np.where((LENGTHS >= 2) & (LENGTHS <= 4), 0.0, -1.0))
   ref_logp, _ = _token_logp(model, ref_params, prompts, RESPONSES)
-  batch = {"encoder_input_tokens": jnp.asarray(prompts),
-           "decoder_input_tokens": base.shift_right(jnp.asarray(RESPONSES)),
-           "decoder_target_tokens": jnp.asarray(RESPONSES),
-           "mask": jnp.asarray(RESPONSES != X, jnp.float32),
+  batch = {"prompts": jnp.asarray(prompts),
+           "responses": jnp.asarray(RESPONSES),
+           "loss_weights": jnp.asarray(RESPONSES != X, jnp.float32),
            "ref_logp": jnp.asarray(ref_logp.sum(-1), jnp.float32),
            "scores": jnp.asarray(scores, jnp.float32)}
   loss, metrics = objective.loss(params, None, batch, None)
@@ -114,9 +113,9 @@ def test_dpo_loss_counts_token_zero(tiny, loss_type):
   model, params, ref_params = tiny
   beta = 0.1
   objective = dpo.DPO(model, beta=beta, loss_type=loss_type)
-  batch = {"encoder_input_tokens": jnp.asarray(PROMPTS),
-           "chosen_decoder_target_tokens": jnp.asarray(RESPONSES[[0, 2]]),
-           "rejected_decoder_target_tokens": jnp.asarray(RESPONSES[[1, 3]])}
+  batch = {"prompts": jnp.asarray(PROMPTS),
+           "chosen_responses": jnp.asarray(RESPONSES[[0, 2]]),
+           "rejected_responses": jnp.asarray(RESPONSES[[1, 3]])}
   loss, metrics = objective.loss(params, ref_params, batch, None)
 
   def logps(p, rows):

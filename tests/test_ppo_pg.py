@@ -144,8 +144,7 @@ def test_evaluation_logs_the_kl_to_the_optimum(owner):
   with pytest.raises(objectives.ObjectiveError, match=rf"{owner}\.eval_num_samples=1: "):
     cls(model, constant, max_decode_len=8, eval_num_samples=1)
   frozen = objective.frozen_params(base)
-  prompts = {"encoder_input_tokens": jnp.asarray([[5, 6, 7, 1], [8, 9, 1, 0], [10, 1, 0, 0]],
-                                                 jnp.int32)}
+  prompts = {"prompts": jnp.asarray([[5, 6, 7, 1], [8, 9, 1, 0], [10, 1, 0, 0]], jnp.int32)}
   leaves, tree = jax.tree_util.tree_flatten(base)
   keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
   moved = jax.tree_util.tree_unflatten(tree, [
@@ -174,11 +173,9 @@ def test_samples_share_their_prompts_encoding_with_the_same_log_probs():
   rng = np.random.default_rng(0)
   prompts = jnp.asarray(rng.integers(2, 32, (3, 7)), jnp.int32).at[1, 5:].set(0)
   responses = jnp.asarray(rng.integers(1, 32, (6, 5)), jnp.int32).at[2, 3:].set(0)
-  rollout = rollouts.Rollout(encoder_input_tokens=jnp.repeat(prompts, 2, axis=0),
-                             decoder_input_tokens=jnp.zeros_like(responses),
-                             decoder_target_tokens=responses,
+  rollout = rollouts.Rollout(prompts=jnp.repeat(prompts, 2, axis=0), responses=responses,
                              mask=(responses > 0).astype(jnp.float32), num_samples=2)
-  np.testing.assert_array_equal(rollout.prompts, prompts)
+  np.testing.assert_array_equal(rollout.unique_prompts, prompts)
 
   def total(p, shared):
     ro = rollout if shared else rollout.replace(num_samples=1)

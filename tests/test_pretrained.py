@@ -35,7 +35,7 @@ def test_tiny_t5_loads_and_beats_a_unigram_model_on_held_out_text():
   loss_fn = jax.jit(model.loss_fn)
   loss = np.mean([float(loss_fn(params, b)[0]) for b in batches])
   # The unigram distribution of these very targets: a baseline fitted to the test data.
-  targets = np.concatenate([b["decoder_target_tokens"][b["decoder_loss_weights"] > 0]
+  targets = np.concatenate([b["responses"][b["loss_weights"] > 0]
                             for b in batches])
   p = np.bincount(targets) / len(targets)
   in_sample_unigram = -np.sum(p[p > 0] * np.log(p[p > 0]))

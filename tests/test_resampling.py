@@ -48,8 +48,7 @@ def _sequence_log_probs(logits, seqs):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _teacher_forced(model, params, prompts, targets):
-  return model.logits(params, {"encoder_input_tokens": prompts,
-                               "decoder_input_tokens": base.shift_right(targets)})
+  return model.logits(params, base.response_batch(prompts, targets))
 
 
 def _logits(model, params, prompt, seqs):

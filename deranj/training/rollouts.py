@@ -111,7 +111,7 @@ class RolloutObjective(objectives.Objective):
   (`losses.kl_to_optimum`), 0 only at the objective's optimum.
   """
 
-  required_features = ("encoder_input_tokens",)
+  required_features = ("prompts",)
 
   def __init__(self, model: models_base.EncoderDecoderModel, reward: Any, *, beta: float,
                max_decode_len: int, temperature: float, eos_id: int, eval_num_samples: int):
@@ -167,24 +167,26 @@ class LearnedReward:
 
 @flax.struct.dataclass
 class Rollout:
-  """Sampled responses as teacher-forcing features ([B, T] each, B = prompts x samples)."""
-  encoder_input_tokens: Array  # prompts, each repeated for its samples
-  decoder_input_tokens: Array  # responses shifted right
-  decoder_target_tokens: Array  # responses, pad_id after EOS
-  mask: Array  # float32, 1 on response tokens (EOS included)
+  """Sampled responses, one row each (B = prompts x samples)."""
+  prompts: Array  # [B, S], each prompt repeated for its samples
+  responses: Array  # [B, T], pad_id after EOS
+  mask: Array  # [B, T] float32, 1 on response tokens (EOS included)
   num_samples: int = flax.struct.field(pytree_node=False, default=1)  # per prompt, adjacent
   pad_id: int = flax.struct.field(pytree_node=False, default=0)  # the policy's
 
   @property
-  def prompts(self) -> Array:
+  def unique_prompts(self) -> Array:
     """Each prompt once: [B / num_samples, S]."""
-    return self.encoder_input_tokens[::self.num_samples]
+    return self.prompts[::self.num_samples]
 
   def batch(self) -> dict[str, Array]:
-    return {"encoder_input_tokens": self.encoder_input_tokens,
-            "decoder_input_tokens": self.decoder_input_tokens,
-            "decoder_target_tokens": self.decoder_target_tokens,
-            "decoder_loss_weights": self.mask}
+    """A model batch (deranj.models.base); `from_batch` reads it back."""
+    return {"prompts": self.prompts, "responses": self.responses, "loss_weights": self.mask}
+
+  @classmethod
+  def from_batch(cls, batch, **static) -> "Rollout":
+    return cls(prompts=batch["prompts"], responses=batch["responses"],
+               mask=batch["loss_weights"], **static)
 
 
 def sample_rollout(model: models_base.EncoderDecoderModel, params: Params, prompts: Array,
@@ -197,9 +199,7 @@ def sample_rollout(model: models_base.EncoderDecoderModel, params: Params, promp
                         max_decode_len=max_decode_len, eos_id=eos_id, temperature=temperature,
                         num_decodes=num_samples)
   tokens = out.tokens
-  return Rollout(encoder_input_tokens=jnp.repeat(prompts, num_samples, axis=0),
-                 decoder_input_tokens=models_base.shift_right(tokens),
-                 decoder_target_tokens=tokens,
+  return Rollout(prompts=jnp.repeat(prompts, num_samples, axis=0), responses=tokens,
                  mask=(tokens != model.pad_id).astype(jnp.float32), num_samples=num_samples,
                  pad_id=model.pad_id)
 
@@ -208,7 +208,7 @@ def token_logprobs(model: models_base.EncoderDecoderModel, params: Params,
                    rollout: Rollout) -> tuple[Array, Array]:
   """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V]).
   A prompt's samples share one encoding."""
-  return model.token_logprobs(params, rollout.prompts, rollout.decoder_target_tokens)
+  return model.token_logprobs(params, rollout.unique_prompts, rollout.responses)
 
 
 def count_nonfinite(*arrays: Array) -> Array:
@@ -221,5 +221,5 @@ def sequence_entropy(logits: Array, mask: Array) -> Array:
 
 
 def response_length_metrics(rollout: Rollout, eos_id: int = 1) -> dict[str, Array]:
-  lengths = rewards.response_lengths(rollout.decoder_target_tokens, eos_id, rollout.pad_id)
+  lengths = rewards.response_lengths(rollout.responses, eos_id, rollout.pad_id)
   return {"response/length": jnp.mean(lengths.astype(jnp.float32))}

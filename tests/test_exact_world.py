@@ -15,13 +15,13 @@ from deranj import exact
 from deranj.data import exact_world
 from deranj.data import pipeline
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 from deranj.training import objectives
 from deranj.training import trainer
 
 CONTENT = (2, 3, 4, 5, 6, 7)
 L = 4
-CFG = t5.T5Config(vocab_size=8, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=8, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
                   dropout_rate=0.0)
 
 
@@ -32,7 +32,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def model():
-  m = base.EncoderDecoderModel(t5.Transformer(CFG))
+  m = base.EncoderDecoderModel(build.network(CFG))
   params = m.init_params(jax.random.PRNGKey(0))
   # Sharper than at init, and much mass on PAD: the closed world must not depend on it.
   params = jax.tree_util.tree_map(lambda x: 2.0 * x, params)
@@ -146,7 +146,7 @@ def test_kl_hook_is_the_exact_kl(tmp_path, world, model):
 def test_trainer_calls_the_eval_hook(tmp_path, data_dir):
   """At step 0 and every eval (eval_split None included), with the policy's params,
   its metrics written with the eval metrics."""
-  m = base.EncoderDecoderModel(t5.Transformer(CFG))
+  m = base.EncoderDecoderModel(build.network(CFG))
   calls = []
 
   def hook(params, step):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from deranj.models import base
+from deranj.models import build
 from deranj.models import losses
-from deranj.models import t5
 from numerics import assert_close_f32
 import tiny_models
 
@@ -58,9 +58,9 @@ def test_smoothed_loss_is_zero_at_the_smoothed_target():
 
 
 def test_model_loss_and_score_mask_padding():
-  cfg = t5.T5Config(vocab_size=11, d_model=8, d_kv=4, d_ff=12, num_heads=2, num_layers=1,
+  cfg = build.T5Config(vocab_size=11, d_model=8, d_kv=4, d_ff=12, num_heads=2, num_layers=1,
                     dropout_rate=0.0)
-  model = base.EncoderDecoderModel(t5.Transformer(cfg))
+  model = base.EncoderDecoderModel(build.network(cfg))
   params = tiny_models.random_params(model, 0)
   targets = jnp.array([[3, 4, 1, 0, 0], [5, 6, 7, 8, 1]])
   batch = {"prompts": jnp.array([[2, 3, 1], [4, 1, 0]]),

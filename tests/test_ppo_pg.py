@@ -164,10 +164,10 @@ def test_samples_share_their_prompts_encoding_with_the_same_log_probs():
   """A rollout's N samples per prompt are scored with one encoding per prompt: the same
   log-probabilities and gradients as encoding each repeated prompt."""
   from deranj.models import base
-  from deranj.models import t5
+  from deranj.models import build
   import numerics
   import tiny_models
-  model = base.EncoderDecoderModel(t5.Transformer(t5.T5Config(
+  model = base.EncoderDecoderModel(build.network(build.T5Config(
       vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=2)))
   params = tiny_models.random_params(model, 0)
   rng = np.random.default_rng(0)

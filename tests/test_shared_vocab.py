@@ -15,9 +15,9 @@ from deranj import gin_utils
 from deranj import sample
 from deranj.data import tokenizer
 from deranj.models import base
+from deranj.models import build
 from deranj.models import decoder
 from deranj.models import loading
-from deranj.models import t5
 from numerics import assert_close_f32
 
 N, WIDE = 37, 40  # the aligned model's vocabulary, the reference's (3 padding rows)
@@ -26,7 +26,7 @@ WIDTH = 32  # the widest contraction in the tiny networks below
 
 
 def _t5(vocab):
-  return base.EncoderDecoderModel(t5.Transformer(t5.T5Config(
+  return base.EncoderDecoderModel(build.network(build.T5Config(
       vocab_size=vocab, d_model=16, d_kv=8, d_ff=WIDTH, num_heads=2, num_layers=1,
       dropout_rate=0.0)))
 

@@ -37,7 +37,7 @@ def build_model(config: Config = gin.REQUIRED, *, z_loss: float = 1e-4,
   always 0)."""
   if isinstance(config, DecoderConfig):
     try:
-      return base.DecoderOnlyModel(decoder.Transformer(config), pad_id=pad_id,
+      return base.DecoderOnlyModel(network(config), pad_id=pad_id,
                                    z_loss=z_loss, label_smoothing=label_smoothing)
     except ValueError as e:
       raise ModelConfigError(f"build_model.pad_id: {e}") from None
@@ -46,5 +46,15 @@ def build_model(config: Config = gin.REQUIRED, *, z_loss: float = 1e-4,
                            f"got {type(config).__name__}.")
   if pad_id != 0:
     raise ModelConfigError(f"build_model.pad_id={pad_id}: a T5's PAD id is 0.")
-  return base.EncoderDecoderModel(t5.Transformer(config), z_loss=z_loss,
+  return base.EncoderDecoderModel(network(config), z_loss=z_loss,
                                   label_smoothing=label_smoothing)
+
+
+def network(config: Config):
+  """The bare Flax network of `config` (`t5.Transformer` or `decoder.Transformer`), for
+  callers that wrap it themselves (`base.as_model`, a reward model)."""
+  if isinstance(config, DecoderConfig):
+    return decoder.Transformer(config)
+  if isinstance(config, T5Config):
+    return t5.Transformer(config)
+  raise ModelConfigError(f"expected a T5Config or a DecoderConfig, got {type(config).__name__}.")

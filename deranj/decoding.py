@@ -338,33 +338,34 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, rule_params: A
 # ----------------------------------------------------------------------------- models
 
 
-def models_tokens_to_logits(models, params) -> TokensToLogits:
-  """The callback for deranj models: each decodes one step from its own cache."""
+def models_tokens_to_logits(models, params, vocab: Optional[int] = None) -> TokensToLogits:
+  """The callback for deranj models: each decodes one step from its own cache. With
+  `vocab`, each model's logits are cut to the first `vocab` ids (vocabularies that differ
+  only by padding rows)."""
 
   def fn(tokens: Array, caches):
     outs = [m.decode_step(p, c, tokens) for m, p, c in zip(models, params, caches)]
-    return jnp.stack([o[0] for o in outs]), tuple(o[1] for o in outs)
+    return jnp.stack([o[0][..., :vocab] for o in outs]), tuple(o[1] for o in outs)
 
   return fn
 
 
-def init_caches(models, params, encoder_input_tokens: Array, max_decode_len: int,
-                num_decodes: int = 1):
-  """Each model encodes [B, S] once; caches are for B * num_decodes rows (row-major)."""
-  return tuple(m.init_cache(p, encoder_input_tokens, max_decode_len, num_decodes)
+def init_caches(models, params, prompts: Array, max_decode_len: int, num_decodes: int = 1):
+  """Each model encodes prompts [B, S] once; caches are for B * num_decodes rows
+  (row-major)."""
+  return tuple(m.init_cache(p, prompts, max_decode_len, num_decodes)
                for m, p in zip(models, params))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "num_decodes"))
-def _sample_jit(model, params, encoder_input_tokens, rng, config, num_decodes):
-  caches = init_caches((model,), (params,), encoder_input_tokens, config.max_decode_len,
-                       num_decodes)
-  batch = encoder_input_tokens.shape[0] * num_decodes
+def _sample_jit(model, params, prompts, rng, config, num_decodes):
+  caches = init_caches((model,), (params,), prompts, config.max_decode_len, num_decodes)
+  batch = prompts.shape[0] * num_decodes
   weights = jnp.ones((batch, 1), jnp.float32)
   return mixture_sample(models_tokens_to_logits((model,), (params,)), caches, weights, rng, config)
 
 
-def sample(model: models_base.EncoderDecoderModel, params, encoder_input_tokens: Array,
+def sample(model: models_base.EncoderDecoderModel, params, prompts: Array,
            rng: Array, *, max_decode_len: int, eos_id: int = 1, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, num_decodes: int = 1) -> MixtureSamples:
   """Samples from a single model (never its `pad_id`) with the same compiled loop as DeRa.
@@ -373,5 +374,5 @@ def sample(model: models_base.EncoderDecoderModel, params, encoder_input_tokens:
   """
   config = SamplingConfig(max_decode_len, eos_id, float(temperature), int(top_k), float(top_p),
                           pad_id=model.pad_id)
-  return _sample_jit(model, params, jnp.asarray(encoder_input_tokens, jnp.int32), rng,
+  return _sample_jit(model, params, jnp.asarray(prompts, jnp.int32), rng,
                      config=config, num_decodes=int(num_decodes))

@@ -10,6 +10,8 @@ its per-token approximation q_t = softmax(lam h_aligned + (1-lam) h_ref) (eq. 9)
     out = realigner.sample(prompts, lam=jnp.array([0., .5, 1., 2.]), rng=key)
 
 `lam` is traced: any number of values, scalar or one per row, share one compilation.
+Checkpoints whose vocabularies differ only by padding rows realign over the ids they share
+with `shared_vocab=N` (each model's logits cut to [..., :N]).
 Several aligned models (paper App. B): pass lists of models and params; `lam` is then
 [K] or [B, K] and the reference gets 1 - sum(lam).
 
@@ -46,7 +48,7 @@ normalisation):
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -55,10 +57,9 @@ import numpy as np
 
 from deranj import decoding
 from deranj.models import base as models_base
-from deranj.models import t5
 
 Array = jax.Array
-ModelLike = Union[models_base.EncoderDecoderModel, models_base.DecoderOnlyModel, t5.Transformer]
+ModelLike = Any  # a models_base wrapper, or a bare t5 / decoder Transformer (base.as_model)
 
 
 @flax.struct.dataclass
@@ -70,7 +71,8 @@ class RealignedSamples:
   lengths: tokens emitted, EOS included.
   logq: log-probability under the distribution actually sampled from.
   logp_ref, logp_aligned: each model's own log-probability ([B*N, K] for K > 1 aligned
-    models). None when sampling from weight-mixed parameters.
+    models), over ids < shared_vocab when the Realigner has one. None when sampling from
+    weight-mixed parameters.
   log_weight: sum_t log Z_t; exp(log_weight) ∝ (exact mixture) / q at temperature 1.
     None for rule="aad" (it samples no geometric mixture).
   kl_ref: sum_t KL(q_t || p_ref,t).
@@ -105,15 +107,6 @@ DEFAULT_ALPHA = 0.1  # the AAD paper's setting throughout
 
 # (prompts [B*N, S], samples with B*N rows) -> [B*N] scores; higher is better.
 Scorer = Callable[[Array, RealignedSamples], Array]
-
-
-def _as_model(model: ModelLike) -> models_base.EncoderDecoderModel:
-  if isinstance(model, (models_base.EncoderDecoderModel, models_base.DecoderOnlyModel)):
-    return model
-  if isinstance(model, t5.Transformer):
-    return models_base.EncoderDecoderModel(model)
-  raise TypeError(f"expected a deranj model (EncoderDecoderModel, DecoderOnlyModel or "
-                  f"t5.Transformer), got {type(model).__name__}.")
 
 
 def parse_lams(text: str, *, positive: bool = False, flag: str = "--lam") -> list[float]:
@@ -197,36 +190,62 @@ class Realigner:
     combine: "logits" (DeRa, eq. 9) or "weights": sample from the single model with
       parameters lam * theta + (1 - lam) * theta_ref (paper App. D.5), which needs
       identical shapes, one aligned model and a scalar lam.
+    shared_vocab: N for models whose vocabularies differ only by padding rows (e.g. a
+      fine-tune resized 151936 -> 151665): every model's logits are cut to ids < N
+      before mixing, so samples, scores and each model's log-probabilities are over those
+      N ids. N <= every model's vocab_size. None: the vocabularies must be equal.
   """
 
   def __init__(self, ref_model: ModelLike, ref_params, aligned_model, aligned_params, *,
-               max_decode_len: int, eos_id: int = 1, combine: str = "logits"):
+               max_decode_len: int, eos_id: int = 1, combine: str = "logits",
+               shared_vocab: Optional[int] = None):
     many = isinstance(aligned_model, (list, tuple))
     aligned_models = tuple(aligned_model) if many else (aligned_model,)
     aligned_params = tuple(aligned_params) if many else (aligned_params,)
     if len(aligned_models) != len(aligned_params) or not aligned_models:
       raise ValueError(f"got {len(aligned_models)} aligned models and {len(aligned_params)} "
                        "parameter sets; give one set per model.")
-    self.models = (_as_model(ref_model),) + tuple(_as_model(m) for m in aligned_models)
+    self.models = (models_base.as_model(ref_model),) + tuple(
+        models_base.as_model(m) for m in aligned_models)
     self.params = (ref_params,) + aligned_params
     self.num_aligned = len(aligned_models)
     self.many = many
     self.max_decode_len = int(max_decode_len)
     self.eos_id = int(eos_id)
-    vocab = [m.config.vocab_size for m in self.models]
-    if len(set(vocab)) != 1:
-      raise ValueError(f"the models must share a vocabulary: reference vocab_size={vocab[0]}, "
-                       f"aligned vocab_size={', '.join(map(str, vocab[1:]))}.")
     pads = [m.pad_id for m in self.models]
     if len(set(pads)) != 1:
       raise ValueError(f"the models must share a PAD id: reference pad_id={pads[0]}, aligned "
                        f"pad_id={', '.join(map(str, pads[1:]))}.")
     self.pad_id = pads[0]
+    self.shared_vocab = self._check_shared_vocab(shared_vocab)
     if combine not in ("logits", "weights"):
       raise ValueError(f"combine must be 'logits' or 'weights', got {combine!r}.")
     self.combine = combine
     if combine == "weights":
       self._check_same_shapes()
+
+  def _check_shared_vocab(self, shared_vocab: Optional[int]) -> Optional[int]:
+    """`shared_vocab` checked against the models' vocabularies, EOS and PAD."""
+    vocab = [m.config.vocab_size for m in self.models]
+    sizes = (f"reference vocab_size={vocab[0]}, aligned vocab_size="
+             f"{', '.join(map(str, vocab[1:]))}")
+    if shared_vocab is None:
+      if len(set(vocab)) != 1:
+        raise ValueError(f"the models must share a vocabulary: {sizes}; if they differ only "
+                         f"by padding rows, pass shared_vocab=N (at most {min(vocab)}) to "
+                         "realign over ids 0..N-1.")
+      return None
+    if isinstance(shared_vocab, bool) or not isinstance(shared_vocab, (int, np.integer)):
+      raise ValueError(f"shared_vocab must be an integer, got {shared_vocab!r}.")
+    n = int(shared_vocab)
+    if not 0 < n <= min(vocab):
+      raise ValueError(f"shared_vocab={n} must be in 1..{min(vocab)}, the smallest vocabulary "
+                       f"({sizes}).")
+    for name, token in (("eos_id", self.eos_id), ("pad_id", self.pad_id)):
+      if token >= n:
+        raise ValueError(f"shared_vocab={n} cuts off {name}={token}: the realigned "
+                         f"vocabulary must hold it.")
+    return n
 
   def _check_same_shapes(self):
     if self.num_aligned != 1:
@@ -274,13 +293,13 @@ class Realigner:
 
   # --------------------------------------------------------------------------- sample
 
-  def sample(self, encoder_input_tokens, lam=None, rng: Optional[Array] = None, *,
+  def sample(self, prompts, lam=None, rng: Optional[Array] = None, *,
              rule: str = "dera", alpha=None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, num_decodes: int = 1) -> RealignedSamples:
     """Samples `num_decodes` sequences per prompt from the realigned model.
 
     Args:
-      encoder_input_tokens: [B, S] prompt ids, PAD = the models' pad_id.
+      prompts: [B, S] prompt ids, PAD = the models' pad_id.
       lam: rule="dera" only (required there): scalar, [B] (per prompt) or [B*N] (per
         output row) for one aligned model; [K], [B, K] or [B*N, K] for K aligned models.
         A lam sweep over one batch is `num_decodes=len(lams)` with
@@ -294,9 +313,9 @@ class Realigner:
         distribution sampled from (for "aad", after the restriction to V_alpha).
       num_decodes: N samples per prompt; outputs have B * N rows.
     """
-    tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+    tokens = jnp.asarray(prompts, jnp.int32)
     if tokens.ndim != 2:
-      raise ValueError(f"encoder_input_tokens must be [batch, length], got {tokens.shape}.")
+      raise ValueError(f"prompts must be [batch, length], got {tokens.shape}.")
     num_decodes = int(num_decodes)
     if num_decodes < 1:
       raise ValueError(f"num_decodes must be >= 1, got {num_decodes}.")
@@ -320,8 +339,9 @@ class Realigner:
   def _sample_logit_mixed(self, params, tokens, rule_params, rng, config, num_decodes, rule):
     caches = decoding.init_caches(self.models, params, tokens, config.max_decode_len,
                                   num_decodes)
-    out = decoding.mixture_sample(decoding.models_tokens_to_logits(self.models, params),
-                                  caches, rule_params, rng, config, rule)
+    out = decoding.mixture_sample(
+        decoding.models_tokens_to_logits(self.models, params, self.shared_vocab), caches,
+        rule_params, rng, config, rule)
     logp_aligned = out.logp[:, 1:] if self.many else out.logp[:, 1]
     return RealignedSamples(tokens=out.tokens, lengths=out.lengths, logq=out.logq,
                             logp_ref=out.logp[:, 0], logp_aligned=logp_aligned,
@@ -333,44 +353,61 @@ class Realigner:
     model = self.models[0]
     caches = decoding.init_caches((model,), (mixed,), tokens, config.max_decode_len, num_decodes)
     weights = jnp.ones((tokens.shape[0] * num_decodes, 1), jnp.float32)
-    out = decoding.mixture_sample(decoding.models_tokens_to_logits((model,), (mixed,)),
-                                  caches, weights, rng, config)
+    out = decoding.mixture_sample(
+        decoding.models_tokens_to_logits((model,), (mixed,), self.shared_vocab), caches,
+        weights, rng, config)
     return RealignedSamples(tokens=out.tokens, lengths=out.lengths, logq=out.logq,
                             logp_ref=None, logp_aligned=None, log_weight=out.log_weight,
                             kl_ref=out.kl_ref)
 
   # --------------------------------------------------------------------------- score
 
-  def score(self, encoder_input_tokens, decoder_target_tokens, lam) -> Array:
+  def score(self, prompts, responses, lam) -> Array:
     """Teacher-forced log q(y|x) per sequence under DeRa at `lam` (temperature 1): [B].
 
-    `decoder_target_tokens` [B, T] are the responses, PAD (`pad_id`) masked; each token's
-    distribution excludes PAD, as the sampler's does. This is the
+    `responses` [B, T] are PAD (`pad_id`) masked; each token's
+    distribution excludes PAD and ids >= `shared_vocab`, as the sampler's does. This is the
     log-likelihood used for pairwise accuracy (paper eq. 14).
     """
+    prompts, responses = self._check_pairs(prompts, responses)
+    return self._score(self.params, prompts, responses,
+                       self._mix_weights(lam, prompts.shape[0]))
+
+  def logits(self, prompts, responses, lam) -> Array:
+    """Teacher-forced DeRa logits sum_m w_m h_m [B, T, V] at `lam` (as `score`), V =
+    `shared_vocab` when given; PAD is not masked here (`score` and the sampler mask it)."""
+    prompts, responses = self._check_pairs(prompts, responses)
+    return self._logits(self.params, prompts, responses,
+                        self._mix_weights(lam, prompts.shape[0]))
+
+  def _check_pairs(self, prompts, responses) -> tuple[Array, Array]:
     if self.combine == "weights":
-      raise ValueError("score is defined for combine='logits'.")
-    enc = jnp.asarray(encoder_input_tokens, jnp.int32)
-    targets = jnp.asarray(decoder_target_tokens, jnp.int32)
-    if enc.shape[0] != targets.shape[0]:
-      raise ValueError(f"{enc.shape[0]} prompts but {targets.shape[0]} responses.")
-    return self._score(self.params, enc, targets, self._mix_weights(lam, enc.shape[0]))
+      raise ValueError("score and logits are defined for combine='logits'.")
+    prompts = jnp.asarray(prompts, jnp.int32)
+    responses = jnp.asarray(responses, jnp.int32)
+    if prompts.shape[0] != responses.shape[0]:
+      raise ValueError(f"{prompts.shape[0]} prompts but {responses.shape[0]} responses.")
+    return prompts, responses
 
   @functools.partial(jax.jit, static_argnums=(0,))
-  def _score(self, params, enc, targets, weights):
-    # The models' teacher-forced logits, mixed per token, then the shared masked sum.
-    batch = models_base.response_batch(enc, targets)
-    logits = jnp.stack([m.logits(p, batch) for m, p in zip(self.models, params)])
+  def _logits(self, params, prompts, responses, weights):
+    # Each model's teacher-forced logits over the shared ids, mixed per token.
+    batch = models_base.response_batch(prompts, responses)
+    logits = jnp.stack([m.logits(p, batch)[..., :self.shared_vocab]
+                        for m, p in zip(self.models, params)])
     mixed = decoding.mixture_logits(logits.reshape(logits.shape[0], -1, logits.shape[-1]),
-                                    jnp.repeat(weights, targets.shape[1], axis=0))
-    mixed = decoding.mask_pad(mixed, self.pad_id)  # as sampled
-    token_ll = models_base.masked_log_likelihood(mixed.reshape(targets.shape + (-1,)), targets,
-                                                 pad_id=self.pad_id)
+                                    jnp.repeat(weights, responses.shape[1], axis=0))
+    return mixed.reshape(responses.shape + (-1,))
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def _score(self, params, prompts, responses, weights):
+    mixed = decoding.mask_pad(self._logits(params, prompts, responses, weights), self.pad_id)
+    token_ll = models_base.masked_log_likelihood(mixed, responses, pad_id=self.pad_id)
     return jnp.sum(token_ll, axis=-1)
 
   # --------------------------------------------------------------------------- resample
 
-  def resample(self, encoder_input_tokens, lam, rng: Array, *, num_candidates: int
+  def resample(self, prompts, lam, rng: Array, *, num_candidates: int
                ) -> Resampled:
     """Sampling-importance-resampling towards the exact sequence-level mixture.
 
@@ -384,18 +421,18 @@ class Realigner:
     if self.combine == "weights":
       raise ValueError("resample is defined for combine='logits'.")
     sample_rng, pick_rng = jax.random.split(rng)
-    out = self.sample(encoder_input_tokens, lam, sample_rng, num_decodes=num_candidates)
+    out = self.sample(prompts, lam, sample_rng, num_decodes=num_candidates)
     return _pick(out, pick_rng, num_candidates)
 
   # --------------------------------------------------------------------------- best-of-N
 
-  def best_of_n(self, encoder_input_tokens, n: int, scorer: Scorer, rng: Optional[Array] = None,
+  def best_of_n(self, prompts, n: int, scorer: Scorer, rng: Optional[Array] = None,
                 *, lam=None, rule: str = "dera", alpha=None, temperature: float = 1.0,
                 top_k: int = 0, top_p: float = 1.0) -> BestOfN:
     """Draws `n` candidates per prompt in one call and keeps the highest-scoring one.
 
     Args:
-      encoder_input_tokens: [B, S] prompt ids.
+      prompts: [B, S] prompt ids.
       n: candidates per prompt, >= 1.
       scorer: (prompts [B*n, S], candidates) -> [B*n] scores, e.g.
         `implicit_reward_scorer(beta)` or `mixture_weight_scorer()`; a reward model
@@ -409,7 +446,7 @@ class Realigner:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
       raise ValueError(f"best-of-N needs n >= 1 candidates per prompt, got {n!r}.")
     n = int(n)
-    prompts = jnp.asarray(encoder_input_tokens, jnp.int32)
+    prompts = jnp.asarray(prompts, jnp.int32)
     out = self.sample(prompts, lam, rng, rule=rule, alpha=alpha, temperature=temperature,
                       top_k=top_k, top_p=top_p, num_decodes=n)
     rows = out.tokens.shape[0]

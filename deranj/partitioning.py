@@ -1,6 +1,6 @@
 """A device mesh and logical-axis rules for parameters and batches (T5X's partitioning.py).
 
-Parameters carry logical axis names (`t5.VOCAB`, `t5.EMBED`, ...; see
+Parameters carry logical axis names (`deranj.models.axes`: VOCAB, EMBED, ...; see
 `EncoderDecoderModel.logical_axes`). The rules below map each name to a mesh axis, so
 one model definition runs data-parallel, model-parallel or both:
 
@@ -24,7 +24,7 @@ import jax
 from jax.experimental import mesh_utils
 import numpy as np
 
-from deranj.models import t5
+from deranj.models import axes as axis_names
 
 PartitionSpec = jax.sharding.PartitionSpec
 NamedSharding = jax.sharding.NamedSharding
@@ -39,21 +39,21 @@ LogicalRules = tuple[tuple[str, Optional[str]], ...]
 DEFAULT_RULES: LogicalRules = (
     (BATCH, DATA),
     # The output softmax and embedding rows: the largest matrices at small d_model.
-    (t5.VOCAB, MODEL),
+    (axis_names.VOCAB, MODEL),
     # MLP in: [embed, mlp], out: [mlp, embed]; attention in: [embed, heads, kv], out:
     # [heads, kv, embed]. Splitting the inner dimension keeps each block's two matmuls
     # local, with one all-reduce at its output.
-    (t5.MLP, MODEL),
-    (t5.HEADS, MODEL),
+    (axis_names.MLP, MODEL),
+    (axis_names.HEADS, MODEL),
     # d_model is contracted in every layer; splitting it would add an all-reduce per
     # matmul. Sharding it over "data" instead would be 2-D (ZeRO-like) partitioning,
     # which needs gathers in every step; not worth it at DeRa's model sizes.
-    (t5.EMBED, None),
+    (axis_names.EMBED, None),
     # Heads already take "model" in every tensor that has kv; a mesh axis may split
     # only one dimension of an array.
-    (t5.KV, None),
+    (axis_names.KV, None),
     # [heads, buckets] position tables are tiny; heads already splits them over "model".
-    (t5.RELPOS, None),
+    (axis_names.RELPOS, None),
 )
 
 

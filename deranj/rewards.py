@@ -1,7 +1,9 @@
 """Rewards for alignment: the length reward (paper eq. 10) and a learned reward model.
 
-Token conventions are the sampler's: PAD = the model's pad_id (0 unless given), EOS = 1;
-a response [B, T] holds its tokens, then EOS, then PAD (`deranj.decoding`'s output).
+Token conventions are the sampler's: PAD = the model's pad_id (0 unless given; a
+decoder-only model without a PAD token fills with `base.NO_PAD`, -1, and 0 is a token),
+EOS = 1; a response [B, T] holds its tokens, then EOS, then PAD (`deranj.decoding`'s
+output).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def response_lengths(tokens: Array, eos_id: int = 1, pad_id: int = 0) -> Array:
   """Response lengths in tokens, EOS excluded: [B, T] -> [B] int32.
 
   Counts the non-PAD tokens before the first EOS; without an EOS (a truncated
-  sample), all non-PAD tokens.
+  sample), all non-PAD tokens. `pad_id`: the policy's (its samples' fill after EOS).
   """
   keep = _before_first_eos(tokens, eos_id) & (tokens != pad_id)
   return jnp.sum(keep, axis=-1, dtype=jnp.int32)

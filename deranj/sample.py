@@ -27,6 +27,10 @@ wraps each prompt as one user message in the `chat_template` of its
 `tokenizer_config.json`, with the generation prompt. EOS is SampleConfig.eos_id, else the
 tokenizer's `eos_token` (the end of a chat turn), else the checkpoint's `eos_token_id`.
 Other models use deranj's SentencePiece conventions (EOS 1 ends the prompt).
+
+Checkpoints whose vocabularies differ only by padding rows (a fine-tune resized 151936 ->
+151665) realign over the ids they share with `--gin.SampleConfig.shared_vocab=151665`:
+samples are ids < N, and every reported log-probability is over those N ids.
 """
 from __future__ import annotations
 
@@ -95,6 +99,8 @@ class SampleConfig:
   num_decodes: int = 1
   batch_size: int = 16  # prompts per compiled call (each carries every lam)
   eos_id: Optional[int] = None  # None: 1, or a Hugging Face tokenizer's / checkpoint's
+  shared_vocab: Optional[int] = None  # N: realign over ids < N (vocabularies that differ
+  #                                      only by padding rows); None: equal vocabularies
 
 
 def parse_lams(text: str) -> list[float]:
@@ -468,18 +474,27 @@ def _load(path: str, role: str, why: str, warning: Optional[str] = None):
   return model, params
 
 
-def check_vocabularies(choice: Choice, ref, al, tok):
-  """The two models share one vocabulary and the tokenizer's ids fit it."""
-  if ref.config.vocab_size != al.config.vocab_size:
+def check_vocabularies(choice: Choice, ref, al, tok, shared_vocab: Optional[int] = None):
+  """The two models share one vocabulary (or its first `shared_vocab` ids) and the
+  tokenizer's ids fit it."""
+  sizes = (ref.config.vocab_size, al.config.vocab_size)
+  if shared_vocab is None and sizes[0] != sizes[1]:
     raise SampleError(
-        f"vocabulary mismatch: the reference {choice.reference} has vocab_size "
-        f"{ref.config.vocab_size}, the aligned model {choice.aligned} {al.config.vocab_size}; "
-        "DeRa mixes their next-token logits, so both need one vocabulary.")
-  if tok.vocab_size > ref.config.vocab_size:
+        f"vocabulary mismatch: the reference {choice.reference} has vocab_size {sizes[0]}, the "
+        f"aligned model {choice.aligned} {sizes[1]}; DeRa mixes their next-token logits, so "
+        "both need one vocabulary. If they differ only by padding rows, set "
+        f"SampleConfig.shared_vocab to the number of ids they share (at most {min(sizes)}).")
+  if shared_vocab is not None and (isinstance(shared_vocab, bool) or not isinstance(
+      shared_vocab, int) or not 0 < shared_vocab <= min(sizes)):
+    raise SampleError(
+        f"SampleConfig.shared_vocab={shared_vocab!r}: must be an integer in 1..{min(sizes)}, "
+        f"the smaller vocab_size of the reference {choice.reference} ({sizes[0]}) and the "
+        f"aligned model {choice.aligned} ({sizes[1]}).")
+  if tok.vocab_size > min(sizes):
     setting = "SampleConfig.spm_model" if isinstance(tok, Tokenizer) else "the tokenizer files"
     raise SampleError(
         f"vocabulary mismatch: the tokenizer {tok.name} has {tok.vocab_size} "
-        f"pieces, more than the models' vocab_size {ref.config.vocab_size}; set "
+        f"pieces, more than the models' vocab_size {min(sizes)}; set "
         f"{setting} to the models' tokenizer.")
 
 
@@ -543,13 +558,15 @@ def run(config: SampleConfig, method: Union[Method, Sequence[float]], input_path
     scorer = dera.mixture_weight_scorer()
   al, al_p = _load(choice.aligned, "aligned", choice.aligned_why)
   ref, ref_p = _load(choice.reference, "reference", choice.reference_why, choice.warning)
-  check_vocabularies(choice, ref, al, tok)
-  if method.scorer == "reward_model" and reward_vocab != ref.config.vocab_size:
+  check_vocabularies(choice, ref, al, tok, config.shared_vocab)
+  policy_vocab = {ref.config.vocab_size, al.config.vocab_size}
+  if method.scorer == "reward_model" and reward_vocab not in policy_vocab:
     raise SampleError(f"vocabulary mismatch: the reward model {method.reward_model} has "
-                      f"vocab_size {reward_vocab}, the policies {ref.config.vocab_size}.")
+                      f"vocab_size {reward_vocab}, the policies "
+                      f"{' and '.join(map(str, sorted(policy_vocab)))}.")
   try:
     realigner = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=config.max_decode_len,
-                               eos_id=tok.eos_id)
+                               eos_id=tok.eos_id, shared_vocab=config.shared_vocab)
   except ValueError as e:
     raise SampleError(f"the reference {choice.reference} and the aligned model "
                       f"{choice.aligned} do not fit together: {e}") from None

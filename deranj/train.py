@@ -22,6 +22,7 @@ from absl import logging  # noqa: E402
 from deranj import gin_utils  # noqa: E402
 from deranj import partitioning  # noqa: E402  (registers MeshConfig)
 from deranj.data import files  # noqa: E402
+from deranj.models import build  # noqa: E402
 from deranj.models import loading  # noqa: E402
 from deranj.training import checkpoints  # noqa: E402
 from deranj.training import losses  # noqa: E402
@@ -30,9 +31,10 @@ from deranj.training import optimizers  # noqa: E402,F401
 from deranj.training import trainer  # noqa: E402
 
 # Errors that are the user's to fix: one line, no traceback.
-_USER_ERRORS = (gin_utils.GinConfigError, trainer.TrainingError, checkpoints.CheckpointError,
-                checkpoints.RunDirectoryBusyError, objectives.ObjectiveError,
-                optimizers.OptimizerConfigError, trainer.TrainingDivergedError,
+_USER_ERRORS = (gin_utils.GinConfigError, trainer.TrainingError, build.ModelConfigError,
+                checkpoints.CheckpointError, checkpoints.RunDirectoryBusyError,
+                objectives.ObjectiveError, optimizers.OptimizerConfigError,
+                trainer.TrainingDivergedError,
                 partitioning.PartitioningError, files.DataError, loading.ModelLoadError,
                 losses.NonFiniteError)
 

@@ -178,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   realigner = dera.Realigner(ref, sft_params, ref, dpo_params, max_decode_len=max_len)
 
   test = pipeline.load(macros["TASK"], "test", lengths, max_examples=grid.prompts)
-  prompts = test.features["encoder_input_tokens"]
+  prompts = test.features["prompts"]
   num = len(prompts)
   rows = min(grid.chunk, num)  # rows per sampler call, every arm alike
 
@@ -196,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   with timer("validation"):
     val = pipeline.load(macros["TASK"], "validation", lengths,
                         max_examples=settings["val_prompts"])
-    val_prompts = val.features["encoder_input_tokens"]
+    val_prompts = val.features["prompts"]
     lams = grid.lams
     lam_rows = np.tile(np.asarray(lams, np.float32), len(val_prompts))
     val_tokens = batching.map_in_fixed_batches(
@@ -366,11 +366,11 @@ def make_loop_pairs(pairs_dir: str, splits: dict, chosen_fn: Callable, rejected_
       return {**stats, "reused": True}
   stats, written = {"rule": LOOP_RULE}, {}
   for split, data in splits.items():
-    enc = data.features["encoder_input_tokens"]
-    common.log(f"   AAD and greedy DPO outputs on {len(enc)} {split} prompts")
-    written[split], same = loop_pairs(stages.documents(data), enc, chosen_fn(enc),
-                                      rejected_fn(enc), drop_identical=split == "train")
-    stats[split] = {"prompts": int(len(enc)), "pairs": len(written[split]), "identical": same}
+    prompts = data.features["prompts"]
+    common.log(f"   AAD and greedy DPO outputs on {len(prompts)} {split} prompts")
+    written[split], same = loop_pairs(stages.documents(data), prompts, chosen_fn(prompts),
+                                      rejected_fn(prompts), drop_identical=split == "train")
+    stats[split] = {"prompts": int(len(prompts)), "pairs": len(written[split]), "identical": same}
   for split, pairs in written.items():
     preferences.write_pairs(paths[split], pairs)
   common.write_json(labels_path, stats)  # last: pairs without it are written again

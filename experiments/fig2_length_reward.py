@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
 
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
   val = pipeline.load(macros["TASK"], "validation", lengths, max_examples=grid.prompts)
-  prompts = val.features["encoder_input_tokens"]
+  prompts = val.features["prompts"]
   num_prompts = len(prompts)
   max_len = macros["TARGETS_LENGTH"]
   bins = np.arange(0, max_len + 2)

@@ -19,8 +19,8 @@ JUDGES = ("gold", "rouge_l")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _sequence_logps(model: models_base.EncoderDecoderModel, params, enc, targets):
-  return model.sequence_logprobs(params, enc, targets)
+def _sequence_logps(model: models_base.EncoderDecoderModel, params, prompts, responses):
+  return model.sequence_logprobs(params, prompts, responses)
 
 
 def model_pairwise_accuracy(model, params, pairs: dict, batch_size: int) -> float:
@@ -28,11 +28,11 @@ def model_pairwise_accuracy(model, params, pairs: dict, batch_size: int) -> floa
   `win_rates.realigned_pairwise_accuracy` (lengths count non-PAD tokens, EOS included)."""
   logps = {side: batching.map_in_fixed_batches(
       functools.partial(_sequence_logps, model, params),
-      (pairs["encoder_input_tokens"], pairs[f"{side}_decoder_target_tokens"]), batch_size)
+      (pairs["prompts"], pairs[f"{side}_responses"]), batch_size)
             for side in ("chosen", "rejected")}
   return win_rates.pairwise_accuracy(
-      logps["chosen"], (pairs["chosen_decoder_target_tokens"] > 0).sum(1),
-      logps["rejected"], (pairs["rejected_decoder_target_tokens"] > 0).sum(1))
+      logps["chosen"], (pairs["chosen_responses"] > 0).sum(1),
+      logps["rejected"], (pairs["rejected_responses"] > 0).sum(1))
 
 
 # The bootstrap's numpy stream: default_rng([seed, BOOTSTRAP, comparison]).

@@ -430,7 +430,7 @@ def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array
   labelled = []
   for i, (split, size) in enumerate(splits):
     data = pipeline.load(macros["TASK"], split, lengths, max_examples=size)
-    prompts = data.features["encoder_input_tokens"]
+    prompts = data.features["prompts"]
     common.log(f"   labelling {len(prompts)} {split} prompts' SFT sample pairs")
     # Two samples per prompt, rows prompt-major: a = even rows, b = odd rows.
     tokens = sample_model(model, params, prompts, 2, grid.chunk, macros["TARGETS_LENGTH"],

@@ -161,7 +161,7 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
     trained += [train_aligned(ctx, args.beta / lam) for lam in lams if lam != 1]
 
   test = pipeline.load(macros["TASK"], "test", lengths, max_examples=grid.prompts)
-  prompts = test.features["encoder_input_tokens"]
+  prompts = test.features["prompts"]
   samples = grid.samples
   run_dirs = [common.run_dir(workdir, kind, args.beta / lam) for lam in lams]
   retrained_params = [common.load_policy(d)[1] for d in run_dirs]
@@ -178,10 +178,10 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
     pairs_task = f"fig{figure}_pairs"
     tasks.register_preference_pairs(pairs_task, ctx.pairs_dir)
     held_out = pipeline.load(pairs_task, "validation", lengths).features
-    pair_batch = min(grid.chunk, len(held_out["encoder_input_tokens"]))
+    pair_batch = min(grid.chunk, len(held_out["prompts"]))
     dera_acc = win_rates.realigned_pairwise_accuracy(
-        realigner, held_out["encoder_input_tokens"], held_out["chosen_decoder_target_tokens"],
-        held_out["rejected_decoder_target_tokens"], lams, pair_batch)
+        realigner, held_out["prompts"], held_out["chosen_responses"],
+        held_out["rejected_responses"], lams, pair_batch)
     retrained_acc = [judging.model_pairwise_accuracy(ref, p, held_out, pair_batch)
                      for p in retrained_params]
     sft_acc = judging.model_pairwise_accuracy(ref, sft_params, held_out, pair_batch)
@@ -247,7 +247,7 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
       "win_rate_interval": {"confidence": 0.95, "method": "percentile bootstrap over "
                             "prompts (a prompt's samples resampled together)",
                             "resamples": args.bootstrap_resamples},
-      "held_out_pairs": int(len(held_out["encoder_input_tokens"])),
+      "held_out_pairs": int(len(held_out["prompts"])),
       "sft": {**judge.describe(sft_tokens), "pairwise_accuracy": sft_acc},
       "optimum": {**opt, "metric": OPTIMUM_METRIC},
       "per_lam": per_lam,

@@ -76,8 +76,7 @@ def ppo_arms(model, base_params, prompts, args):
     ref, _ = rollouts.token_logprobs(model, f["ref"], ro)
     return logp, ref, obj.values(p["value"], ro)
   score_fn = jax.jit(score)
-  reward_fn = jax.jit(lambda f, ro: reward(f["reward"], ro.encoder_input_tokens,
-                                           ro.decoder_target_tokens))
+  reward_fn = jax.jit(lambda f, ro: reward(f["reward"], ro.prompts, ro.responses))
   full_step = jax.jit(lambda s, f, b, r: obj.train_step(s, f, b, r, optimizer=optimizer))
 
   # The update alone: the same scan over minibatches, fed a fixed scored rollout.
@@ -102,7 +101,7 @@ def ppo_arms(model, base_params, prompts, args):
     return params
   update_fn = jax.jit(update)
 
-  batch = {"encoder_input_tokens": prompts}
+  batch = {"prompts": prompts}
   arms = {
       "rollout": lambda: _block(rollout_fn(state.params, prompts, rng)),
       "score": lambda: _block(score_fn(state.params, frozen, rollout)),
@@ -126,12 +125,10 @@ def pg_arms(model, base_params, prompts, args, reward):
       model, p, x, r, max_decode_len=obj.max_decode_len, num_samples=n))
   rollout = _block(rollout_fn(state.params, prompts, rng))
   score_fn = jax.jit(lambda f, ro: rollouts.token_logprobs(model, f["ref"], ro)[0].sum(-1))
-  reward_fn = jax.jit(lambda f, ro: reward(f["reward"], ro.encoder_input_tokens,
-                                           ro.decoder_target_tokens))
+  reward_fn = jax.jit(lambda f, ro: reward(f["reward"], ro.prompts, ro.responses))
   ref_logp = _block(score_fn(frozen, rollout))
   scores = _block(reward_fn(frozen, rollout))
-  scored = {**rollout.batch(), "mask": rollout.mask, "ref_logp": ref_logp, "scores": scores}
-  del scored["decoder_loss_weights"]
+  scored = {**rollout.batch(), "ref_logp": ref_logp, "scores": scores}
 
   def update(s, b, r):
     grads, _ = objectives.accumulate_gradients(
@@ -140,7 +137,7 @@ def pg_arms(model, base_params, prompts, args, reward):
   update_fn = jax.jit(update)
   full_step = jax.jit(lambda s, f, b, r: obj.train_step(s, f, b, r, optimizer=optimizer))
 
-  batch = {"encoder_input_tokens": prompts}
+  batch = {"prompts": prompts}
   arms = {
       "rollout": lambda: _block(rollout_fn(state.params, prompts, rng)),
       "score": lambda: _block(score_fn(frozen, rollout)),
@@ -195,7 +192,7 @@ def main():
   split = pipeline.load("embedded_news", "validation",
                         {"inputs": args.inputs_length, "targets": args.targets_length},
                         keep_texts=False)
-  prompts = split.features["encoder_input_tokens"]
+  prompts = split.features["prompts"]
   need = max(args.ppo_batch, args.pg_batch)
   prompts = np.resize(prompts, (need, prompts.shape[1]))  # repeats when the split is short
   reward = (rollouts.LearnedReward(args.reward_model) if args.reward_model

@@ -65,9 +65,8 @@ import numpy as np  # noqa: E402
 from deranj import decoding  # noqa: E402
 from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
-from deranj.models import base  # noqa: E402
+from deranj.models import build  # noqa: E402
 from deranj.models import hf  # noqa: E402
-from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
@@ -85,7 +84,7 @@ SMALL = dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_la
 # ----------------------------------------------------------------------------- roofline
 
 
-def decode_step_cost(cfg: t5.T5Config, *, models: int, rows: int, prompts: int, prompt_len: int,
+def decode_step_cost(cfg: build.T5Config, *, models: int, rows: int, prompts: int, prompt_len: int,
                      position: int) -> dict[str, tuple[float, float]]:
   """{part: (bytes, FLOPs)} one decode step at `position` (0-based) must move and do.
 
@@ -112,7 +111,7 @@ def decode_step_cost(cfg: t5.T5Config, *, models: int, rows: int, prompts: int, 
   }
 
 
-def prefill_cost(cfg: t5.T5Config, *, models: int, prompts: int, prompt_len: int
+def prefill_cost(cfg: build.T5Config, *, models: int, prompts: int, prompt_len: int
                  ) -> tuple[float, float]:
   """(bytes, FLOPs) of encoding the prompts and projecting the cross-attention K/V."""
   d, hk, f, s = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, prompt_len
@@ -170,7 +169,7 @@ def hf_models(config_kwargs, directory):
   return models
 
 
-def make_dera_processor(ref_model, lam: float, encoder_input_ids, attention_mask):
+def make_dera_processor(ref_model, lam: float, prompt_ids, attention_mask):
   """The official demo's design: a LogitsProcessor that runs the reference model with its
   own KV cache on each new token and mixes its logits into the aligned model's scores."""
   import torch
@@ -186,7 +185,7 @@ def make_dera_processor(ref_model, lam: float, encoder_input_ids, attention_mask
     def __call__(self, input_ids, scores):
       if self.encoder_outputs is None:
         self.encoder_outputs = ref_model.get_encoder()(
-            input_ids=encoder_input_ids, attention_mask=attention_mask)
+            input_ids=prompt_ids, attention_mask=attention_mask)
         new = input_ids
       else:
         new = input_ids[:, -1:]
@@ -408,8 +407,8 @@ def main(argv=None):
     (ref_hf, ref_dir), (al_hf, al_dir) = hf_models(shape, tmp)
     ref_cfg, ref_p = hf.load_t5(ref_dir, dropout_rate=0.0)
     al_cfg, al_p = hf.load_t5(al_dir, dropout_rate=0.0)
-  ref = base.EncoderDecoderModel(t5.Transformer(ref_cfg))
-  al = base.EncoderDecoderModel(t5.Transformer(al_cfg))
+  ref = build.build_model(ref_cfg, z_loss=0.0)
+  al = build.build_model(al_cfg, z_loss=0.0)
   prompts = np.random.default_rng(0).integers(2, shape["vocab_size"], size=(b, s))
   prompts[:, -1] = 1
   prompts_j = jnp.asarray(prompts, jnp.int32)

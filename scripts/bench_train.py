@@ -51,18 +51,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from deranj import profiling  # noqa: E402
+from deranj.models import build  # noqa: E402
 from deranj.models import hf  # noqa: E402
-from deranj.models import t5  # noqa: E402
 from deranj.training import objectives  # noqa: E402
 from deranj.training import optimizers  # noqa: E402
-from deranj.training import trainer  # noqa: E402
 
 T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6,
                 num_decoder_layers=6, feed_forward_proj="relu", tie_word_embeddings=True)
 LEARNING_RATE = 1e-4
 
 
-def train_flops(cfg: t5.T5Config, b: int, s: int, t: int) -> float:
+def train_flops(cfg: build.T5Config, b: int, s: int, t: int) -> float:
   """Matmul FLOPs of one forward + backward pass (the formula in the module docstring)."""
   d, hk, f, v = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
   le, ld = cfg.num_layers, cfg.decoder_layers
@@ -92,14 +91,12 @@ def gemm_timers(n: int = 2048):
 
 
 def make_batch(vocab: int, b: int, s: int, t: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Full-length random rows: targets end in EOS (1); decoder inputs are them shifted."""
+  """A model batch of full-length random rows; prompts and responses end in EOS (1)."""
   rng = np.random.default_rng(seed)
   inputs = rng.integers(2, vocab, size=(b, s)).astype(np.int32)
   targets = rng.integers(2, vocab, size=(b, t)).astype(np.int32)
   inputs[:, -1] = targets[:, -1] = 1
-  decoder_inputs = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
-  return {"encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs,
-          "decoder_target_tokens": targets}
+  return {"prompts": inputs, "responses": targets}
 
 
 def main():
@@ -129,11 +126,11 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     pt_model.save_pretrained(tmp)
     loaded_cfg, params = hf.load_t5(tmp, dropout_rate=args.dropout)
-  cfg = t5.T5Config(dropout_rate=args.dropout, **shape)
+  cfg = build.T5Config(dropout_rate=args.dropout, **shape)
   assert loaded_cfg == cfg, (loaded_cfg, cfg)
 
   # Ours: the trainer's step, built as deranj/training/trainer.py builds it.
-  objective = objectives.SFT(trainer.build_model(cfg, z_loss=0.0))
+  objective = objectives.SFT(build.build_model(cfg, z_loss=0.0))
   optimizer = optimizers.make_optimizer(optax.constant_schedule(LEARNING_RATE), name="adamw",
                                         clip_norm=None)
   state = objectives.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -144,14 +141,15 @@ def main():
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
   rng = jax.random.PRNGKey(0)
 
-  # PyTorch: labels are the targets (-100 would mark PAD; there is none here).
+  # PyTorch: labels are the responses (-100 would mark PAD; there is none here); the
+  # model shifts them right into its decoder inputs, starting with
+  # decoder_start_token_id = 0, as deranj's wrapper does.
   pt_model.train()
   pt_opt = torch.optim.AdamW(pt_model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999),
                              eps=1e-8, weight_decay=0.0)
-  enc = torch.from_numpy(batch_np["encoder_input_tokens"]).long()
-  pt_inputs = dict(input_ids=enc, attention_mask=enc != 0,
-                   decoder_input_ids=torch.from_numpy(batch_np["decoder_input_tokens"]).long(),
-                   labels=torch.from_numpy(batch_np["decoder_target_tokens"]).long())
+  prompts = torch.from_numpy(batch_np["prompts"]).long()
+  pt_inputs = dict(input_ids=prompts, attention_mask=prompts != 0,
+                   labels=torch.from_numpy(batch_np["responses"]).long())
 
   # Same starting loss (dropout off): the two compute the same function.
   ours_loss0 = float(jax.jit(objective.model.loss_fn)(params, batch)[0])

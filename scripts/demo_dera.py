@@ -72,7 +72,7 @@ def main():
 
   print(f"[3/3] DeRa sampling at lam = {lams} (one compiled call)")
   val = pipeline.load("embedded_news", "validation", LENGTHS)
-  prompts = val.features["encoder_input_tokens"][:args.num_prompts]
+  prompts = val.features["prompts"][:args.num_prompts]
   realigner = dera.Realigner(ref, ref_params, ref, aligned_params,
                              max_decode_len=LENGTHS["targets"])
   rows = np.repeat(prompts, len(lams), axis=0)

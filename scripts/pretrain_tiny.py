@@ -29,9 +29,8 @@ from deranj.data import corpora  # pylint: disable=g-import-not-at-top
 from deranj.data import files
 from deranj.data import span_corruption
 from deranj.data import tokenizer
-from deranj.models import base
+from deranj.models import build
 from deranj.models import pretrained
-from deranj.models import t5
 
 
 def parse_args():
@@ -63,12 +62,11 @@ def unigram_baseline(train: span_corruption.SpanCorruptionBatches,
   counts of one epoch of training targets: what a model that ignores its input gets."""
   counts = np.ones(vocab_size)
   for step in range(math.ceil(len(train.chunks) / train.batch_size)):
-    targets = train.batch_at(step)["decoder_target_tokens"]
+    targets = train.batch_at(step)["responses"]
     np.add.at(counts, targets[targets > 0], 1)
   log_p = np.log(counts / counts.sum())
-  total = sum(-log_p[b["decoder_target_tokens"][b["decoder_loss_weights"] > 0]].sum()
-              for b in valid)
-  return float(total / sum(b["decoder_loss_weights"].sum() for b in valid))
+  total = sum(-log_p[b["responses"][b["loss_weights"] > 0]].sum() for b in valid)
+  return float(total / sum(b["loss_weights"].sum() for b in valid))
 
 
 def main():
@@ -92,11 +90,11 @@ def main():
   print(f"unigram baseline: {baseline:.3f} nats/token; uniform: {math.log(vocab_size):.3f}",
         flush=True)
 
-  config = t5.T5Config(
+  config = build.T5Config(
       vocab_size=vocab_size, d_model=args.d_model, d_kv=args.d_kv, d_ff=args.d_ff,
       num_heads=args.num_heads, num_layers=args.num_layers, dropout_rate=0.0,
       feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-  model = base.EncoderDecoderModel(t5.Transformer(config))
+  model = build.build_model(config, z_loss=0.0)  # a T5: EncoderDecoderModel
   params = model.init_params(jax.random.PRNGKey(args.seed))
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   print(f"T5 1.1 tiny: {num_params:,} parameters", flush=True)

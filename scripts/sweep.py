@@ -200,7 +200,7 @@ def estimate_optimum(run_gin: str, preset: str, runs: Sequence[Run], init_checkp
     raise SystemExit(f"error: --init_checkpoint: {e}") from None
   lengths = {"inputs": m["INPUTS_LENGTH"], "targets": m["TARGETS_LENGTH"]}
   prompts = pipeline.load(m["TASK"], "validation", lengths,
-                          max_examples=m["EVAL_EXAMPLES"]).features["encoder_input_tokens"]
+                          max_examples=m["EVAL_EXAMPLES"]).features["prompts"]
   common.log(f"# the optimum: {samples} SFT samples on each of {len(prompts)} evaluation "
              "prompts")
   tokens = stages.sample_model(model, params, prompts, samples, m["FIG_CHUNK"],

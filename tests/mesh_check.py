@@ -29,18 +29,18 @@ import optax
 from deranj import dera
 from deranj import partitioning
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 from deranj.training import objectives
 from deranj.training import optimizers
 import tiny_models  # pylint: disable=g-bad-import-order  (tests/, this script's directory)
 
 # Sharded sizes (vocab, heads, d_ff) are divisible by model=4. One layer: sharding rules
 # are per layer, and compiling a second costs seconds.
-SFT_CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
+SFT_CFG = build.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
                       dropout_rate=0.0, feed_forward_proj="gated-gelu",
                       tie_word_embeddings=False)
 # A T5 1.0-style reference: tied embedding, so `token_embedder` serves as the softmax too.
-REF_CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
+REF_CFG = build.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
                       dropout_rate=0.0)
 MESHES = {"1x1": (1, 1), "8x1": (8, 1), "2x4": (2, 4)}
 BATCH, SRC_LEN, TGT_LEN, STEPS = 8, 8, 8, 5
@@ -61,16 +61,14 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
   lengths = rng.integers(3, SRC_LEN + 1, BATCH)
   enc[np.arange(SRC_LEN)[None, :] >= lengths[:, None]] = 0
   tgt[np.arange(TGT_LEN)[None, :] >= lengths[::-1, None]] = 0
-  dec_in = np.concatenate([np.zeros((BATCH, 1), np.int32), tgt[:, :-1]], axis=1)
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
-          "decoder_target_tokens": tgt}
+  return {"prompts": enc, "responses": tgt}
 
 
 @functools.lru_cache(maxsize=None)
-def _host_params(cfg: t5.T5Config, seed: int):
+def _host_params(cfg: build.T5Config, seed: int):
   # Drawn once with NumPy (flax's initialisers compile for seconds); every mesh then starts
   # from the very same host values.
-  return tiny_models.random_params(base.EncoderDecoderModel(t5.Transformer(cfg)), seed)
+  return tiny_models.random_params(base.EncoderDecoderModel(build.network(cfg)), seed)
 
 
 def _partitioner(name: str) -> partitioning.Partitioner:
@@ -87,7 +85,7 @@ def _spec(array) -> list:
 def sft(name: str) -> dict:
   """STEPS AdamW steps on one fixed batch; losses and where things were placed."""
   part = _partitioner(name)
-  model = base.EncoderDecoderModel(t5.Transformer(SFT_CFG))
+  model = base.EncoderDecoderModel(build.network(SFT_CFG))
   axes = model.logical_axes()
   params = part.shard_params(_host_params(SFT_CFG, 0), axes)
   batch = part.shard_batch(_batch(0))
@@ -106,7 +104,7 @@ def sft(name: str) -> dict:
   query = _get(params, QUERY)
   expected = _get(part.param_shardings(axes), QUERY)
   mu = _get(opt_state[1][0].mu, QUERY)  # chain(clip, adamw)
-  tokens = batch["encoder_input_tokens"]
+  tokens = batch["prompts"]
   return {
       "losses": losses,
       "query_spec": _spec(query),
@@ -123,12 +121,12 @@ def sft(name: str) -> dict:
 def sample(name: str) -> dict:
   """Greedy DeRa at one lam per prompt, both models sharded by the same rules."""
   part = _partitioner(name)
-  ref = base.EncoderDecoderModel(t5.Transformer(REF_CFG))
-  aligned = base.EncoderDecoderModel(t5.Transformer(SFT_CFG))
+  ref = base.EncoderDecoderModel(build.network(REF_CFG))
+  aligned = base.EncoderDecoderModel(build.network(SFT_CFG))
   ref_params = part.shard_params(_host_params(REF_CFG, 1), ref.logical_axes())
   al_params = part.shard_params(_host_params(SFT_CFG, 2), aligned.logical_axes())
   realigner = dera.Realigner(ref, ref_params, aligned, al_params, max_decode_len=10)
-  prompts = part.shard_batch({"p": _batch(1)["encoder_input_tokens"]})["p"]
+  prompts = part.shard_batch({"p": _batch(1)["prompts"]})["p"]
   lam = np.linspace(0.0, 1.5, BATCH).astype(np.float32)
   out = realigner.sample(prompts, lam, jax.random.PRNGKey(3), temperature=0.0)
   return {
@@ -151,8 +149,8 @@ def _error(fn) -> str:
 def errors() -> dict:
   """Messages for a batch and parameters that do not fit an 8-device mesh."""
   part = partitioning.Partitioner(partitioning.MeshConfig(data=2, model=4))
-  two_heads = base.EncoderDecoderModel(t5.Transformer(
-      t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=2, num_layers=1)))
+  two_heads = base.EncoderDecoderModel(build.network(
+      build.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=2, num_layers=1)))
   params = jax.eval_shape(two_heads.init_params, jax.random.PRNGKey(0))  # shapes suffice
   return {
       "batch": _error(lambda: part.shard_batch({"x": np.zeros((3, 4), np.int32)})),

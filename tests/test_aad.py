@@ -16,7 +16,7 @@ from deranj import decoding
 from deranj import dera
 from deranj import profiling
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 from numerics import assert_close_f32
 from test_decoding import TableModels, _check_eos_layout, _np_log_softmax
 import tiny_models
@@ -228,7 +228,7 @@ def test_tempered_aad_sequence_frequencies():
 
 # ----------------------------------------------------------------------------- real T5s
 
-CFG = t5.T5Config(vocab_size=23, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=23, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
                   dropout_rate=0.0)
 MAX_LEN = 6
 PROMPTS = jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0], [11, 1, 0, 0, 0]])
@@ -236,7 +236,7 @@ PROMPTS = jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0], [11, 1, 0, 0, 0]])
 
 @pytest.fixture(scope="module")
 def pair():
-  model = base.EncoderDecoderModel(t5.Transformer(CFG))  # one object: one compile each
+  model = base.EncoderDecoderModel(build.network(CFG))  # one object: one compile each
   sharpen = lambda p: jax.tree_util.tree_map(lambda x: jnp.asarray(x * 2.0), p)
   return (model, sharpen(tiny_models.random_params(model, 0)), model,
           sharpen(tiny_models.random_params(model, 1)))
@@ -244,8 +244,7 @@ def pair():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(model, params, prompts, tokens):
-  return model.logits(params, {"encoder_input_tokens": prompts,
-                               "decoder_input_tokens": base.shift_right(tokens)})
+  return model.logits(params, base.response_batch(prompts, tokens))
 
 
 def test_alpha_sweep_compiles_once_and_rows_match_scalar_calls(pair):

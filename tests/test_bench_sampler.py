@@ -18,7 +18,7 @@ sys.path.insert(0, REPO)
 
 from deranj import profiling  # noqa: E402
 from deranj.models import base  # noqa: E402
-from deranj.models import t5  # noqa: E402
+from deranj.models import build  # noqa: E402
 from scripts import bench_sampler  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def _cfg(**kw):
   shape = dict(vocab_size=10, d_model=8, d_kv=2, d_ff=16, num_heads=2, num_layers=1,
                feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
   shape.update(kw)
-  return t5.T5Config(**shape)
+  return build.T5Config(**shape)
 
 
 def test_decode_step_cost_by_hand():
@@ -51,7 +51,7 @@ def test_decode_step_cost_by_hand():
                                 {"num_layers": 2, "num_decoder_layers": 3}])
 def test_weight_bytes_match_the_parameter_tree(kw):
   cfg = _cfg(**kw)
-  params = base.EncoderDecoderModel(t5.Transformer(cfg)).init_params(jax.random.PRNGKey(0))
+  params = base.EncoderDecoderModel(build.network(cfg)).init_params(jax.random.PRNGKey(0))
   streamed = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params["decoder"]):
     names = [getattr(p, "key", "") for p in path]
@@ -69,7 +69,7 @@ def test_weight_bytes_match_the_parameter_tree(kw):
 
 def test_matmul_flops_match_xla():
   cfg, rows = _cfg(num_layers=2), 3
-  params = base.EncoderDecoderModel(t5.Transformer(cfg)).init_params(jax.random.PRNGKey(0))
+  params = base.EncoderDecoderModel(build.network(cfg)).init_params(jax.random.PRNGKey(0))
   x = jnp.ones((rows, cfg.d_model), jnp.float32)
   parts = bench_sampler.decode_step_cost(cfg, models=2, rows=rows, prompts=rows, prompt_len=4,
                                          position=0)

@@ -6,10 +6,10 @@ import pytest
 
 from deranj import dera
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 import tiny_models
 
-CFG = t5.T5Config(vocab_size=23, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=23, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
                   dropout_rate=0.0)
 PROMPTS = jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0], [11, 1, 0, 0, 0]])
 N = 4
@@ -17,7 +17,7 @@ N = 4
 
 @pytest.fixture(scope="module")
 def realigner():
-  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  model = base.EncoderDecoderModel(build.network(CFG))
   sharpen = lambda p: jax.tree_util.tree_map(lambda x: jnp.asarray(x * 2.0), p)
   return dera.Realigner(model, sharpen(tiny_models.random_params(model, 0)), model,
                         sharpen(tiny_models.random_params(model, 1)), max_decode_len=6)

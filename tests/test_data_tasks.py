@@ -43,8 +43,8 @@ def _tldr_post(i, words=5):
 
 def _check_sequences(split, target_features):
   """Every sequence ends in EOS right before its padding and fits its length."""
-  names = [("encoder_input_tokens", LENGTHS["inputs"])]
-  names += [(f"{p}decoder_target_tokens", LENGTHS["targets"]) for p in target_features]
+  names = [("prompts", LENGTHS["inputs"])]
+  names += [(f"{p}responses", LENGTHS["targets"]) for p in target_features]
   for name, length in names:
     tokens = split.features[name]
     assert tokens.shape == (len(split), length) and tokens.dtype == np.int32
@@ -66,27 +66,23 @@ def test_registered_names():
 def test_embedded_news_features():
   split = pipeline.load("embedded_news", "validation", LENGTHS)
   assert len(split) == 42
-  assert set(split.features) == {"encoder_input_tokens", "decoder_input_tokens",
-                                 "decoder_target_tokens", "decoder_loss_weights"}
+  assert set(split.features) == {"prompts", "responses", "loss_weights"}
   _check_sequences(split, [""])
   f = split.features
-  np.testing.assert_array_equal(f["decoder_input_tokens"][:, 1:],
-                                f["decoder_target_tokens"][:, :-1])
-  assert (f["decoder_input_tokens"][:, 0] == 0).all()
-  np.testing.assert_array_equal(f["decoder_loss_weights"], f["decoder_target_tokens"] > 0)
+  np.testing.assert_array_equal(f["loss_weights"], f["responses"] > 0)
   assert all(t.startswith("summarize: ") for t in split.texts["inputs"])
   # Long documents are truncated (EOS kept); the text keeps the untruncated reference.
-  assert (f["encoder_input_tokens"][:, -1] == EOS).any()
+  assert (f["prompts"][:, -1] == EOS).any()
   first = tokenizer.encode(split.texts["targets"][0])
   n = min(len(first), LENGTHS["targets"] - 1)
-  np.testing.assert_array_equal(f["decoder_target_tokens"][0, :n], first[:n])
+  np.testing.assert_array_equal(f["responses"][0, :n], first[:n])
 
 
 def test_synthetic_summ_sizes_and_lengths(bind):
   bind("synthetic_summ_settings.eval_examples", 30)
   split = pipeline.load("synthetic_summ", "test", {"inputs": 256, "targets": 64})
   assert len(split) == 30
-  target_lengths = (split.features["decoder_target_tokens"] > 0).sum(axis=1)
+  target_lengths = (split.features["responses"] > 0).sum(axis=1)
   assert target_lengths.max() < 64 and len(set(target_lengths)) >= 8  # untruncated, varied
 
 
@@ -100,7 +96,7 @@ def test_tldr_sft_task(tmp_path, bind):
       "\nTL;DR:")
   assert split.texts["targets"] == ["summary 0", "summary 1", "summary 2"]
   _check_sequences(split, [""])
-  assert split.features["encoder_input_tokens"][2, -1] == EOS  # 83-word post truncated
+  assert split.features["prompts"][2, -1] == EOS  # 83-word post truncated
   assert len(pipeline.load("tldr_sft", "validation", LENGTHS)) == 1
 
 
@@ -116,9 +112,9 @@ def test_tldr_preferences_task(tmp_path, bind):
   assert split.texts["rejected"] == ["the worse one", "no"]
   _check_sequences(split, ["chosen_", "rejected_"])
   chosen, rejected = pipeline.preference_halves(split.features)
-  assert set(chosen) == set(rejected) == {"encoder_input_tokens", *pipeline.DECODER_FEATURES}
-  assert tokenizer.decode(chosen["decoder_target_tokens"][0]) == "the better one"
-  assert tokenizer.decode(rejected["decoder_target_tokens"][0]) == "the worse one"
+  assert set(chosen) == set(rejected) == {"prompts", *pipeline.RESPONSE_FEATURES}
+  assert tokenizer.decode(chosen["responses"][0]) == "the better one"
+  assert tokenizer.decode(rejected["responses"][0]) == "the worse one"
 
 
 def test_preference_pairs_written_by_experiments(tmp_path, bind):
@@ -179,7 +175,7 @@ def test_bad_files_name_file_and_line(tmp_path, bind):
 
 def _toy_features(n=10):
   rows = np.arange(n, dtype=np.int32)[:, None]
-  return {"encoder_input_tokens": np.repeat(rows, 3, axis=1), "decoder_target_tokens": rows + 100}
+  return {"prompts": np.repeat(rows, 3, axis=1), "responses": rows + 100}
 
 
 def test_resumed_stream_sees_the_same_batches():
@@ -192,8 +188,8 @@ def test_resumed_stream_sees_the_same_batches():
     for key in features:
       np.testing.assert_array_equal(got[key], expected[step][key])
   other_seed = pipeline.BatchStream(features, batch_size=4, seed=4)
-  assert not all(np.array_equal(other_seed.batch_at(s)["decoder_target_tokens"],
-                                expected[s]["decoder_target_tokens"]) for s in range(3))
+  assert not all(np.array_equal(other_seed.batch_at(s)["responses"],
+                                expected[s]["responses"]) for s in range(3))
 
 
 def test_stream_visits_every_example_once_per_epoch():
@@ -202,14 +198,14 @@ def test_stream_visits_every_example_once_per_epoch():
   assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:]) == list(range(10))
   assert list(rows[:10]) != list(rows[10:])  # a new order each epoch
   batch = stream.batch_at(1)
-  np.testing.assert_array_equal(batch["decoder_target_tokens"][:, 0],
-                                batch["encoder_input_tokens"][:, 0] + 100)  # rows stay aligned
+  np.testing.assert_array_equal(batch["responses"][:, 0],
+                                batch["prompts"][:, 0] + 100)  # rows stay aligned
 
 
 def test_eval_batches_cover_in_order():
   batches = list(pipeline.eval_batches(_toy_features(10), 4))
-  assert [len(b["encoder_input_tokens"]) for b in batches] == [4, 4, 2]
-  np.testing.assert_array_equal(np.concatenate([b["encoder_input_tokens"][:, 0] for b in batches]),
+  assert [len(b["prompts"]) for b in batches] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate([b["prompts"][:, 0] for b in batches]),
                                 np.arange(10))
 
 

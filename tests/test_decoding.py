@@ -18,20 +18,20 @@ from deranj import decoding
 from deranj import dera
 from deranj import profiling
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 from numerics import assert_close_f32
 import tiny_models
 
-CFG = t5.T5Config(vocab_size=23, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=2,
+CFG = build.T5Config(vocab_size=23, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=2,
                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 # A smaller aligned model (EFT-style pairs differ in depth and width).
-CFG_SMALL = t5.T5Config(vocab_size=23, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
+CFG_SMALL = build.T5Config(vocab_size=23, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
                         dropout_rate=0.0)
 MAX_LEN = 8  # one length for the shared Realigner, so its sampler compiles once
 
 
 def _model(cfg, seed):
-  model = base.EncoderDecoderModel(t5.Transformer(cfg))
+  model = base.EncoderDecoderModel(build.network(cfg))
   # Sharpen the weights so the two models disagree visibly.
   params = tiny_models.random_params(model, seed)
   return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x * 1.5), params)
@@ -288,7 +288,7 @@ def test_greedy_follows_argmax():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(model, params, prompts, tokens):
-  batch = {"encoder_input_tokens": prompts, "decoder_input_tokens": base.shift_right(tokens)}
+  batch = base.response_batch(prompts, tokens)
   return model.logits(params, batch)
 
 
@@ -467,9 +467,9 @@ def test_weight_combining(pair):
 
 def test_bad_inputs(pair, realigner):
   ref, ref_p, al, al_p = pair
-  other = t5.T5Config(**{**CFG.__dict__, "vocab_size": 24})
+  other = build.T5Config(**{**CFG.__dict__, "vocab_size": 24})
   with pytest.raises(ValueError, match="vocab_size=23.*vocab_size=24"):
-    dera.Realigner(ref, ref_p, base.EncoderDecoderModel(t5.Transformer(other)), al_p,
+    dera.Realigner(ref, ref_p, base.EncoderDecoderModel(build.network(other)), al_p,
                    max_decode_len=4)
   with pytest.raises(ValueError, match="finite"):
     realigner.sample(PROMPTS, float("nan"), jax.random.PRNGKey(0))

@@ -53,7 +53,7 @@ def test_loop_pairs_keep_the_ids_and_drop_identical_pairs_on_request():
 
 def test_make_loop_pairs_writes_once_then_reuses(tmp_path):
   split = lambda n: pipeline.Split(
-      features={"encoder_input_tokens": _tokens([[50 + i, 1] for i in range(n)])},
+      features={"prompts": _tokens([[50 + i, 1] for i in range(n)])},
       texts={"inputs": [f"summarize: doc {i}" for i in range(n)]})
   calls = []
 

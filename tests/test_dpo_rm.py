@@ -21,7 +21,6 @@ from deranj.data import pipeline
 from deranj.data import preferences
 from deranj.data import tasks
 from deranj.data import tokenizer
-from deranj.models import base
 from deranj.models import loading
 from deranj.training import checkpoints
 from deranj.training import dpo
@@ -64,11 +63,10 @@ def _hand_made_batch():
   prompts = np.array([[12, 40, 7, 99, 1, 0], [5, 6, 1, 0, 0, 0], [300, 301, 302, 303, 304, 1]])
   chosen = np.array([[20, 21, 22, 1, 0], [30, 1, 0, 0, 0], [8, 9, 10, 11, 1]])
   rejected = np.array([[22, 21, 1, 0, 0], [31, 32, 33, 34, 1], [11, 1, 0, 0, 0]])
-  batch = {"encoder_input_tokens": prompts}
+  batch = {"prompts": prompts}
   for side, targets in (("chosen", chosen), ("rejected", rejected)):
-    batch[f"{side}_decoder_target_tokens"] = targets
-    batch[f"{side}_decoder_input_tokens"] = np.asarray(base.shift_right(jnp.asarray(targets)))
-    batch[f"{side}_decoder_loss_weights"] = (targets > 0).astype(np.int32)
+    batch[f"{side}_responses"] = targets
+    batch[f"{side}_loss_weights"] = (targets > 0).astype(np.int32)
   return {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
 
 
@@ -79,13 +77,13 @@ def _jitted_logits(model):
 
 def _numpy_logps(model, params, batch, side):
   """score_batch's sum of target log-probs, in float64 NumPy from the logits: [B]."""
-  half = dict(zip(pipeline.DECODER_FEATURES,
-                  (batch[f"{side}_{k}"] for k in pipeline.DECODER_FEATURES)))
-  half["encoder_input_tokens"] = batch["encoder_input_tokens"]
+  half = dict(zip(pipeline.RESPONSE_FEATURES,
+                  (batch[f"{side}_{k}"] for k in pipeline.RESPONSE_FEATURES)))
+  half["prompts"] = batch["prompts"]
   logits = np.asarray(_jitted_logits(model)(params, half), np.float64)
   log_probs = logits - logits.max(-1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-  targets = np.asarray(half["decoder_target_tokens"])
+  targets = np.asarray(half["responses"])
   token_ll = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
   weights = targets > 0
   return (token_ll * weights).sum(-1), weights.sum(-1)
@@ -99,7 +97,7 @@ def test_sequence_logprobs_is_the_one_scorer(tiny):
   DPO's sequence_logps and token_logprobs are the same numbers bit for bit."""
   model, params = tiny
   batch = _hand_made_batch()
-  prompts, chosen = batch["encoder_input_tokens"], batch["chosen_decoder_target_tokens"]
+  prompts, chosen = batch["prompts"], batch["chosen_responses"]
   expected, lengths = _numpy_logps(model, params, batch, "chosen")
   got = np.asarray(jax.jit(model.sequence_logprobs)(params, prompts, chosen))
   # float32 sums of <= 5 terms of magnitude ~10: relative error a few float32 ulps.
@@ -166,15 +164,15 @@ def test_sampled_pair_ids_come_back_unchanged_through_the_task(tmp_path):
     features[name] = {k: v[0] for k, v in split.features.items()}
   got = features["with_ids"]
   pad = lambda ids, n: np.pad(ids, (0, n - len(ids)))  # noqa: E731
-  np.testing.assert_array_equal(got["encoder_input_tokens"],
+  np.testing.assert_array_equal(got["prompts"],
                                 pad(prompt_row[:-2], LENGTHS["inputs"]))
-  np.testing.assert_array_equal(got["chosen_decoder_target_tokens"], chosen_row)
-  np.testing.assert_array_equal(got["rejected_decoder_target_tokens"], cut_row)
-  assert got["rejected_decoder_loss_weights"].sum() == width  # no EOS added, none cut
+  np.testing.assert_array_equal(got["chosen_responses"], chosen_row)
+  np.testing.assert_array_equal(got["rejected_responses"], cut_row)
+  assert got["rejected_loss_weights"].sum() == width  # no EOS added, none cut
   # Through the text the same pair would train on other ids.
   text = features["text_only"]
-  assert not np.array_equal(text["chosen_decoder_target_tokens"], chosen_row)
-  assert text["rejected_decoder_target_tokens"][width - 1] == 1  # cut, then EOS
+  assert not np.array_equal(text["chosen_responses"], chosen_row)
+  assert text["rejected_responses"][width - 1] == 1  # cut, then EOS
 
 
 def test_pair_ids_errors_name_file_and_line(tmp_path):
@@ -211,8 +209,8 @@ def test_embedded_news_preferences_task_reads_its_gin_setting():
   assert shuffled_split.texts["chosen"] == reversed_split.texts["chosen"]
   assert sorted(shuffled_split.texts["rejected"][0].split()) == sorted(
       shuffled_split.texts["chosen"][0].split())
-  np.testing.assert_array_equal(shuffled_split.features["encoder_input_tokens"],
-                                reversed_split.features["encoder_input_tokens"])
+  np.testing.assert_array_equal(shuffled_split.features["prompts"],
+                                reversed_split.features["prompts"])
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -308,8 +306,8 @@ def test_bad_dpo_settings_name_the_binding(tiny):
 
 
 def test_dpo_refuses_a_summarization_task(tiny):
-  with pytest.raises(objectives.ObjectiveError, match="chosen_decoder_input_tokens"):
-    dpo.DPO(tiny[0]).check_features({"encoder_input_tokens": 0, "decoder_input_tokens": 0},
+  with pytest.raises(objectives.ObjectiveError, match="chosen_responses"):
+    dpo.DPO(tiny[0]).check_features({"prompts": 0, "responses": 0},
                                     "task 'embedded_news'")
 
 
@@ -387,9 +385,9 @@ def test_exported_reward_model_gives_the_same_rewards(rm_run):
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), trained)
   features = pipeline.load("embedded_news_preferences", "test", LENGTHS, max_examples=6,
                            keep_texts=False).features
-  prompt = features["encoder_input_tokens"]
+  prompt = features["prompts"]
   for side in pipeline.PREFERENCE_SIDES:
-    response = features[f"{side}_decoder_target_tokens"]
+    response = features[f"{side}_responses"]
     loaded = model.rewards(params, prompt, response)
     np.testing.assert_array_equal(loaded, model.rewards(trained, prompt, response))
   # The exported model ranks the held-out pairs as the run's evaluation did (one pair may
@@ -397,7 +395,7 @@ def test_exported_reward_model_gives_the_same_rewards(rm_run):
   held_out = pipeline.load("embedded_news_preferences", "validation",
                            {"inputs": 32, "targets": 24}, keep_texts=False).features
   chosen, rejected = (np.asarray(model.rewards(
-      params, held_out["encoder_input_tokens"], held_out[f"{side}_decoder_target_tokens"]))
+      params, held_out["prompts"], held_out[f"{side}_responses"]))
       for side in ("chosen", "rejected"))
   accuracy = float(losses.bradley_terry_loss(chosen, rejected)[1])
   assert len(chosen) == 42

@@ -15,9 +15,9 @@ from deranj import rewards
 from deranj.evaluation import judges
 from deranj.evaluation import win_rates
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 
-CFG = t5.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
                   dropout_rate=0.0)
 
 
@@ -55,7 +55,7 @@ def test_rouge_l_judge_prefers_summary_and_splits_ties():
 
 
 def test_reward_model_judge_matches_rewards():
-  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  model = base.EncoderDecoderModel(build.network(CFG))
   rm = rewards.RewardModel(model)
   params = _random_params(model, 0)
   params = {"token_embedder": params["token_embedder"], "encoder": params["encoder"],
@@ -74,7 +74,7 @@ def test_reward_model_judge_matches_rewards():
   # Batches of 8 against one batch of 11: the head's dot product over d_model rounds at
   # the scale sum |pooled| * |kernel| (|pooled| <= the largest encoder output).
   pooled_bound = np.abs(np.asarray(jax.jit(lambda p, x: rm.module.apply(
-      {"params": p}, x, method=t5.Transformer.encode))(
+      {"params": p}, x, method="encode"))(
           {k: params[k] for k in ("token_embedder", "encoder")},
           jnp.asarray(rewards.join_prompt_response(jnp.asarray(prompts), jnp.asarray(a)))))).max()
   scale = pooled_bound * np.abs(params["head"]["kernel"]).sum()
@@ -205,8 +205,8 @@ def test_pairwise_accuracy_matches_loop_and_normalises_by_length():
 
 
 def test_realigned_pairwise_accuracy_endpoints_are_the_models_own():
-  ref = base.EncoderDecoderModel(t5.Transformer(CFG))
-  aligned = base.EncoderDecoderModel(t5.Transformer(CFG))
+  ref = base.EncoderDecoderModel(build.network(CFG))
+  aligned = base.EncoderDecoderModel(build.network(CFG))
   ref_params, al_params = _random_params(ref, 0), _random_params(aligned, 1)
   realigner = dera.Realigner(ref, ref_params, aligned, al_params, max_decode_len=8)
   rng = np.random.default_rng(0)
@@ -225,9 +225,8 @@ def test_realigned_pairwise_accuracy_endpoints_are_the_models_own():
   def own(params):
     def logp(targets):
       targets = jnp.asarray(targets)
-      return np.asarray(score_batch(params, {"encoder_input_tokens": jnp.asarray(prompts),
-                                             "decoder_target_tokens": targets,
-                                             "decoder_input_tokens": base.shift_right(targets)}))
+      return np.asarray(score_batch(params, {"prompts": jnp.asarray(prompts),
+                                             "responses": targets}))
     return win_rates.pairwise_accuracy(logp(chosen), (chosen > 0).sum(1),
                                        logp(padded), (rejected > 0).sum(1))
 

@@ -9,7 +9,7 @@ import pytest
 from deranj import dera
 from deranj import exact
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 from tests import tiny_models
 
 IDS = (3, 4, 5, 6, 7, 8)
@@ -235,7 +235,7 @@ def test_dera_refuses_different_response_sets(world):
 # ----------------------------------------------------------------------------- model scores
 
 VOCAB = 12
-CFG = t5.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 SMALL_IDS = (3, 4, 5)
 
@@ -257,13 +257,13 @@ def _without_pad(logits):
 
 def _logits(model, params, prompt, responses):
   targets = np.asarray(responses)
-  batch = {"encoder_input_tokens": np.repeat(prompt[None], len(targets), 0),
-           "decoder_target_tokens": targets, "decoder_input_tokens": base.shift_right(targets)}
+  batch = {"prompts": np.repeat(prompt[None], len(targets), 0),
+           "responses": targets}
   return model.logits(params, batch)
 
 
 def test_sequence_logprobs_of_a_tiny_t5_against_its_logits():
-  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  model = base.EncoderDecoderModel(build.network(CFG))
   params = tiny_models.random_params(model, seed=0)
   world = exact.make_world(num_prompts=2, content_ids=SMALL_IDS, max_len=3)
   # 26 rows in batches of 5: the last batch is padded, every call has one shape.
@@ -286,8 +286,8 @@ def test_sequence_logprobs_of_a_tiny_t5_against_its_logits():
 
 
 def test_dera_sequence_logprobs_mix_the_models_logits():
-  ref = base.EncoderDecoderModel(t5.Transformer(CFG))
-  aligned = base.EncoderDecoderModel(t5.Transformer(CFG))
+  ref = base.EncoderDecoderModel(build.network(CFG))
+  aligned = base.EncoderDecoderModel(build.network(CFG))
   ref_p, al_p = tiny_models.random_params(ref, 1), tiny_models.random_params(aligned, 2)
   realigner = dera.Realigner(ref, ref_p, aligned, al_p, max_decode_len=3)
   world = exact.make_world(num_prompts=1, content_ids=SMALL_IDS, max_len=3)
@@ -301,7 +301,7 @@ def test_dera_sequence_logprobs_mix_the_models_logits():
 
 
 def test_fit_by_exact_gradient_measures_and_lowers_the_exact_kl():
-  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  model = base.EncoderDecoderModel(build.network(CFG))
   params = tiny_models.random_params(model, seed=0)
   world = exact.make_world(num_prompts=2, content_ids=SMALL_IDS, max_len=3)
   logp, _ = exact.renormalize(exact.sequence_logprobs(model, params, world.prompts,
@@ -320,7 +320,7 @@ def test_fit_by_exact_gradient_measures_and_lowers_the_exact_kl():
 
 def test_sequence_logprobs_refuses_a_bare_module():
   with pytest.raises(TypeError, match="EncoderDecoderModel"):
-    exact.sequence_logprobs(t5.Transformer(CFG), {}, np.ones((1, 2), np.int32),
+    exact.sequence_logprobs(build.network(CFG), {}, np.ones((1, 2), np.int32),
                             np.array([[1]]))
 
 

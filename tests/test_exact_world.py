@@ -15,13 +15,13 @@ from deranj import exact
 from deranj.data import exact_world
 from deranj.data import pipeline
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 from deranj.training import objectives
 from deranj.training import trainer
 
 CONTENT = (2, 3, 4, 5, 6, 7)
 L = 4
-CFG = t5.T5Config(vocab_size=8, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=8, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
                   dropout_rate=0.0)
 
 
@@ -32,7 +32,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def model():
-  m = base.EncoderDecoderModel(t5.Transformer(CFG))
+  m = base.EncoderDecoderModel(build.network(CFG))
   params = m.init_params(jax.random.PRNGKey(0))
   # Sharper than at init, and much mass on PAD: the closed world must not depend on it.
   params = jax.tree_util.tree_map(lambda x: 2.0 * x, params)
@@ -72,12 +72,12 @@ def test_tasks_keep_the_world_ids(data_dir):
   """Features are the written ids: EOS where a response has one, none added to cut ones."""
   _, prompts, targets = data_dir
   split = pipeline.load(exact_world.TASK, "train", {"inputs": 5, "targets": L})
-  np.testing.assert_array_equal(split.features["encoder_input_tokens"], prompts)
-  np.testing.assert_array_equal(split.features["decoder_target_tokens"], targets)
-  np.testing.assert_array_equal(split.features["decoder_loss_weights"], targets != 0)
+  np.testing.assert_array_equal(split.features["prompts"], prompts)
+  np.testing.assert_array_equal(split.features["responses"], targets)
+  np.testing.assert_array_equal(split.features["loss_weights"], targets != 0)
   pairs = pipeline.load(exact_world.PREFERENCE_TASK, "validation", {"inputs": 5, "targets": L})
-  np.testing.assert_array_equal(pairs.features["chosen_decoder_target_tokens"], targets)
-  np.testing.assert_array_equal(pairs.features["rejected_decoder_target_tokens"], targets[::-1])
+  np.testing.assert_array_equal(pairs.features["chosen_responses"], targets)
+  np.testing.assert_array_equal(pairs.features["rejected_responses"], targets[::-1])
 
 
 def test_missing_data_dir_is_one_line():
@@ -146,7 +146,7 @@ def test_kl_hook_is_the_exact_kl(tmp_path, world, model):
 def test_trainer_calls_the_eval_hook(tmp_path, data_dir):
   """At step 0 and every eval (eval_split None included), with the policy's params,
   its metrics written with the eval metrics."""
-  m = base.EncoderDecoderModel(t5.Transformer(CFG))
+  m = base.EncoderDecoderModel(build.network(CFG))
   calls = []
 
   def hook(params, step):

@@ -133,8 +133,7 @@ def test_loaded_model_scores_like_transformers(tmp_path):
   ours = base.EncoderDecoderModel(t5.Transformer(config))
   enc = np.array([[5, 6, 7, 1, 0], [8, 1, 0, 0, 0]])
   targets = np.array([[9, 10, 1, 0], [11, 12, 13, 1]])
-  batch = {"encoder_input_tokens": jnp.asarray(enc), "decoder_target_tokens": jnp.asarray(targets),
-           "decoder_input_tokens": base.shift_right(jnp.asarray(targets))}
+  batch = {"prompts": jnp.asarray(enc), "responses": jnp.asarray(targets)}
   with torch.no_grad():
     out = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
                 labels=torch.tensor(np.where(targets > 0, targets, -100)))

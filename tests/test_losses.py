@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from deranj.models import base
+from deranj.models import build
 from deranj.models import losses
-from deranj.models import t5
 from numerics import assert_close_f32
 import tiny_models
 
@@ -58,14 +58,13 @@ def test_smoothed_loss_is_zero_at_the_smoothed_target():
 
 
 def test_model_loss_and_score_mask_padding():
-  cfg = t5.T5Config(vocab_size=11, d_model=8, d_kv=4, d_ff=12, num_heads=2, num_layers=1,
+  cfg = build.T5Config(vocab_size=11, d_model=8, d_kv=4, d_ff=12, num_heads=2, num_layers=1,
                     dropout_rate=0.0)
-  model = base.EncoderDecoderModel(t5.Transformer(cfg))
+  model = base.EncoderDecoderModel(build.network(cfg))
   params = tiny_models.random_params(model, 0)
   targets = jnp.array([[3, 4, 1, 0, 0], [5, 6, 7, 8, 1]])
-  batch = {"encoder_input_tokens": jnp.array([[2, 3, 1], [4, 1, 0]]),
-           "decoder_input_tokens": base.shift_right(targets),
-           "decoder_target_tokens": targets}
+  batch = {"prompts": jnp.array([[2, 3, 1], [4, 1, 0]]),
+           "responses": targets}
   logits = np.asarray(jax.jit(model.logits)(params, batch), np.float64)
   lsm = _np_log_softmax(logits)
   tok_ll = np.take_along_axis(lsm, np.asarray(targets)[..., None], -1)[..., 0]

@@ -11,10 +11,10 @@ import pytest
 
 from deranj import partitioning
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 
 P = jax.sharding.PartitionSpec
-CFG = t5.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
+CFG = build.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1,
                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 
@@ -74,7 +74,7 @@ def test_errors_on_eight_devices(mesh_results):
 
 def test_rules_map_t5_logical_axes():
   specs = partitioning.Partitioner().param_specs(
-      base.EncoderDecoderModel(t5.Transformer(CFG)).logical_axes())
+      base.EncoderDecoderModel(build.network(CFG)).logical_axes())
   layer = specs["decoder"]["layers_0"]
   assert specs["token_embedder"]["embedding"] == P("model", None)
   assert specs["decoder"]["logits_dense"]["kernel"] == P(None, "model")
@@ -90,7 +90,7 @@ def test_rules_map_t5_logical_axes():
 def test_one_device_mesh():
   part = partitioning.Partitioner()
   assert dict(part.mesh.shape) == {"data": 1, "model": 1}
-  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  model = base.EncoderDecoderModel(build.network(CFG))
   # Host arrays of the right shapes: placement needs no initialiser (slow to compile).
   shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
   params = part.shard_params(jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), shapes),

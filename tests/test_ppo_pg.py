@@ -147,8 +147,7 @@ def test_evaluation_logs_the_kl_to_the_optimum(owner):
   with pytest.raises(objectives.ObjectiveError, match=rf"{owner}\.eval_num_samples=1: "):
     cls(model, constant, max_decode_len=8, eval_num_samples=1)
   frozen = objective.frozen_params(base)
-  prompts = {"encoder_input_tokens": jnp.asarray([[5, 6, 7, 1], [8, 9, 1, 0], [10, 1, 0, 0]],
-                                                 jnp.int32)}
+  prompts = {"prompts": jnp.asarray([[5, 6, 7, 1], [8, 9, 1, 0], [10, 1, 0, 0]], jnp.int32)}
   leaves, tree = jax.tree_util.tree_flatten(base)
   keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
   moved = jax.tree_util.tree_unflatten(tree, [
@@ -168,20 +167,18 @@ def test_samples_share_their_prompts_encoding_with_the_same_log_probs():
   """A rollout's N samples per prompt are scored with one encoding per prompt: the same
   log-probabilities and gradients as encoding each repeated prompt."""
   from deranj.models import base
-  from deranj.models import t5
+  from deranj.models import build
   import numerics
   import tiny_models
-  model = base.EncoderDecoderModel(t5.Transformer(t5.T5Config(
+  model = base.EncoderDecoderModel(build.network(build.T5Config(
       vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=2)))
   params = tiny_models.random_params(model, 0)
   rng = np.random.default_rng(0)
   prompts = jnp.asarray(rng.integers(2, 32, (3, 7)), jnp.int32).at[1, 5:].set(0)
   responses = jnp.asarray(rng.integers(1, 32, (6, 5)), jnp.int32).at[2, 3:].set(0)
-  rollout = rollouts.Rollout(encoder_input_tokens=jnp.repeat(prompts, 2, axis=0),
-                             decoder_input_tokens=jnp.zeros_like(responses),
-                             decoder_target_tokens=responses,
+  rollout = rollouts.Rollout(prompts=jnp.repeat(prompts, 2, axis=0), responses=responses,
                              mask=(responses > 0).astype(jnp.float32), num_samples=2)
-  np.testing.assert_array_equal(rollout.prompts, prompts)
+  np.testing.assert_array_equal(rollout.unique_prompts, prompts)
 
   def total(p, shared):
     ro = rollout if shared else rollout.replace(num_samples=1)

@@ -9,8 +9,8 @@ from deranj.data import corpora
 from deranj.data import span_corruption
 from deranj.data import tokenizer
 from deranj.models import base
+from deranj.models import build
 from deranj.models import pretrained
-from deranj.models import t5
 
 
 def test_tiny_t5_loads_and_beats_a_unigram_model_on_held_out_text():
@@ -30,12 +30,12 @@ def test_tiny_t5_loads_and_beats_a_unigram_model_on_held_out_text():
       [tokenizer.encode(t) for t in corpora.prose("validation")], tokens_length)
   stream = span_corruption.SpanCorruptionBatches(chunks, 32, inputs_length, targets_length,
                                                  config.vocab_size, seed=777)
-  model = base.EncoderDecoderModel(t5.Transformer(config))
+  model = base.EncoderDecoderModel(build.network(config))
   batches = [stream.batch_at(i) for i in range(2)]
   loss_fn = jax.jit(model.loss_fn)
   loss = np.mean([float(loss_fn(params, b)[0]) for b in batches])
   # The unigram distribution of these very targets: a baseline fitted to the test data.
-  targets = np.concatenate([b["decoder_target_tokens"][b["decoder_loss_weights"] > 0]
+  targets = np.concatenate([b["responses"][b["loss_weights"] > 0]
                             for b in batches])
   p = np.bincount(targets) / len(targets)
   in_sample_unigram = -np.sum(p[p > 0] * np.log(p[p > 0]))

@@ -12,12 +12,12 @@ import numpy as np
 
 from deranj import dera
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 import numerics
 import tiny_models
 
 VOCAB, MAX_LEN, EOS = 5, 3, 1
-CFG = t5.T5Config(vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1,
                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 
@@ -48,8 +48,7 @@ def _sequence_log_probs(logits, seqs):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _teacher_forced(model, params, prompts, targets):
-  return model.logits(params, {"encoder_input_tokens": prompts,
-                               "decoder_input_tokens": base.shift_right(targets)})
+  return model.logits(params, base.response_batch(prompts, targets))
 
 
 def _logits(model, params, prompt, seqs):
@@ -67,7 +66,7 @@ def _frequencies(tokens, lengths, index):
 
 
 def test_resampling_converges_to_exact_mixture():
-  ref = base.EncoderDecoderModel(t5.Transformer(CFG))
+  ref = base.EncoderDecoderModel(build.network(CFG))
   ref_p = tiny_models.random_params(ref, 0)
   al_p = tiny_models.random_params(ref, 1)
   prompt = jnp.array([[2, 3, 4, EOS]])

@@ -9,7 +9,7 @@ import tiny_models
 
 from deranj import rewards
 from deranj.models import base
-from deranj.models import t5
+from deranj.models import build
 from deranj.training import losses
 
 EOS, PAD = 1, 0
@@ -82,7 +82,7 @@ def test_join_prompt_response_ragged_rows():
       [[11, 12, 13, 1, 21, 1, 0, 0, 0]])
 
 
-CFG = t5.T5Config(vocab_size=31, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
+CFG = build.T5Config(vocab_size=31, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 
@@ -91,7 +91,7 @@ _random_params = tiny_models.random_params
 
 @pytest.fixture(scope="module")
 def sft():
-  model = base.EncoderDecoderModel(t5.Transformer(CFG))
+  model = base.EncoderDecoderModel(build.network(CFG))
   return model, _random_params(model, 0)
 
 
@@ -123,7 +123,7 @@ def test_reward_model_params_from_sft(sft, reward_model):
   # Fresh params have the same tree; a mismatched config is refused.
   fresh = jax.eval_shape(rm.init_params, jax.random.PRNGKey(2))
   assert jax.tree_util.tree_map(lambda x: x.shape, fresh) == rm.param_shapes()
-  other = base.EncoderDecoderModel(t5.Transformer(t5.T5Config(
+  other = base.EncoderDecoderModel(build.network(build.T5Config(
       vocab_size=31, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1)))
   with pytest.raises(ValueError, match="do not match"):
     rm.init_params(jax.random.PRNGKey(1), _random_params(other, 1))
@@ -135,7 +135,7 @@ def _np_reward(rm, params, prompt, response):
   """Mean-pool the encoder output over non-PAD positions in float64, then the head; with
   each reward's float32 rounding scale, sum |pooled| * |kernel| + |bias|."""
   joined = _np_join(prompt, response)
-  encode = jax.jit(lambda p, x: rm.module.apply({"params": p}, x, method=t5.Transformer.encode))
+  encode = jax.jit(lambda p, x: rm.module.apply({"params": p}, x, method="encode"))
   encoded = np.asarray(encode({k: params[k] for k in ("token_embedder", "encoder")},
                               jnp.asarray(joined)), np.float64)
   kernel = np.asarray(params["head"]["kernel"], np.float64)[:, 0]
@@ -200,7 +200,7 @@ def test_reward_model_trains_through_bradley_terry(reward_model):
 
 def test_zero_head_gives_constant_rewards(sft):
   _, sft_params = sft
-  rm = rewards.RewardModel(t5.Transformer(CFG), head_init_scale=0.0)
+  rm = rewards.RewardModel(build.network(CFG), head_init_scale=0.0)
   params = rm.init_params(jax.random.PRNGKey(0), sft_params)
   np.testing.assert_array_equal(params["head"]["kernel"], 0.0)
   np.testing.assert_array_equal(

@@ -18,17 +18,17 @@ from deranj import sample
 from deranj.data import files
 from deranj.data import tokenizer
 from deranj.models import base
+from deranj.models import build
 from deranj.models import loading
-from deranj.models import t5
 from deranj.training import reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _save_random_model(directory, seed, vocab_size=None, **metadata):
-  cfg = t5.T5Config(vocab_size=vocab_size or tokenizer.vocab_size(), d_model=16, d_kv=8,
+  cfg = build.T5Config(vocab_size=vocab_size or tokenizer.vocab_size(), d_model=16, d_kv=8,
                     d_ff=32, num_heads=2, num_layers=1, dropout_rate=0.0)
-  params = tiny_models.random_params(base.EncoderDecoderModel(t5.Transformer(cfg)), seed)
+  params = tiny_models.random_params(base.EncoderDecoderModel(build.network(cfg)), seed)
   loading.save_model(str(directory), cfg, params, **metadata)
   return cfg, params
 
@@ -212,9 +212,9 @@ def test_method_flags():
 
 
 def _save_reward_model(directory, seed):
-  cfg = t5.T5Config(vocab_size=tokenizer.vocab_size(), d_model=16, d_kv=8, d_ff=32,
+  cfg = build.T5Config(vocab_size=tokenizer.vocab_size(), d_model=16, d_kv=8, d_ff=32,
                     num_heads=2, num_layers=1, dropout_rate=0.0)
-  rm = rewards.RewardModel(t5.Transformer(cfg))
+  rm = rewards.RewardModel(build.network(cfg))
   params = tiny_models.random_params(rm, seed)
   reward_model.save_reward_model(str(directory), rm, params)
   return rm, params

@@ -25,7 +25,12 @@ def _params(model, seed=0, dtype=np.float32):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(model, params, enc, dec):
-  return model.logits(params, {"encoder_input_tokens": enc, "decoder_input_tokens": dec})
+  return model.logits(params, _batch_dict(enc, dec))
+
+
+def _batch_dict(enc, dec):
+  """The model batch whose teacher-forcing inputs are `dec` (0, then responses[:, :-1])."""
+  return base.response_batch(enc, jnp.roll(dec, -1, axis=1))
 
 
 def _batch(seed, vocab, b=3, s=9, t=7):
@@ -114,7 +119,7 @@ def test_dropout_needs_rng_and_changes_output():
   model = base.EncoderDecoderModel(t5.Transformer(cfg))
   params = _params(model)
   enc, dec = _batch(1, cfg.vocab_size)
-  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec}
+  batch = _batch_dict(enc, dec)
   logits = jax.jit(model.logits)
   a = logits(params, batch)
   np.testing.assert_array_equal(a, logits(params, batch))

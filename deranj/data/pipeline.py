@@ -12,10 +12,12 @@ The trainer's interface:
   pipeline.load(..., keep_texts=False)     # large training splits: features only
 
 `load` runs the seqio task (shuffle off), seqio's EncDecFeatureConverter (no packing)
-and stacks the result into numpy: T5X features `encoder_input_tokens`,
-`decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights`. Preference
-tasks give `encoder_input_tokens` plus those three decoder features prefixed `chosen_`
-and `rejected_`; `preference_halves(batch)` splits them into two ordinary batches.
+and stacks the result into numpy under the model wrappers' names (deranj.models.base):
+`prompts` [N, S], `responses` [N, T] (ids, EOS, then PAD) and `loss_weights` [N, T]
+(1 on response tokens). Preference tasks give `prompts` plus the response features
+prefixed `chosen_` and `rejected_`; `preference_halves(batch)` splits them into two
+ordinary batches. The converter's decoder inputs are dropped: unpacked, they are the
+responses shifted right, which the model computes itself.
 
 `BatchStream` reads the examples as an endless stream, epoch after epoch, each epoch in
 the order of a permutation seeded by (seed, epoch). Batch k holds stream positions
@@ -35,7 +37,11 @@ import tensorflow as tf
 from deranj.data import shuffle
 from deranj.data import tasks  # noqa: F401  (registers the tasks)
 
-DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+RESPONSE_FEATURES = ("responses", "loss_weights")
+# seqio's EncDecFeatureConverter output -> deranj's names (its decoder_input_tokens are
+# not kept; see the module docstring).
+_CONVERTED_NAMES = {"encoder_input_tokens": "prompts", "decoder_target_tokens": "responses",
+                    "decoder_loss_weights": "loss_weights"}
 PREFERENCE_SIDES = ("chosen", "rejected")
 
 Batch = dict[str, np.ndarray]
@@ -57,10 +63,12 @@ def _is_preference(task: seqio.Task) -> bool:
 
 
 def _to_numpy(ds: tf.data.Dataset) -> dict[str, np.ndarray]:
+  """The converter's features, stacked, under deranj's names."""
   chunks: dict[str, list[np.ndarray]] = {}
   for batch in ds.batch(1024).as_numpy_iterator():
     for key, value in batch.items():
-      chunks.setdefault(key, []).append(value)
+      if key in _CONVERTED_NAMES:
+        chunks.setdefault(_CONVERTED_NAMES[key], []).append(value)
   return {k: np.concatenate(v).astype(np.int32) for k, v in chunks.items()}
 
 
@@ -99,19 +107,19 @@ def load(task_name: str, split: str, lengths: Mapping[str, int], *,
     for side in PREFERENCE_SIDES:
       one_side = ds.map(lambda ex, side=side: {"inputs": ex["inputs"], "targets": ex[side]})
       converted = _to_numpy(converter(one_side, lengths_in))
-      features["encoder_input_tokens"] = converted["encoder_input_tokens"]
-      features.update({f"{side}_{k}": converted[k] for k in DECODER_FEATURES})
+      features["prompts"] = converted["prompts"]
+      features.update({f"{side}_{k}": converted[k] for k in RESPONSE_FEATURES})
   if not features:
     raise ValueError(f"task {task_name!r} split {split!r} has no examples.")
   return Split(features=features, texts=texts)
 
 
 def preference_halves(batch: Mapping[str, np.ndarray]) -> tuple[Batch, Batch]:
-  """A preference batch -> (chosen batch, rejected batch), ordinary T5X features."""
+  """A preference batch -> (chosen batch, rejected batch), ordinary model batches."""
   halves = []
   for side in PREFERENCE_SIDES:
-    half = {"encoder_input_tokens": batch["encoder_input_tokens"]}
-    half.update({k: batch[f"{side}_{k}"] for k in DECODER_FEATURES})
+    half = {"prompts": batch["prompts"]}
+    half.update({k: batch[f"{side}_{k}"] for k in RESPONSE_FEATURES})
     halves.append(half)
   return halves[0], halves[1]
 

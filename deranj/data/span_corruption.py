@@ -95,9 +95,9 @@ class SpanCorruptionBatches:
   """Batch k of span-corrupted chunks is a pure function of (seed, k).
 
   Chunks are visited in a fresh permutation each epoch; a chunk's corruption is drawn
-  from (seed, epoch, chunk index), so every epoch sees new noise. Batches are T5X
-  features: encoder_input_tokens [B, inputs_length], decoder_input_tokens,
-  decoder_target_tokens, decoder_loss_weights [B, targets_length].
+  from (seed, epoch, chunk index), so every epoch sees new noise. Batches are model
+  batches (deranj.models.base): `prompts` [B, inputs_length] the corrupted inputs,
+  `responses` and `loss_weights` [B, targets_length] the dropped spans.
   """
 
   def __init__(self, chunks: np.ndarray, batch_size: int, inputs_length: int,
@@ -130,7 +130,7 @@ class SpanCorruptionBatches:
 
 def to_features(pairs: list[tuple[np.ndarray, np.ndarray]], inputs_length: int,
                 targets_length: int) -> dict[str, np.ndarray]:
-  """(inputs, targets) pairs -> padded T5X encoder-decoder features (int32)."""
+  """(inputs, targets) pairs -> a padded model batch (int32)."""
   b = len(pairs)
   enc = np.zeros((b, inputs_length), np.int32)
   dec_target = np.zeros((b, targets_length), np.int32)
@@ -140,7 +140,5 @@ def to_features(pairs: list[tuple[np.ndarray, np.ndarray]], inputs_length: int,
                        f"{inputs_length}/{targets_length}.")
     enc[row, :len(inputs)] = inputs
     dec_target[row, :len(targets)] = targets
-  dec_input = np.concatenate([np.zeros((b, 1), np.int32), dec_target[:, :-1]], axis=1)
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_input,
-          "decoder_target_tokens": dec_target,
-          "decoder_loss_weights": (dec_target > 0).astype(np.int32)}
+  return {"prompts": enc, "responses": dec_target,
+          "loss_weights": (dec_target > 0).astype(np.int32)}

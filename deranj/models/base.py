@@ -1,12 +1,14 @@
 """The model wrappers that training, scoring and decoding meet at (T5X's models.py).
 
 `EncoderDecoderModel` (T5) and `DecoderOnlyModel` (Llama / Mistral / Qwen) offer the same
-methods in terms of (prompts, responses). A batch is a dict of int32 arrays, T5X's
-encoder-decoder features (a decoder-only model packs them itself):
-  encoder_input_tokens   [B, S]  prompt ids, PAD = the model's `pad_id`
-  decoder_input_tokens   [B, T]  targets shifted right, starting with 0
-  decoder_target_tokens  [B, T]  target ids, PAD = `pad_id`
-  decoder_loss_weights   [B, T]  optional; defaults to decoder_target_tokens != pad_id
+methods in terms of (prompts, responses). A batch is a dict of arrays:
+  prompts       [B, S]  int32 prompt ids, PAD = the model's `pad_id`
+  responses     [B, T]  int32 response ids: tokens, EOS, then PAD = `pad_id`
+  loss_weights  [B, T]  optional weight of each response token in the loss and scores;
+                        defaults to responses != pad_id
+What each network reads is the wrapper's business: a T5 gets the responses shifted right
+as its decoder inputs (teacher forcing), a decoder-only model packs prompt and response
+into one sequence.
 
 `pad_id` is 0 for T5 (its vocabularies reserve 0 for PAD). A decoder-only model takes
 it as an argument: its tokenizer's PAD id when it has one, or `NO_PAD` (-1) when every
@@ -21,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deranj.models import axes
 from deranj.models import decoder
 from deranj.models import losses
 from deranj.models import t5
@@ -38,13 +41,13 @@ def shift_right(targets: Array, start_id: int = 0) -> Array:
 
 
 NO_PAD = -1  # the pad_id of a vocabulary without a PAD token: no id is reserved
-EMBED = t5.EMBED  # the logical axis of hidden vectors, for heads on `hidden_states`
+EMBED = axes.EMBED  # the logical axis of hidden vectors, for heads on `hidden_states`
 
 
 def loss_weights(batch: Batch, pad_id: int = 0) -> Array:
-  weights = batch.get("decoder_loss_weights")
+  weights = batch.get("loss_weights")
   if weights is None:
-    weights = batch["decoder_target_tokens"] != pad_id
+    weights = batch["responses"] != pad_id
   return weights.astype(jnp.float32)
 
 
@@ -54,9 +57,9 @@ def token_ids(tokens: Array) -> Array:
 
 
 def response_batch(prompts: Array, responses: Array) -> dict[str, Array]:
-  """(prompts [B, S], responses [B, T]) -> the teacher-forcing batch scoring reads."""
-  return {"encoder_input_tokens": prompts, "decoder_target_tokens": responses,
-          "decoder_input_tokens": shift_right(responses)}
+  """(prompts [B, S], responses [B, T]) -> the batch `logits`, `loss_fn` and
+  `score_batch` read."""
+  return {"prompts": prompts, "responses": responses}
 
 
 def samples_per_prompt(prompts: Array, responses: Array) -> int:
@@ -121,12 +124,14 @@ class EncoderDecoderModel:
   def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
     """Teacher-forced logits [B, T, V]; dropout only when `dropout_rng` is given.
 
-    `encoder_input_tokens` may hold each prompt once, [B / N, S], for N adjacent responses
-    per prompt (`samples_per_prompt`): the encoder then runs once per prompt, not once
-    per response (policy gradient's N samples share their prompt's encoding).
+    `prompts` may hold each prompt once, [B / N, S], for N adjacent responses per prompt
+    (`samples_per_prompt`): the encoder then runs once per prompt, not once per response
+    (policy gradient's N samples share their prompt's encoding).
     """
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    prompts, inputs = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    # Teacher forcing: the decoder reads the responses shifted right (T5X's
+    # decoder_input_tokens, as seqio's unpacked EncDecFeatureConverter makes them).
+    prompts, inputs = batch["prompts"], shift_right(batch["responses"])
     n = samples_per_prompt(prompts, inputs)
     dropout = dropout_rng is not None
     if n == 1:
@@ -144,7 +149,7 @@ class EncoderDecoderModel:
               dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
     """Mean token cross-entropy over weighted (non-PAD) target tokens, and metrics."""
     logits = self.logits(params, batch, dropout_rng)
-    targets = token_ids(batch["decoder_target_tokens"])
+    targets = token_ids(batch["responses"])
     weights = loss_weights(batch, self.pad_id)
     token_loss, z_term = losses.cross_entropy_with_logits(
         logits, targets, z_loss=self.z_loss, label_smoothing=self.label_smoothing)
@@ -184,14 +189,14 @@ class EncoderDecoderModel:
     return jnp.sum(logp, axis=-1)
 
   def score_batch(self, params: Params, batch: Batch) -> Array:
-    """`sequence_logprobs` of a T5X batch (its decoder inputs and loss weights): [B]."""
+    """`sequence_logprobs` of a batch (prompts, responses, optional loss_weights): [B]."""
     logp, _ = self._token_logprobs(params, batch)
     return jnp.sum(logp, axis=-1)
 
   def _token_logprobs(self, params: Params, batch: Batch,
                       dropout_rng: Optional[Array] = None) -> tuple[Array, Array]:
     logits = self.logits(params, batch, dropout_rng)
-    return masked_log_likelihood(logits, batch["decoder_target_tokens"],
+    return masked_log_likelihood(logits, batch["responses"],
                                  loss_weights(batch, self.pad_id)), logits
 
   # --------------------------------------------------------------------------- hidden
@@ -199,9 +204,8 @@ class EncoderDecoderModel:
   def hidden_states(self, params: Params, prompts: Array, responses: Array) -> Array:
     """The decoder's final (normed) hidden states [B, T, D] that predict each response
     token: position t has read the prompt and responses[:, :t] (for value heads)."""
-    batch = response_batch(prompts, responses)
     _, state = self.module.apply(
-        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        {"params": params}, prompts, shift_right(responses),
         capture_intermediates=_is_decoder_norm, mutable=["intermediates"])
     (hidden,) = state["intermediates"]["decoder"]["decoder_norm"]["__call__"]
     return hidden
@@ -230,11 +234,11 @@ class EncoderDecoderModel:
 
   # --------------------------------------------------------------------------- decoding
 
-  def encode(self, params: Params, encoder_input_tokens: Array) -> Array:
-    return self.module.apply({"params": params}, encoder_input_tokens,
+  def encode(self, params: Params, prompts: Array) -> Array:
+    return self.module.apply({"params": params}, prompts,
                              method=t5.Transformer.encode)
 
-  def init_cache(self, params: Params, encoder_input_tokens: Array, max_decode_length: int,
+  def init_cache(self, params: Params, prompts: Array, max_decode_length: int,
                  num_decodes: int = 1) -> Cache:
     """Runs the encoder once and returns a decoding cache for `max_decode_length` steps.
 
@@ -242,10 +246,10 @@ class EncoderDecoderModel:
     cross-attention keys/values of the encoder output. With `num_decodes` = N it serves
     B * N rows, each prompt's N rows adjacent (row b * N + n).
     """
-    encoded = self.encode(params, encoder_input_tokens)
-    start = jnp.zeros((encoder_input_tokens.shape[0], 1), jnp.int32)
+    encoded = self.encode(params, prompts)
+    start = jnp.zeros((prompts.shape[0], 1), jnp.int32)
     _, variables = self.module.apply(
-        {"params": params}, encoded, encoder_input_tokens, start, decode=True,
+        {"params": params}, encoded, prompts, start, decode=True,
         max_decode_length=max_decode_length, mutable=["cache"], method=t5.Transformer.decode)
     cache = variables["cache"]
     if num_decodes > 1:
@@ -299,9 +303,8 @@ class DecoderOnlyModel:
   `EncoderDecoderModel`: tokens, EOS, then pads, every pad masked (the sampler never
   emits `pad_id`).
 
-  Batches are `EncoderDecoderModel`'s dicts (prompts in `encoder_input_tokens`, responses
-  in `decoder_target_tokens`, optional `decoder_loss_weights`; `decoder_input_tokens` is
-  not read), so trainers and `Realigner.score` take either model. The network reads
+  Batches are `EncoderDecoderModel`'s dicts (`prompts`, `responses`, optional
+  `loss_weights`), so trainers and `Realigner.score` take either model. The network reads
   prompt + response[:-1]; the logit at the last prompt token predicts response token 0.
   These architectures have no dropout: `dropout_rng` is accepted and unused.
 
@@ -364,8 +367,7 @@ class DecoderOnlyModel:
   def logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
     """Teacher-forced logits [B, T, V] of the responses given the prompts."""
     del dropout_rng  # no dropout in these architectures
-    return self._packed(params, batch["encoder_input_tokens"], batch["decoder_target_tokens"],
-                        hidden=False)
+    return self._packed(params, batch["prompts"], batch["responses"], hidden=False)
 
   def hidden_states(self, params: Params, prompts: Array, responses: Array) -> Array:
     """The final (normed) hidden states [B, T, D] that predict each response token:

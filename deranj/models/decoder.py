@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deranj.models import t5
-from deranj.models.t5 import EMBED, HEADS, KV, MLP, NEG_INF, VOCAB
+from deranj.models.axes import EMBED, HEADS, KV, MLP, VOCAB
+from deranj.models.t5 import NEG_INF
 
 Array = jax.Array
 DType = Any

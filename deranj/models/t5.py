@@ -27,11 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deranj.models.axes import EMBED, HEADS, KV, MLP, RELPOS, VOCAB  # noqa: F401
+
 Array = jax.Array
 DType = Any
-
-# Logical axis names (the partitioning rules map them onto mesh axes).
-VOCAB, EMBED, MLP, HEADS, KV, RELPOS = "vocab", "embed", "mlp", "heads", "kv", "relpos_buckets"
 
 NEG_INF = -1e10
 

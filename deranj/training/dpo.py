@@ -47,20 +47,20 @@ def sequence_logps(model: models_base.EncoderDecoderModel, params: Params,
   Args:
     model: the policy (or reference) model.
     params: its params.
-    batch: encoder_input_tokens [B, S] and chosen_/rejected_ decoder_target_tokens [B, T].
+    batch: prompts [B, S], chosen_responses and rejected_responses [B, T].
     dropout_rng: dropout only when given.
 
   Returns:
     (chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B]),
-    float32; logps are `model.sequence_logprobs` (non-PAD tokens, EOS included, one
-    [2B] forward pass), lengths the number of those tokens.
+    float32; logps are `model.sequence_logprobs` (tokens other than the model's
+    pad_id, EOS included, one [2B] forward pass), lengths the number of those tokens.
   """
-  prompts = batch["encoder_input_tokens"]
-  responses = jnp.concatenate([batch[f"{side}_decoder_target_tokens"]
+  prompts = batch["prompts"]
+  responses = jnp.concatenate([batch[f"{side}_responses"]
                                for side in pipeline.PREFERENCE_SIDES], axis=0)
   logps = model.sequence_logprobs(params, jnp.concatenate([prompts, prompts], axis=0),
                                   responses, dropout_rng=dropout_rng)
-  lengths = jnp.sum(responses > 0, axis=-1).astype(jnp.float32)
+  lengths = jnp.sum(responses != model.pad_id, axis=-1).astype(jnp.float32)
   b = prompts.shape[0]
   return logps[:b], logps[b:], lengths[:b], lengths[b:]
 
@@ -79,8 +79,8 @@ class DPO(objectives.Objective):
   """
 
   name = "dpo"
-  required_features = ("encoder_input_tokens",) + tuple(
-      f"{side}_{k}" for side in pipeline.PREFERENCE_SIDES for k in pipeline.DECODER_FEATURES)
+  required_features = ("prompts",) + tuple(
+      f"{side}_responses" for side in pipeline.PREFERENCE_SIDES)
 
   def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED, *,
                beta: float = 0.1, loss_type: str = "sigmoid",
@@ -131,7 +131,7 @@ class DPO(objectives.Objective):
     if not self.precompute_reference:
       return features
     score = _jitted_reference_logps(self)
-    n = len(features["encoder_input_tokens"])
+    n = len(features["prompts"])
     names = self.required_features
     chosen, rejected = batching.map_in_fixed_batches(
         lambda *batch: score(frozen, dict(zip(names, batch))),

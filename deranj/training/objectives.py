@@ -13,7 +13,7 @@ what one step computes. Its pieces:
                                   default: gradient of `loss`, accumulated over
                                   microbatches; PPO overrides it with rollouts
   evaluate(params, frozen, split, rng, batch_size) -> metrics   (host side)
-  policy_params(params)           the T5 params to export as the run's model
+  policy_params(params)           the policy's params to export as the run's model
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class Objective:
   """Base class; see the module docstring. Subclasses set `self.model`."""
 
   name = "objective"
-  required_features: Sequence[str] = ("encoder_input_tokens",)
+  required_features: Sequence[str] = ("prompts",)
   # Optimizer updates per train step (PPO: epochs x minibatches); the learning-rate
   # schedule counts train steps, so the trainer divides the optimizer's count by this.
   updates_per_step: int = 1
@@ -207,8 +207,7 @@ class SFT(Objective):
   """
 
   name = "sft"
-  required_features = ("encoder_input_tokens", "decoder_input_tokens",
-                       "decoder_target_tokens")
+  required_features = ("prompts", "responses")
 
   def __init__(self, model: models_base.EncoderDecoderModel = gin.REQUIRED, *,
                rouge_examples: int = 32, max_decode_len: int = 64):
@@ -227,11 +226,11 @@ class SFT(Objective):
   def evaluate(self, params, frozen, data, rng, batch_size):
     metrics = super().evaluate(params, frozen, data, rng, batch_size)
     features = data.features
-    n = min(self.rouge_examples, len(features["encoder_input_tokens"]))
+    n = min(self.rouge_examples, len(features["prompts"]))
     if n and "targets" in data.texts:
       predictions = []
       for start in range(0, n, batch_size):
-        prompts = features["encoder_input_tokens"][start:min(start + batch_size, n)]
+        prompts = features["prompts"][start:min(start + batch_size, n)]
         out = decoding.sample(self.model, params, prompts, rng,
                               max_decode_len=self.max_decode_len, temperature=0.0)
         predictions += [data.decode(tokenizer.response_ids(t)) for t in np.asarray(out.tokens)]

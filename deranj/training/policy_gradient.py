@@ -47,17 +47,15 @@ class PolicyGradient(rollouts.RolloutObjective):
         self.model, params, prompts, rng, max_decode_len=self.max_decode_len,
         num_samples=num_samples, temperature=self.temperature, eos_id=self.eos_id)
     ref_logp, _ = rollouts.token_logprobs(self.model, frozen["ref"], rollout)
-    scores = self.reward(frozen["reward"], rollout.encoder_input_tokens,
-                         rollout.decoder_target_tokens)
+    scores = self.reward(frozen["reward"], rollout.prompts, rollout.responses)
     return rollout, ref_logp.sum(-1), scores
 
   def loss(self, params, frozen, batch, rng):
     """`batch` is a scored rollout (see `train_step`); one row per response."""
     del frozen, rng
     # Microbatches split rows contiguously, so a prompt's samples stay adjacent.
-    rollout = rollouts.Rollout(**{k: batch[k] for k in (
-        "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "mask")},
-                               num_samples=self.num_samples)
+    rollout = rollouts.Rollout.from_batch(batch, num_samples=self.num_samples,
+                                          pad_id=self.model.pad_id)
     logp, logits = rollouts.token_logprobs(self.model, params, rollout)
     seq_logp = logp.sum(-1)
     kl = jax.lax.stop_gradient(seq_logp) - batch["ref_logp"]
@@ -77,11 +75,9 @@ class PolicyGradient(rollouts.RolloutObjective):
 
   def train_step(self, state, frozen, batch, rng, *, optimizer, num_microbatches=1):
     rollout, ref_seq_logp, scores = self._rollout(state.params, frozen,
-                                                  batch["encoder_input_tokens"], rng,
+                                                  batch["prompts"], rng,
                                                   self.num_samples)
-    scored = {**rollout.batch(), "mask": rollout.mask, "ref_logp": ref_seq_logp,
-              "scores": scores}
-    del scored["decoder_loss_weights"]
+    scored = {**rollout.batch(), "ref_logp": ref_seq_logp, "scores": scores}
     # Microbatches split rows contiguously, so each holds whole prompts' sample groups.
     grads, metrics = objectives.accumulate_gradients(
         lambda p, b, r: self.loss(p, frozen, b, r), state.params, scored, rng,
@@ -94,7 +90,7 @@ class PolicyGradient(rollouts.RolloutObjective):
   def eval_step(self, params, frozen, batch, rng):
     """Reward, KL, KL to the optimum and length of samples on held-out prompts."""
     rollout, ref_seq_logp, scores = self._rollout(params, frozen,
-                                                  batch["encoder_input_tokens"], rng,
+                                                  batch["prompts"], rng,
                                                   self.eval_num_samples)
     logp, _ = rollouts.token_logprobs(self.model, params, rollout)
     return self.eval_metrics(scores, logp.sum(-1), ref_seq_logp, rollout)

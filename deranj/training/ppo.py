@@ -83,8 +83,8 @@ class PPO(rollouts.RolloutObjective):
 
   def values(self, value_params, rollout: rollouts.Rollout) -> Array:
     """Value estimates [B, T] at each response position (0 on padding)."""
-    hidden = self.model.hidden_states(value_params["trunk"], rollout.encoder_input_tokens,
-                                      rollout.decoder_target_tokens)  # [B, T, D]
+    hidden = self.model.hidden_states(value_params["trunk"], rollout.prompts,
+                                      rollout.responses)  # [B, T, D]
     head = value_params["head"]
     values = hidden.astype(jnp.float32) @ head["kernel"][:, 0] + head["bias"][0]
     return values * rollout.mask
@@ -97,8 +97,7 @@ class PPO(rollouts.RolloutObjective):
                                       eos_id=self.eos_id)
     logp, logits = rollouts.token_logprobs(self.model, policy, rollout)
     ref_logp, _ = rollouts.token_logprobs(self.model, frozen["ref"], rollout)
-    scores = self.reward(frozen["reward"], rollout.encoder_input_tokens,
-                         rollout.decoder_target_tokens)
+    scores = self.reward(frozen["reward"], rollout.prompts, rollout.responses)
     return rollout, logp, logits, ref_logp, scores
 
   # ------------------------------------------------------------------ steps
@@ -120,7 +119,7 @@ class PPO(rollouts.RolloutObjective):
     del num_microbatches  # minibatches play that part here
     rollout_rng, shuffle_rng = jax.random.split(rng)
     rollout, old_logp, logits, ref_logp, scores = self._score_rollout(
-        state.params, frozen, batch["encoder_input_tokens"], rollout_rng)
+        state.params, frozen, batch["prompts"], rollout_rng)
     mask = rollout.mask
     old_values = self.values(state.params["value"], rollout)
     token_rewards, kl = losses.kl_penalised_rewards(scores, old_logp, ref_logp, mask,
@@ -173,5 +172,5 @@ class PPO(rollouts.RolloutObjective):
   def eval_step(self, params, frozen, batch, rng):
     """Reward, KL, KL to the optimum and length of samples on held-out prompts."""
     rollout, logp, _, ref_logp, scores = self._score_rollout(
-        params, frozen, batch["encoder_input_tokens"], rng, self.eval_num_samples)
+        params, frozen, batch["prompts"], rng, self.eval_num_samples)
     return self.eval_metrics(scores, logp.sum(-1), ref_logp.sum(-1), rollout)

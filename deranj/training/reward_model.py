@@ -38,8 +38,7 @@ Params = Any
 
 # The `kind` a reward model's deranj_model.json carries (a policy's has none).
 KIND = "reward_model"
-PREFERENCE_FEATURES = ("encoder_input_tokens", "chosen_decoder_target_tokens",
-                       "rejected_decoder_target_tokens")
+PREFERENCE_FEATURES = ("prompts", "chosen_responses", "rejected_responses")
 
 
 def pair_metrics(chosen: Array, rejected: Array) -> dict[str, Array]:
@@ -95,9 +94,9 @@ class RewardModelObjective(objectives.Objective):
 
     Both sides run as one [2B] batch, so they share dropout's draw only by chance.
     """
-    prompt = batch["encoder_input_tokens"]
-    responses = jnp.concatenate([batch["chosen_decoder_target_tokens"],
-                                 batch["rejected_decoder_target_tokens"]], axis=0)
+    prompt = batch["prompts"]
+    responses = jnp.concatenate([batch["chosen_responses"], batch["rejected_responses"]],
+                                axis=0)
     both = self.reward_model.rewards(params, jnp.concatenate([prompt, prompt], axis=0),
                                      responses, dropout_rng)
     return both[:prompt.shape[0]], both[prompt.shape[0]:]

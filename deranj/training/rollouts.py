@@ -10,7 +10,8 @@ jitted step as arguments (sharded like any params), not as constants:
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Optional
 
 import flax
 import gin
@@ -29,12 +30,17 @@ Params = Any
 
 @gin.configurable
 class LengthReward:
-  """0 when the response has l_min..l_max tokens (EOS excluded), else -1 (eq. 10)."""
+  """0 when the response has l_min..l_max tokens (EOS excluded), else -1 (eq. 10).
 
-  def __init__(self, l_min: int = 40, l_max: int = 50, eos_id: int = 1):
+  `pad_id` fills responses after EOS: None takes the policy's when a `RolloutObjective`
+  uses the reward (0, T5's, when called alone).
+  """
+
+  def __init__(self, l_min: int = 40, l_max: int = 50, eos_id: int = 1,
+               pad_id: Optional[int] = None):
     if not 0 <= l_min <= l_max:
       raise ValueError(f"LengthReward: need 0 <= l_min <= l_max, got {l_min}, {l_max}.")
-    self.l_min, self.l_max, self.eos_id = l_min, l_max, eos_id
+    self.l_min, self.l_max, self.eos_id, self.pad_id = l_min, l_max, eos_id, pad_id
 
   def params(self) -> Params:
     return {}
@@ -44,8 +50,30 @@ class LengthReward:
 
   def __call__(self, params: Params, prompts: Array, responses: Array) -> Array:
     del params, prompts
-    return rewards.length_reward(rewards.response_lengths(responses, self.eos_id),
+    pad_id = 0 if self.pad_id is None else self.pad_id
+    return rewards.length_reward(rewards.response_lengths(responses, self.eos_id, pad_id),
                                  self.l_min, self.l_max)
+
+
+def reward_for_policy(reward: Any, model: models_base.Model, owner: str) -> Any:
+  """`reward` reading responses padded with the policy's pad_id: a copy of a LengthReward
+  without one gets the policy's; a reward whose PAD differs from the policy's is refused
+  (it would count the fill after EOS as tokens, or a real token as PAD)."""
+  policy_pad = getattr(model, "pad_id", 0)  # objectives built without a model: T5's
+  if isinstance(reward, LengthReward):
+    if reward.pad_id is None:
+      reward = copy.copy(reward)
+      reward.pad_id = policy_pad
+    pad_id, what = reward.pad_id, "LengthReward.pad_id"
+  elif isinstance(reward, LearnedReward):
+    pad_id, what = reward.model.pad_id, f"the pad_id of the reward model {reward.checkpoint}"
+  else:
+    return reward
+  if pad_id != policy_pad:
+    raise objectives.ObjectiveError(
+        f"{owner}: {what} is {pad_id}, the policy's pad_id {policy_pad} (which fills its "
+        "responses after EOS); they must agree.")
+  return reward
 
 
 def check_reachable(reward: Any, max_decode_len: int, owner: str) -> None:
@@ -83,7 +111,7 @@ class RolloutObjective(objectives.Objective):
   (`losses.kl_to_optimum`), 0 only at the objective's optimum.
   """
 
-  required_features = ("encoder_input_tokens",)
+  required_features = ("prompts",)
 
   def __init__(self, model: models_base.EncoderDecoderModel, reward: Any, *, beta: float,
                max_decode_len: int, temperature: float, eos_id: int, eval_num_samples: int):
@@ -96,7 +124,8 @@ class RolloutObjective(objectives.Objective):
       raise objectives.ObjectiveError(
           f"{owner}.eval_num_samples={eval_num_samples}: the KL to the optimum needs >= 2 "
           "samples per evaluation prompt (4 or more recommended).")
-    self.model, self.reward, self.beta = model, reward, beta
+    self.model, self.beta = model, beta
+    self.reward = reward_for_policy(reward, model, owner)
     self.max_decode_len, self.temperature, self.eos_id = max_decode_len, temperature, eos_id
     self.eval_num_samples = eval_num_samples
 
@@ -138,44 +167,48 @@ class LearnedReward:
 
 @flax.struct.dataclass
 class Rollout:
-  """Sampled responses as teacher-forcing features ([B, T] each, B = prompts x samples)."""
-  encoder_input_tokens: Array  # prompts, each repeated for its samples
-  decoder_input_tokens: Array  # responses shifted right
-  decoder_target_tokens: Array  # responses, 0 after EOS
-  mask: Array  # float32, 1 on response tokens (EOS included)
+  """Sampled responses, one row each (B = prompts x samples)."""
+  prompts: Array  # [B, S], each prompt repeated for its samples
+  responses: Array  # [B, T], pad_id after EOS
+  mask: Array  # [B, T] float32, 1 on response tokens (EOS included)
   num_samples: int = flax.struct.field(pytree_node=False, default=1)  # per prompt, adjacent
+  pad_id: int = flax.struct.field(pytree_node=False, default=0)  # the policy's
 
   @property
-  def prompts(self) -> Array:
+  def unique_prompts(self) -> Array:
     """Each prompt once: [B / num_samples, S]."""
-    return self.encoder_input_tokens[::self.num_samples]
+    return self.prompts[::self.num_samples]
 
   def batch(self) -> dict[str, Array]:
-    return {"encoder_input_tokens": self.encoder_input_tokens,
-            "decoder_input_tokens": self.decoder_input_tokens,
-            "decoder_target_tokens": self.decoder_target_tokens,
-            "decoder_loss_weights": self.mask}
+    """A model batch (deranj.models.base); `from_batch` reads it back."""
+    return {"prompts": self.prompts, "responses": self.responses, "loss_weights": self.mask}
+
+  @classmethod
+  def from_batch(cls, batch, **static) -> "Rollout":
+    return cls(prompts=batch["prompts"], responses=batch["responses"],
+               mask=batch["loss_weights"], **static)
 
 
 def sample_rollout(model: models_base.EncoderDecoderModel, params: Params, prompts: Array,
                    rng: Array, *, max_decode_len: int, num_samples: int = 1,
                    temperature: float = 1.0, eos_id: int = 1) -> Rollout:
-  """Samples `num_samples` responses per prompt (full vocabulary); jit-friendly."""
+  """Samples `num_samples` responses per prompt (full vocabulary); jit-friendly. The
+  sampler fills rows after EOS with the model's pad_id (never emitted), so the mask is
+  `tokens != pad_id`: with NO_PAD, id 0 is a response token like any other."""
   out = decoding.sample(model, jax.lax.stop_gradient(params), prompts, rng,
                         max_decode_len=max_decode_len, eos_id=eos_id, temperature=temperature,
                         num_decodes=num_samples)
   tokens = out.tokens
-  return Rollout(encoder_input_tokens=jnp.repeat(prompts, num_samples, axis=0),
-                 decoder_input_tokens=models_base.shift_right(tokens),
-                 decoder_target_tokens=tokens,
-                 mask=(tokens > 0).astype(jnp.float32), num_samples=num_samples)
+  return Rollout(prompts=jnp.repeat(prompts, num_samples, axis=0), responses=tokens,
+                 mask=(tokens != model.pad_id).astype(jnp.float32), num_samples=num_samples,
+                 pad_id=model.pad_id)
 
 
 def token_logprobs(model: models_base.EncoderDecoderModel, params: Params,
                    rollout: Rollout) -> tuple[Array, Array]:
   """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V]).
   A prompt's samples share one encoding."""
-  return model.token_logprobs(params, rollout.prompts, rollout.decoder_target_tokens)
+  return model.token_logprobs(params, rollout.unique_prompts, rollout.responses)
 
 
 def count_nonfinite(*arrays: Array) -> Array:
@@ -188,5 +221,5 @@ def sequence_entropy(logits: Array, mask: Array) -> Array:
 
 
 def response_length_metrics(rollout: Rollout, eos_id: int = 1) -> dict[str, Array]:
-  lengths = rewards.response_lengths(rollout.decoder_target_tokens, eos_id)
+  lengths = rewards.response_lengths(rollout.responses, eos_id, rollout.pad_id)
   return {"response/length": jnp.mean(lengths.astype(jnp.float32))}

@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional
 
 import gin
 import jax
@@ -32,18 +32,11 @@ import numpy as np
 from deranj import partitioning
 from deranj.data import files
 from deranj.data import settings  # noqa: F401  (the data settings' gin names)
-from deranj.data import tokenizer
-from deranj.models import base as models_base
-from deranj.models import decoder
-from deranj.models import t5
+from deranj.models import build  # noqa: F401  (gin: build_model, T5Config, DecoderConfig)
 from deranj.training import checkpoints
 from deranj.training import metrics as metrics_lib
 from deranj.training import objectives
 from deranj.training import optimizers
-
-gin.external_configurable(t5.T5Config, name="T5Config")
-gin.external_configurable(decoder.DecoderConfig, name="DecoderConfig")
-
 
 class TrainingError(ValueError):
   """A training setting that cannot work; the message names the gin binding."""
@@ -55,28 +48,6 @@ class TrainingDivergedError(FloatingPointError):
 
 class TrainingInterrupted(KeyboardInterrupt):
   """Ctrl-C during the loop; the message names the last checkpoint."""
-
-
-@gin.configurable
-def build_model(config: Union[t5.T5Config, decoder.DecoderConfig] = gin.REQUIRED, *,
-                z_loss: float = 1e-4, label_smoothing: float = 0.0,
-                pad_id: int = tokenizer.PAD_ID) -> models_base.Model:
-  """The model wrapper of `config`: a T5 (EncoderDecoderModel) or, for a DecoderConfig,
-  a DecoderOnlyModel whose PAD id is `pad_id` (the tasks' SentencePiece PAD; T5's is
-  always 0)."""
-  if isinstance(config, decoder.DecoderConfig):
-    try:
-      return models_base.DecoderOnlyModel(decoder.Transformer(config), pad_id=pad_id,
-                                           z_loss=z_loss, label_smoothing=label_smoothing)
-    except ValueError as e:
-      raise TrainingError(f"build_model.pad_id: {e}") from None
-  if not isinstance(config, t5.T5Config):
-    raise TrainingError(f"build_model.config must be @T5Config() or @DecoderConfig(), got "
-                        f"{type(config).__name__}.")
-  if pad_id != 0:
-    raise TrainingError(f"build_model.pad_id={pad_id}: a T5's PAD id is 0.")
-  return models_base.EncoderDecoderModel(t5.Transformer(config), z_loss=z_loss,
-                                         label_smoothing=label_smoothing)
 
 
 def _check_settings(**settings) -> None:

@@ -363,7 +363,13 @@ def main(argv=None):
     return run
 
   timed = {NAMES[a]: checked(a) for a in wanted}
-  timed["probes"] = lambda: probe_rounds.append(probes.measure())
+
+  def probe():  # logged as it comes, so a run stopped early still has its rounds' probes
+    probe_rounds.append(probes.measure())
+    print("  probes: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probe_rounds[-1].items())
+          + " (GB/s, GFLOP/s)", file=sys.stderr, flush=True)
+
+  timed["probes"] = probe
   times = profiling.interleaved_rounds(
       timed, args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True))
   assert all(shape == (b, n) for shape in shapes.values()), shapes

@@ -16,9 +16,12 @@ Arms (--arms, comma-separated; all by default):
   trl   TRL's `GeometricMixtureWrapper` (the Nash-MD mixture generator) around the two
         models, `generate` through it. It turns the KV cache off, so every step runs both
         models over the whole sequence. It mixes `mixture_coef * ref + (1 - mixture_coef) *
-        policy` logits: DeRa's lam is `mixture_coef = 1 - lam` (the same at lam 0.5). It
-        was removed from TRL after 1.13 (trl.experimental.nash_md); where it cannot be
-        imported the arm is skipped and the reason printed.
+        policy` logits: DeRa's lam is `mixture_coef = 1 - lam` (the same at lam 0.5). Its
+        GenerationConfig says use_cache=False too: with the cache on (NashMDTrainer's
+        default), transformers 5's generate() feeds only the last token each step and the
+        wrapper, having dropped the cache, decodes without context (the greedy check
+        below catches it). It was removed from TRL after 1.13 (trl.experimental.nash_md);
+        where it cannot be imported the arm is skipped and the reason printed.
 
 Before timing, a check that the arms compute the same thing: greedy decoding at lam 1
 (the aligned model) and lam 0 (the reference, which in `hf` comes only through the

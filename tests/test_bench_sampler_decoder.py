@@ -65,7 +65,6 @@ def test_skipped_trl_says_why(run):
 
 
 def test_roofline_counts_by_hand():
-  import transformers  # noqa: F401
   from deranj.models import decoder
   cfg = decoder.DecoderConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_layers=1,
                               num_heads=2, num_kv_heads=1, head_dim=4)

@@ -30,6 +30,10 @@ INSTALL_REQUIRES = [
 # templates); the models themselves load with safetensors alone.
 HF_REQUIRES = ["tokenizers", "jinja2"]
 
+# scripts/bench_sampler_decoder.py's trl arm: GeometricMixtureWrapper (Nash-MD) was
+# removed from TRL after 1.13.
+BENCH_REQUIRES = ["trl==1.13.0"]
+
 TEST_REQUIRES = [
     *HF_REQUIRES,
     "pytest",
@@ -47,5 +51,5 @@ setuptools.setup(
     package_data={"deranj": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"hf": HF_REQUIRES, "test": TEST_REQUIRES},
+    extras_require={"hf": HF_REQUIRES, "test": TEST_REQUIRES, "bench": BENCH_REQUIRES},
 )

@@ -134,6 +134,7 @@ def test_unknown_arm_is_one_line():
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_runs_end_to_end_on_a_tiny_shape(tmp_path):
   out = tmp_path / "bench.json"
   proc = _run("--small", "--batch", "2", "--prompt_len", "8", "--new_tokens", "3",

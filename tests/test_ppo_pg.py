@@ -47,6 +47,7 @@ def test_ppo_raises_the_length_reward(sft_dir, tmp_path):
   assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.1, scores
 
 
+@pytest.mark.slow
 def test_ppo_resume_is_bit_identical(tmp_path):
   """The default run's PPO smoke: resumes bit-identically, logs TRL's metric names."""
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")

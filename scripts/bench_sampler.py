@@ -348,13 +348,39 @@ def _fmt_spread(sp, scale=1.0, digits=3):
           f"{sp['max'] * scale:.{digits}f}]")
 
 
-def parse_arms(text: str) -> list[str]:
+def parse_arms(text: str, choices=ARMS) -> list[str]:
+  """'dera,hf' -> ['dera', 'hf'], each one of `choices`."""
   arms = [a.strip() for a in text.split(",") if a.strip()]
-  unknown = [a for a in arms if a not in ARMS]
+  unknown = [a for a in arms if a not in choices]
   if unknown or not arms:
     raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {','.join(ARMS)}")
+                     f"choose from {','.join(choices)}")
   return arms
+
+
+def add_common_flags(parser: argparse.ArgumentParser, arms) -> None:
+  """The flags every sampler benchmark takes (shape, rounds, arms, JSON, --small)."""
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--prompt_len", type=int, default=128)
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--arms", default=",".join(arms), help=f"comma-separated, of {arms}")
+  parser.add_argument("--json", default="", help="write every number to this file")
+  parser.add_argument("--small", action="store_true", help="a tiny shape, to try the script")
+
+
+def check_common_flags(parser: argparse.ArgumentParser, args, arms) -> list[str]:
+  """The arms wanted; a parser error for a bad flag of `add_common_flags`."""
+  try:
+    wanted = parse_arms(args.arms, arms)
+  except ValueError as e:
+    parser.error(str(e))
+  for flag in ("batch", "prompt_len", "new_tokens", "rounds"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    parser.error(f"--json {args.json}: its directory does not exist")
+  return wanted
 
 
 def summarise_probes(probe_rounds: list[dict[str, float]]):
@@ -376,24 +402,10 @@ def summarise_probes(probe_rounds: list[dict[str, float]]):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--prompt_len", type=int, default=128)
-  parser.add_argument("--new_tokens", type=int, default=64)
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS}")
+  add_common_flags(parser, ARMS)
   parser.add_argument("--profile", action="store_true", help="only the per-step profile")
-  parser.add_argument("--json", default="", help="write every number to this file")
-  parser.add_argument("--small", action="store_true", help="a tiny shape, to try the script")
   args = parser.parse_args(argv)
-  try:
-    arms_wanted = parse_arms(args.arms)
-  except ValueError as e:
-    parser.error(str(e))
-  for flag in ("batch", "prompt_len", "new_tokens", "rounds"):
-    if getattr(args, flag) < 1:
-      parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-    parser.error(f"--json {args.json}: its directory does not exist")
+  arms_wanted = check_common_flags(parser, args, ARMS)
 
   import torch
   torch.set_num_threads(os.cpu_count() or 1)

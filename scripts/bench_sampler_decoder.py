@@ -283,24 +283,9 @@ def check_greedy(arms: Arms, names: list[str], rows: int, n: int) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--prompt_len", type=int, default=128)
-  parser.add_argument("--new_tokens", type=int, default=64)
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS}")
-  parser.add_argument("--json", default="", help="write every number to this file")
-  parser.add_argument("--small", action="store_true", help="a tiny shape, to try the script")
+  bs.add_common_flags(parser, ARMS)
   args = parser.parse_args(argv)
-  wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
-  unknown = [a for a in wanted if a not in ARMS]
-  if unknown or not wanted:
-    parser.error(f"--arms: unknown arm(s) {', '.join(unknown) or '(none given)'}; choose "
-                 f"from {','.join(ARMS)}")
-  for flag in ("batch", "prompt_len", "new_tokens", "rounds"):
-    if getattr(args, flag) < 1:
-      parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-    parser.error(f"--json {args.json}: its directory does not exist")
+  wanted = bs.check_common_flags(parser, args, ARMS)
 
   import torch
   torch.set_num_threads(os.cpu_count() or 1)

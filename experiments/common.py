@@ -37,9 +37,19 @@ PRESET_FILES = {name: f"configs/presets/{name}.gin"
 _MODEL_GIN: list[str] = []
 
 
-def use_model_gin(path: Optional[str]) -> None:
-  """Every later training run reads `path` after the preset (None: the preset's model)."""
+@contextlib.contextmanager
+def model_gin(path: Optional[str]):
+  """Training runs inside the block read `path` after the preset (None: the preset's model).
+
+  Restored on exit, so a later driver in the same process (a test session) trains the
+  model its own preset names.
+  """
+  saved = list(_MODEL_GIN)
   _MODEL_GIN[:] = [path] if path else []
+  try:
+    yield
+  finally:
+    _MODEL_GIN[:] = saved
 
 
 def log(text: str) -> None:

@@ -136,7 +136,12 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
       the reward whose optimum pi*(β/λ) the figure draws; None: the gold reward model.
   """
   args = parse_args(argv, description)
-  common.use_model_gin(args.model_gin)
+  with common.model_gin(args.model_gin):
+    return _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward)
+
+
+def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) -> dict:
+  """`run` after its arguments are parsed, with the model's gin file in force."""
   grid = stages.read_grid(args.preset, "SUMMARIZATION", args.lams)
   lams = grid.lams
   workdir = os.path.abspath(args.workdir)

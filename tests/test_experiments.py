@@ -8,6 +8,7 @@ import pytest
 
 import figure_checks
 from deranj.data import pipeline
+from experiments import common
 from experiments import judging
 from experiments import stages
 from experiments import summarization
@@ -136,6 +137,27 @@ def test_figure_smoke_run_then_rerun_skips_training(workdir, figure, capsys):
   assert again["trained_runs"] == 0  # every run finished: all training skipped
   assert np.isfinite(again["per_lam"][0]["dera"]["gold"]["vs_sft"]["rate"])
   assert again["runs"] == json.loads(json.dumps(result["runs"]))  # read back from the runs
+
+
+def test_a_drivers_model_gin_does_not_outlive_its_run(monkeypatch):
+  """A driver's --model_gin reaches its own runs only: a later driver in the same process
+  (a test session) trains the model its preset names."""
+  seen = []
+  monkeypatch.setattr(common, "train", lambda run_gin, preset, model_dir, bindings=():
+                      seen.append(common.train_command(run_gin, preset, model_dir, bindings)))
+
+  def fail_after_one_run(*args, **kwargs):
+    common.train("configs/runs/sft.gin", "smoke", "/tmp/sft")
+    raise RuntimeError("stop")
+
+  monkeypatch.setattr(summarization, "_run", fail_after_one_run)
+  with pytest.raises(RuntimeError):
+    summarization.run("7", "dpo", "dpo", ["--preset", "smoke", "--workdir", "/tmp/x",
+                                          "--model_gin", "configs/models/llama_tiny.gin"],
+                      "", train_aligned=None)
+  common.train("configs/runs/sft.gin", "smoke", "/tmp/sft")
+  assert "--gin_file=configs/models/llama_tiny.gin" in seen[0]
+  assert "llama_tiny" not in seen[1]
 
 
 def test_report_says_when_spearman_is_undefined(capsys):

@@ -6,6 +6,9 @@ d_ff 1024 gated-GELU, vocab 32128), batch 16, 128-token prompts, 64 new tokens f
 
 Arms (--arms, comma-separated; all by default):
   dera      deranj DeRa (two KV-cached models in one compiled while_loop)
+  dera_unfused   the same sampler compiled with t5.FUSED_DECODE_PROJECTIONS off (each
+            decoding step's q/k/v and wi_0/wi_1 as separate matmuls, as before issue #17):
+            an A/B of that change within one run
   prefill   its prefill alone: both encoders + cross-attention keys/values (part of dera)
   ref, aligned   deranj, one model only
   hf        transformers `generate` with a DeRa logits processor written as the official
@@ -67,10 +70,11 @@ from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj.models import build  # noqa: E402
 from deranj.models import hf  # noqa: E402
+from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
-ARMS = ("dera", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
+ARMS = ("dera", "dera_unfused", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
 LOAD_SPREAD = 0.2  # (max - min) / max of a probe across rounds above this: loaded
 F32 = 4  # bytes
 # Sampling ops, FLOPs per element (a transcendental counts 1): per model logit, the mix's
@@ -430,6 +434,15 @@ def main(argv=None):
   def ours_dera():
     realigner.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
 
+  unfused = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=n, eos_id=NEVER)
+
+  def ours_dera_unfused():  # compiled on its first call with the flag off; kept after
+    saved, t5.FUSED_DECODE_PROJECTIONS = t5.FUSED_DECODE_PROJECTIONS, False
+    try:
+      unfused.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
+    finally:
+      t5.FUSED_DECODE_PROJECTIONS = saved
+
   prefill_fn = jax.jit(lambda params, x: decoding.init_caches((ref, al), params, x, n))
 
   def ours_prefill():  # both encoders + cross-attention keys/values, once per prompt batch
@@ -483,11 +496,12 @@ def main(argv=None):
     _write_json(args.json, report)
     return
 
-  names = {"dera": "deranj DeRa", "prefill": "deranj DeRa prefill (part of DeRa)",
+  names = {"dera": "deranj DeRa", "dera_unfused": "deranj DeRa, unfused projections",
+           "prefill": "deranj DeRa prefill (part of DeRa)",
            "ref": "deranj ref only", "aligned": "deranj aligned only",
            "hf": "HF generate + DeRa processor", "sweep": "deranj 6-lam sweep (1 call)",
            "hf_sweep": "HF 6 separate runs"}
-  fns = {"dera": ours_dera, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
+  fns = {"dera": ours_dera, "dera_unfused": ours_dera_unfused, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
          "aligned": ours_single(al, al_p), "hf": hf_dera(0.5), "sweep": ours_sweep,
          "hf_sweep": hf_sweep}
   compiles = {}
@@ -533,7 +547,8 @@ def main(argv=None):
   dera_rl, single_rl, sweep_rl = rl(2, b), rl(1, b), rl(2, b * len(LAMS))
   floors = {"dera": dera_rl["floor_s"] + pf(2), "prefill": pf(2),
             "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
-            "hf": dera_rl["floor_s"] + pf(2), "sweep": sweep_rl["floor_s"] + pf(2),
+            "dera_unfused": dera_rl["floor_s"] + pf(2), "hf": dera_rl["floor_s"] + pf(2),
+            "sweep": sweep_rl["floor_s"] + pf(2),
             "hf_sweep": len(LAMS) * (dera_rl["floor_s"] + pf(2))}
   binds = "memory" if 2 * dera_rl["memory_bound_steps"] >= n else "compute"
   print(f"\nroofline per DeRa decode step (mean of {n} steps): "
@@ -571,6 +586,8 @@ def main(argv=None):
   if {"dera", "ref", "aligned"} <= set(arms_wanted):
     ratios["time(DeRa) / (time(ref) + time(aligned))"] = [
         d / (r + a) for d, r, a in zip(*(times[names[k]] for k in ("dera", "ref", "aligned")))]
+  if {"dera", "dera_unfused"} <= set(arms_wanted):
+    ratios["time(DeRa) / time(DeRa, unfused projections)"] = per_round("dera", "dera_unfused")
   if "dera" in arms_wanted:
     ratios["time(DeRa) / floor"] = [t / floors["dera"] for t in times[names["dera"]]]
   if {"dera", "prefill"} <= set(arms_wanted):

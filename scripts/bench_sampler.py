@@ -6,9 +6,10 @@ d_ff 1024 gated-GELU, vocab 32128), batch 16, 128-token prompts, 64 new tokens f
 
 Arms (--arms, comma-separated; all by default):
   dera      deranj DeRa (two KV-cached models in one compiled while_loop)
-  dera_unfused   the same sampler compiled with t5.FUSED_DECODE_PROJECTIONS off (each
-            decoding step's q/k/v and wi_0/wi_1 as separate matmuls, as before issue #17):
-            an A/B of that change within one run
+  dera_before    the same sampler compiled as before issue #17's step changes: each
+            decoding step's q/k/v and wi_0/wi_1 as separate matmuls
+            (t5.FUSED_DECODE_PROJECTIONS off) and the draw by a prefix sum over the whole
+            vocabulary (`one_level_draw`): an A/B of those changes within one run
   prefill   its prefill alone: both encoders + cross-attention keys/values (part of dera)
   ref, aligned   deranj, one model only
   hf        transformers `generate` with a DeRa logits processor written as the official
@@ -74,7 +75,7 @@ from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
-ARMS = ("dera", "dera_unfused", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
+ARMS = ("dera", "dera_before", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
 LOAD_SPREAD = 0.2  # (max - min) / max of a probe across rounds above this: loaded
 F32 = 4  # bytes
 # Sampling ops, FLOPs per element (a transcendental counts 1): per model logit, the mix's
@@ -201,6 +202,14 @@ def make_dera_processor(ref_model, lam: float, prompt_ids, attention_mask):
       return torch.where(torch.isinf(scores), scores, mixed)
 
   return DeRaLogitsProcessor()
+
+
+def one_level_draw(rng, probs):
+  """decoding.sample_from_probs before issue #17 (the dera_before arm): one prefix sum over
+  the whole vocabulary."""
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = (1.0 - jax.random.uniform(rng, probs.shape[:-1] + (1,))) * cdf[..., -1:]
+  return jnp.sum(cdf < u, axis=-1)
 
 
 # ----------------------------------------------------------------------------- profile
@@ -434,14 +443,15 @@ def main(argv=None):
   def ours_dera():
     realigner.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
 
-  unfused = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=n, eos_id=NEVER)
+  before = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=n, eos_id=NEVER)
 
-  def ours_dera_unfused():  # compiled on its first call with the flag off; kept after
-    saved, t5.FUSED_DECODE_PROJECTIONS = t5.FUSED_DECODE_PROJECTIONS, False
+  def ours_dera_before():  # compiled on its first call with the old step; kept after
+    saved = t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs
+    t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs = False, one_level_draw
     try:
-      unfused.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
+      before.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
     finally:
-      t5.FUSED_DECODE_PROJECTIONS = saved
+      t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs = saved
 
   prefill_fn = jax.jit(lambda params, x: decoding.init_caches((ref, al), params, x, n))
 
@@ -496,12 +506,12 @@ def main(argv=None):
     _write_json(args.json, report)
     return
 
-  names = {"dera": "deranj DeRa", "dera_unfused": "deranj DeRa, unfused projections",
+  names = {"dera": "deranj DeRa", "dera_before": "deranj DeRa, step as before #17",
            "prefill": "deranj DeRa prefill (part of DeRa)",
            "ref": "deranj ref only", "aligned": "deranj aligned only",
            "hf": "HF generate + DeRa processor", "sweep": "deranj 6-lam sweep (1 call)",
            "hf_sweep": "HF 6 separate runs"}
-  fns = {"dera": ours_dera, "dera_unfused": ours_dera_unfused, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
+  fns = {"dera": ours_dera, "dera_before": ours_dera_before, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
          "aligned": ours_single(al, al_p), "hf": hf_dera(0.5), "sweep": ours_sweep,
          "hf_sweep": hf_sweep}
   compiles = {}
@@ -547,7 +557,7 @@ def main(argv=None):
   dera_rl, single_rl, sweep_rl = rl(2, b), rl(1, b), rl(2, b * len(LAMS))
   floors = {"dera": dera_rl["floor_s"] + pf(2), "prefill": pf(2),
             "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
-            "dera_unfused": dera_rl["floor_s"] + pf(2), "hf": dera_rl["floor_s"] + pf(2),
+            "dera_before": dera_rl["floor_s"] + pf(2), "hf": dera_rl["floor_s"] + pf(2),
             "sweep": sweep_rl["floor_s"] + pf(2),
             "hf_sweep": len(LAMS) * (dera_rl["floor_s"] + pf(2))}
   binds = "memory" if 2 * dera_rl["memory_bound_steps"] >= n else "compute"
@@ -586,8 +596,8 @@ def main(argv=None):
   if {"dera", "ref", "aligned"} <= set(arms_wanted):
     ratios["time(DeRa) / (time(ref) + time(aligned))"] = [
         d / (r + a) for d, r, a in zip(*(times[names[k]] for k in ("dera", "ref", "aligned")))]
-  if {"dera", "dera_unfused"} <= set(arms_wanted):
-    ratios["time(DeRa) / time(DeRa, unfused projections)"] = per_round("dera", "dera_unfused")
+  if {"dera", "dera_before"} <= set(arms_wanted):
+    ratios["time(DeRa) / time(DeRa, step as before #17)"] = per_round("dera", "dera_before")
   if "dera" in arms_wanted:
     ratios["time(DeRa) / floor"] = [t / floors["dera"] for t in times[names["dera"]]]
   if {"dera", "prefill"} <= set(arms_wanted):

@@ -259,7 +259,7 @@ class Dense(nn.Module):
 # instead of three (and one [B, D] x [D, 2F] instead of two), each output element summed
 # as before (the same tokens bit for bit in bench_sampler's shape). Teacher forcing and
 # training keep separate matmuls. False restores the separate matmuls (bench_sampler's
-# `dera_unfused` arm times both in one run).
+# `dera_before` arm times both in one run).
 FUSED_DECODE_PROJECTIONS = True
 
 

@@ -219,21 +219,53 @@ def _kernel(params, fan_in: int):
   return params["kernel"].reshape(fan_in, -1)
 
 
-def decoder_matmuls(cfgs, params, x):
-  """Every decoder-layer matmul of one decode step of each model, chained: [rows, D] ->
-  [M, rows, D] (the weights' work without attention, norms or activations)."""
-  outs = []
+def fused_kernels(cfgs, params):
+  """Per model and decoder layer, the concatenated kernels a decoding step multiplies by
+  when t5.FUSED_DECODE_PROJECTIONS is on (q|k|v; wi_0|wi_1 when gated), else {}. The
+  sampler's loop has them hoisted: made once here, outside the timed piece."""
+  if not t5.FUSED_DECODE_PROJECTIONS:
+    return [{} for _ in cfgs]
+  out = []
   for cfg, p in zip(cfgs, params):
-    d, hk = cfg.d_model, cfg.num_heads * cfg.d_kv
+    d, layers = cfg.d_model, {}
+    for i in range(cfg.decoder_layers):
+      layer = p["decoder"][f"layers_{i}"]
+      sa, mlp = layer["self_attention"], layer["mlp"]
+      layers[i] = {"qkv": jnp.concatenate([_kernel(sa[n], d)
+                                           for n in ("query", "key", "value")], axis=1)}
+      if cfg.is_gated:
+        layers[i]["wi"] = jnp.concatenate([_kernel(mlp[n], d) for n in ("wi_0", "wi_1")],
+                                          axis=1)
+    out.append(layers)
+  return out
+
+
+def decoder_matmuls(cfgs, params, x, fused=None):
+  """Every decoder-layer matmul of one decode step of each model, chained: [rows, D] ->
+  [M, rows, D] (the weights' work without attention, norms or activations). `fused`:
+  `fused_kernels`, for the steps' fused input projections."""
+  outs = []
+  fused = fused or [{} for _ in cfgs]
+  for cfg, p, fk in zip(cfgs, params, fused):
+    d, hk, f = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
     h = x
     for i in range(cfg.decoder_layers):
       layer = p["decoder"][f"layers_{i}"]
       sa, ca, mlp = layer["self_attention"], layer["encoder_decoder_attention"], layer["mlp"]
-      qkv = sum(h @ _kernel(sa[n], d) for n in ("query", "key", "value"))
+      if i in fk:
+        y = h @ fk[i]["qkv"]
+        qkv = y[:, :hk] + y[:, hk:2 * hk] + y[:, 2 * hk:]
+      else:
+        qkv = sum(h @ _kernel(sa[n], d) for n in ("query", "key", "value"))
       h = h + qkv @ _kernel(sa["out"], hk)
       h = h + (h @ _kernel(ca["query"], d)) @ _kernel(ca["out"], hk)
-      inner = (h @ _kernel(mlp["wi_0"], d)) * (h @ _kernel(mlp["wi_1"], d)) if cfg.is_gated \
-          else h @ _kernel(mlp["wi"], d)
+      if i in fk and "wi" in fk[i]:
+        z = h @ fk[i]["wi"]
+        inner = z[:, :f] * z[:, f:]
+      elif cfg.is_gated:
+        inner = (h @ _kernel(mlp["wi_0"], d)) * (h @ _kernel(mlp["wi_1"], d))
+      else:
+        inner = h @ _kernel(mlp["wi"], d)
       h = h + inner @ _kernel(mlp["wo"], cfg.d_ff)
     outs.append(h)
   return jnp.stack(outs)
@@ -295,7 +327,8 @@ def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: fl
   # name, function, its arguments, the analytic parts it does (at the mean step)
   pieces = [
       ("decoder matmuls (q,k,v,o; cross q,o; MLP)",
-       lambda p, x: decoder_matmuls(cfgs, p, x), (params, x), ("decoder weights",)),
+       lambda p, fk, x: decoder_matmuls(cfgs, p, x, fk),
+       (params, fused_kernels(cfgs, params), x), ("decoder weights",)),
       ("attention (self over cache, cross over prompt)",
        lambda c, q: decoder_attention(cfgs, c, q), (caches, query),
        ("self-attention cache", "cross-attention K/V")),

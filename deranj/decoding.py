@@ -103,16 +103,35 @@ def mask_pad(logits: Array, pad_id: int) -> Array:
   return logits.at[..., pad_id].set(NEG_INF)
 
 
+CDF_BLOCK = 128  # sample_from_probs' block of ids
+
+
 def sample_from_probs(rng: Array, probs: Array) -> Array:
   """One draw per row of [B, V] probabilities by inverting the CDF.
 
   One uniform per row instead of Gumbel noise over the whole vocabulary: the same
   distribution at a fraction of the random bits (which dominate on CPU at V = 32k).
+  The CDF is inverted in two levels, as a prefix sum over the whole vocabulary costs
+  XLA:CPU several passes (a reduce-window tree): the block of CDF_BLOCK ids holding u
+  from the blocks' sums, then the id within that block. A zero-probability id is never
+  drawn: neither a block of zero mass nor, within a block, an id whose CDF equals the one
+  before it can be the first to reach u.
   """
-  cdf = jnp.cumsum(probs, axis=-1)
-  # u in (0, total]: a zero-probability token can never be the first with cdf >= u.
-  u = (1.0 - jax.random.uniform(rng, probs.shape[:-1] + (1,))) * cdf[..., -1:]
-  return jnp.sum(cdf < u, axis=-1)
+  *lead, vocab = probs.shape
+  blocks = -(-vocab // CDF_BLOCK)
+  padded = jnp.pad(probs, [(0, 0)] * len(lead) + [(0, blocks * CDF_BLOCK - vocab)])
+  padded = padded.reshape(*lead, blocks, CDF_BLOCK)
+  block_cdf = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)  # [..., blocks]
+  # u in (0, total]: (1 - uniform) <= 1, so u never exceeds the last block's CDF.
+  u = (1.0 - jax.random.uniform(rng, tuple(lead) + (1,))) * block_cdf[..., -1:]
+  block = jnp.sum(block_cdf < u, axis=-1, keepdims=True)  # first with CDF >= u
+  before = jnp.take_along_axis(jnp.pad(block_cdf, [(0, 0)] * len(lead) + [(1, 0)]), block,
+                               axis=-1)
+  inner = jnp.take_along_axis(padded, block[..., None], axis=-2)[..., 0, :]  # [..., BLOCK]
+  index = jnp.sum(jnp.cumsum(inner, axis=-1) < u - before, axis=-1, keepdims=True)
+  # Rounding may put u - before past the block's own sum: its last nonzero id then.
+  last = jnp.max(jnp.where(inner > 0, jnp.arange(CDF_BLOCK), 0), axis=-1, keepdims=True)
+  return (block * CDF_BLOCK + jnp.minimum(index, last))[..., 0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,10 @@ d_ff 1024 gated-GELU, vocab 32128), batch 16, 128-token prompts, 64 new tokens f
 
 Arms (--arms, comma-separated; all by default):
   dera      deranj DeRa (two KV-cached models in one compiled while_loop)
+  dera_before    the same sampler compiled as before issue #17's step changes: each
+            decoding step's q/k/v and wi_0/wi_1 as separate matmuls
+            (t5.FUSED_DECODE_PROJECTIONS off) and the draw by a prefix sum over the whole
+            vocabulary (`one_level_draw`): an A/B of those changes within one run
   prefill   its prefill alone: both encoders + cross-attention keys/values (part of dera)
   ref, aligned   deranj, one model only
   hf        transformers `generate` with a DeRa logits processor written as the official
@@ -67,10 +71,11 @@ from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj.models import build  # noqa: E402
 from deranj.models import hf  # noqa: E402
+from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
-ARMS = ("dera", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
+ARMS = ("dera", "dera_before", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
 LOAD_SPREAD = 0.2  # (max - min) / max of a probe across rounds above this: loaded
 F32 = 4  # bytes
 # Sampling ops, FLOPs per element (a transcendental counts 1): per model logit, the mix's
@@ -199,6 +204,14 @@ def make_dera_processor(ref_model, lam: float, prompt_ids, attention_mask):
   return DeRaLogitsProcessor()
 
 
+def one_level_draw(rng, probs):
+  """decoding.sample_from_probs before issue #17 (the dera_before arm): one prefix sum over
+  the whole vocabulary."""
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = (1.0 - jax.random.uniform(rng, probs.shape[:-1] + (1,))) * cdf[..., -1:]
+  return jnp.sum(cdf < u, axis=-1)
+
+
 # ----------------------------------------------------------------------------- profile
 
 
@@ -206,21 +219,53 @@ def _kernel(params, fan_in: int):
   return params["kernel"].reshape(fan_in, -1)
 
 
-def decoder_matmuls(cfgs, params, x):
-  """Every decoder-layer matmul of one decode step of each model, chained: [rows, D] ->
-  [M, rows, D] (the weights' work without attention, norms or activations)."""
-  outs = []
+def fused_kernels(cfgs, params):
+  """Per model and decoder layer, the concatenated kernels a decoding step multiplies by
+  when t5.FUSED_DECODE_PROJECTIONS is on (q|k|v; wi_0|wi_1 when gated), else {}. The
+  sampler's loop has them hoisted: made once here, outside the timed piece."""
+  if not t5.FUSED_DECODE_PROJECTIONS:
+    return [{} for _ in cfgs]
+  out = []
   for cfg, p in zip(cfgs, params):
-    d, hk = cfg.d_model, cfg.num_heads * cfg.d_kv
+    d, layers = cfg.d_model, {}
+    for i in range(cfg.decoder_layers):
+      layer = p["decoder"][f"layers_{i}"]
+      sa, mlp = layer["self_attention"], layer["mlp"]
+      layers[i] = {"qkv": jnp.concatenate([_kernel(sa[n], d)
+                                           for n in ("query", "key", "value")], axis=1)}
+      if cfg.is_gated:
+        layers[i]["wi"] = jnp.concatenate([_kernel(mlp[n], d) for n in ("wi_0", "wi_1")],
+                                          axis=1)
+    out.append(layers)
+  return out
+
+
+def decoder_matmuls(cfgs, params, x, fused=None):
+  """Every decoder-layer matmul of one decode step of each model, chained: [rows, D] ->
+  [M, rows, D] (the weights' work without attention, norms or activations). `fused`:
+  `fused_kernels`, for the steps' fused input projections."""
+  outs = []
+  fused = fused or [{} for _ in cfgs]
+  for cfg, p, fk in zip(cfgs, params, fused):
+    d, hk, f = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
     h = x
     for i in range(cfg.decoder_layers):
       layer = p["decoder"][f"layers_{i}"]
       sa, ca, mlp = layer["self_attention"], layer["encoder_decoder_attention"], layer["mlp"]
-      qkv = sum(h @ _kernel(sa[n], d) for n in ("query", "key", "value"))
+      if i in fk:
+        y = h @ fk[i]["qkv"]
+        qkv = y[:, :hk] + y[:, hk:2 * hk] + y[:, 2 * hk:]
+      else:
+        qkv = sum(h @ _kernel(sa[n], d) for n in ("query", "key", "value"))
       h = h + qkv @ _kernel(sa["out"], hk)
       h = h + (h @ _kernel(ca["query"], d)) @ _kernel(ca["out"], hk)
-      inner = (h @ _kernel(mlp["wi_0"], d)) * (h @ _kernel(mlp["wi_1"], d)) if cfg.is_gated \
-          else h @ _kernel(mlp["wi"], d)
+      if i in fk and "wi" in fk[i]:
+        z = h @ fk[i]["wi"]
+        inner = z[:, :f] * z[:, f:]
+      elif cfg.is_gated:
+        inner = (h @ _kernel(mlp["wi_0"], d)) * (h @ _kernel(mlp["wi_1"], d))
+      else:
+        inner = h @ _kernel(mlp["wi"], d)
       h = h + inner @ _kernel(mlp["wo"], cfg.d_ff)
     outs.append(h)
   return jnp.stack(outs)
@@ -282,7 +327,8 @@ def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: fl
   # name, function, its arguments, the analytic parts it does (at the mean step)
   pieces = [
       ("decoder matmuls (q,k,v,o; cross q,o; MLP)",
-       lambda p, x: decoder_matmuls(cfgs, p, x), (params, x), ("decoder weights",)),
+       lambda p, fk, x: decoder_matmuls(cfgs, p, x, fk),
+       (params, fused_kernels(cfgs, params), x), ("decoder weights",)),
       ("attention (self over cache, cross over prompt)",
        lambda c, q: decoder_attention(cfgs, c, q), (caches, query),
        ("self-attention cache", "cross-attention K/V")),
@@ -430,6 +476,16 @@ def main(argv=None):
   def ours_dera():
     realigner.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
 
+  before = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=n, eos_id=NEVER)
+
+  def ours_dera_before():  # compiled on its first call with the old step; kept after
+    saved = t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs
+    t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs = False, one_level_draw
+    try:
+      before.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
+    finally:
+      t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs = saved
+
   prefill_fn = jax.jit(lambda params, x: decoding.init_caches((ref, al), params, x, n))
 
   def ours_prefill():  # both encoders + cross-attention keys/values, once per prompt batch
@@ -483,11 +539,12 @@ def main(argv=None):
     _write_json(args.json, report)
     return
 
-  names = {"dera": "deranj DeRa", "prefill": "deranj DeRa prefill (part of DeRa)",
+  names = {"dera": "deranj DeRa", "dera_before": "deranj DeRa, step as before #17",
+           "prefill": "deranj DeRa prefill (part of DeRa)",
            "ref": "deranj ref only", "aligned": "deranj aligned only",
            "hf": "HF generate + DeRa processor", "sweep": "deranj 6-lam sweep (1 call)",
            "hf_sweep": "HF 6 separate runs"}
-  fns = {"dera": ours_dera, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
+  fns = {"dera": ours_dera, "dera_before": ours_dera_before, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
          "aligned": ours_single(al, al_p), "hf": hf_dera(0.5), "sweep": ours_sweep,
          "hf_sweep": hf_sweep}
   compiles = {}
@@ -533,7 +590,8 @@ def main(argv=None):
   dera_rl, single_rl, sweep_rl = rl(2, b), rl(1, b), rl(2, b * len(LAMS))
   floors = {"dera": dera_rl["floor_s"] + pf(2), "prefill": pf(2),
             "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
-            "hf": dera_rl["floor_s"] + pf(2), "sweep": sweep_rl["floor_s"] + pf(2),
+            "dera_before": dera_rl["floor_s"] + pf(2), "hf": dera_rl["floor_s"] + pf(2),
+            "sweep": sweep_rl["floor_s"] + pf(2),
             "hf_sweep": len(LAMS) * (dera_rl["floor_s"] + pf(2))}
   binds = "memory" if 2 * dera_rl["memory_bound_steps"] >= n else "compute"
   print(f"\nroofline per DeRa decode step (mean of {n} steps): "
@@ -571,6 +629,8 @@ def main(argv=None):
   if {"dera", "ref", "aligned"} <= set(arms_wanted):
     ratios["time(DeRa) / (time(ref) + time(aligned))"] = [
         d / (r + a) for d, r, a in zip(*(times[names[k]] for k in ("dera", "ref", "aligned")))]
+  if {"dera", "dera_before"} <= set(arms_wanted):
+    ratios["time(DeRa) / time(DeRa, step as before #17)"] = per_round("dera", "dera_before")
   if "dera" in arms_wanted:
     ratios["time(DeRa) / floor"] = [t / floors["dera"] for t in times[names["dera"]]]
   if {"dera", "prefill"} <= set(arms_wanted):

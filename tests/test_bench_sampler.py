@@ -83,6 +83,12 @@ def test_matmul_flops_match_xla():
   hk = cfg.num_heads * cfg.d_kv
   elementwise = 2 * cfg.decoder_layers * rows * (3 * hk + 3 * cfg.d_model + cfg.d_ff)
   assert parts["decoder weights"][1] <= mm["flops"] <= parts["decoder weights"][1] + elementwise
+  # The same count with the decoding steps' fused input projections.
+  fused = bench_sampler.fused_kernels([cfg] * 2, (params, params))
+  assert fused[0][0]["qkv"].shape == (cfg.d_model, 3 * hk)
+  mm = profiling.xla_cost(lambda p, fk, x: bench_sampler.decoder_matmuls([cfg] * 2, p, x, fk),
+                          (params, params), fused, x)
+  assert parts["decoder weights"][1] <= mm["flops"] <= parts["decoder weights"][1] + elementwise
 
 
 def test_roofline_sums_the_steps():

@@ -5,6 +5,7 @@ Each checkpoint is a random tiny config written with `save_pretrained` and read 
 sampler, `DecoderOnlyModel`'s scores and loss, the sampler and Realigner with two
 decoder-only models, and the loader's errors.
 """
+import functools
 import json
 import os
 
@@ -118,17 +119,18 @@ def test_logits_match_transformers(name, checkpoints):
     theirs = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
                    position_ids=torch.tensor(positions)).logits.numpy()
   net = decoder.Transformer(config)
-  ours = np.asarray(net.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask)))
+  apply = jax.jit(net.apply)  # op by op, every small op would compile on its own
+  ours = np.asarray(apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask)))
   assert ours.shape == theirs.shape
   _assert_logits_match(ours[mask], theirs[mask])
 
   # The same rows right-padded (and the full row with no mask at all): same logits.
   right = np.stack([np.roll(t, -int((~m).sum())) for t, m in zip(tokens, mask)])
   right_mask = np.stack([np.roll(m, -int((~m).sum())) for m in mask])
-  ours_right = np.asarray(net.apply({"params": params}, jnp.asarray(right),
-                                    jnp.asarray(right_mask)))
+  ours_right = np.asarray(apply({"params": params}, jnp.asarray(right),
+                                jnp.asarray(right_mask)))
   _assert_logits_match(ours_right[right_mask], theirs[mask])
-  unpadded = np.asarray(net.apply({"params": params}, jnp.asarray(tokens[:1])))
+  unpadded = np.asarray(apply({"params": params}, jnp.asarray(tokens[:1])))
   _assert_logits_match(unpadded[0], theirs[0])
 
 
@@ -172,10 +174,11 @@ def test_cache_prefill_and_steps_match_full_forward(checkpoints):
   _, config, params = checkpoints["mistral_sliding_window"]
   net = decoder.Transformer(config)
   tokens, mask = _prompts(4, length=16)
-  full = np.asarray(net.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask)))
-  logits, variables = net.apply({"params": params}, jnp.asarray(tokens[:, :6]),
-                                jnp.asarray(mask[:, :6]), decode=True, max_decode_length=16,
-                                mutable=["cache"])
+  full = np.asarray(jax.jit(net.apply)({"params": params}, jnp.asarray(tokens),
+                                       jnp.asarray(mask)))
+  prefill = jax.jit(lambda t, m: net.apply({"params": params}, t, m, decode=True,
+                                           max_decode_length=16, mutable=["cache"]))
+  logits, variables = prefill(jnp.asarray(tokens[:, :6]), jnp.asarray(mask[:, :6]))
   step = jax.jit(lambda cache, t, m: net.apply({"params": params, "cache": cache}, t, m,
                                                decode=True, mutable=["cache"]))
   steps = [np.asarray(logits)]
@@ -257,18 +260,21 @@ def test_hidden_states_are_what_the_head_reads(checkpoints):
   ours = _model(config)
   tokens, _ = _prompts(16)
   responses = _responses(17)
-  hidden = ours.hidden_states(params, jnp.asarray(tokens), jnp.asarray(responses))
+  # Compiled: op by op, every small op would compile on its own.
+  hidden = jax.jit(ours.hidden_states)(params, jnp.asarray(tokens), jnp.asarray(responses))
   assert hidden.shape == responses.shape + (config.hidden_size,)
-  logits = ours.logits(params, base.response_batch(jnp.asarray(tokens), jnp.asarray(responses)))
+  logits = jax.jit(ours.logits)(params, base.response_batch(jnp.asarray(tokens),
+                                                            jnp.asarray(responses)))
   via_head = np.asarray(hidden) @ np.asarray(params["token_embedder"]["embedding"]).T
   _assert_logits_match(via_head, np.asarray(logits))
   # Row r of a right-padded batch pools at its last token: the network's final hidden
   # state there, as one unpadded row gives it.
   joined = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
-  pooled = np.asarray(ours.pooled_hidden(params, jnp.asarray(joined)))
+  pooled = np.asarray(jax.jit(ours.pooled_hidden)(params, jnp.asarray(joined)))
   net = decoder.Transformer(config)
+  apply = jax.jit(functools.partial(net.apply, hidden=True))
   for row, n in zip(range(2), (4, 2)):
-    alone = net.apply({"params": params}, jnp.asarray(joined[row:row + 1, :n]), hidden=True)
+    alone = apply({"params": params}, jnp.asarray(joined[row:row + 1, :n]))
     assert_close_f32(pooled[row], alone[0, -1], SIZES["intermediate_size"],
                      np.abs(alone).max())
 

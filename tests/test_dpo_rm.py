@@ -381,6 +381,7 @@ def test_reward_model_beats_chance_on_held_out_pairs(rm_run):
 def test_exported_reward_model_gives_the_same_rewards(rm_run):
   model_dir, result, _ = rm_run
   model, params = reward_model.load_reward_model(model_dir)  # the run dir finds model/
+  rewards = jax.jit(model.rewards)  # one program for every call below
   trained = jax.device_get(result["state"].params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), trained)
   features = pipeline.load("embedded_news_preferences", "test", LENGTHS, max_examples=6,
@@ -388,13 +389,13 @@ def test_exported_reward_model_gives_the_same_rewards(rm_run):
   prompt = features["prompts"]
   for side in pipeline.PREFERENCE_SIDES:
     response = features[f"{side}_responses"]
-    loaded = model.rewards(params, prompt, response)
-    np.testing.assert_array_equal(loaded, model.rewards(trained, prompt, response))
+    loaded = rewards(params, prompt, response)
+    np.testing.assert_array_equal(loaded, rewards(trained, prompt, response))
   # The exported model ranks the held-out pairs as the run's evaluation did (one pair may
   # flip on float noise: the eval batches them differently).
   held_out = pipeline.load("embedded_news_preferences", "validation",
                            {"inputs": 32, "targets": 24}, keep_texts=False).features
-  chosen, rejected = (np.asarray(model.rewards(
+  chosen, rejected = (np.asarray(rewards(
       params, held_out["prompts"], held_out[f"{side}_responses"]))
       for side in ("chosen", "rejected"))
   accuracy = float(losses.bradley_terry_loss(chosen, rejected)[1])

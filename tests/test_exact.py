@@ -1,8 +1,10 @@
 """The enumerable world: enumeration, the closed-form optimum, token conditionals, DeRa
 on exact conditionals, and model scores over the set, each against a direct float64
 computation."""
+import functools
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
@@ -255,11 +257,16 @@ def _without_pad(logits):
   return out
 
 
+@functools.partial(jax.jit, static_argnums=0)  # op by op, each small op compiles alone
+def _jitted_logits(model, params, batch):
+  return model.logits(params, batch)
+
+
 def _logits(model, params, prompt, responses):
   targets = np.asarray(responses)
   batch = {"prompts": np.repeat(prompt[None], len(targets), 0),
            "responses": targets}
-  return model.logits(params, batch)
+  return _jitted_logits(model, params, batch)
 
 
 def test_sequence_logprobs_of_a_tiny_t5_against_its_logits():

@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,7 +63,9 @@ def _assert_logits_match(ours, theirs, config):
 
 def _ours(directory, enc, dec):
   config, params = hf.load_t5(directory)
-  logits = t5.Transformer(config).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec))
+  # Compiled: op by op, each small op of the network compiles on its own.
+  logits = jax.jit(t5.Transformer(config).apply)({"params": params}, jnp.asarray(enc),
+                                                 jnp.asarray(dec))
   return config, params, np.asarray(logits)
 
 
@@ -139,7 +142,7 @@ def test_loaded_model_scores_like_transformers(tmp_path):
                 labels=torch.tensor(np.where(targets > 0, targets, -100)))
   n = (targets > 0).sum()
   # A sum of n log-probabilities (all < 0): relative rounding of n softmaxes over V.
-  assert_close_f32(float(ours.score_batch(params, batch).sum()), -float(out.loss) * n,
+  assert_close_f32(float(jax.jit(ours.score_batch)(params, batch).sum()), -float(out.loss) * n,
                    CONFIGS["t5_1_1"]["vocab_size"])
 
 

@@ -1,6 +1,8 @@
 """RL and preference objectives on a NO_PAD decoder-only model (every id a token, -1 fills
 after EOS): id 0 inside a response counts as a token in masks, lengths, rewards and losses,
 against float64 NumPy on a tiny batch."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +41,15 @@ def tiny():
   return model, tiny_models.random_params(model, 0), tiny_models.random_params(model, 1)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # op by op, each small op compiles alone
+def _logits(model, params, prompts, responses):
+  return model.logits(params, base.response_batch(prompts, responses))
+
+
 def _token_logp(model, params, prompts, responses):
   """float64 (log pi of each response token [B, T], 0 on NO_PAD; logits [B, T, V])."""
-  logits = np.asarray(model.logits(params, base.response_batch(
-      jnp.asarray(prompts), jnp.asarray(responses))), np.float64)
+  logits = np.asarray(_logits(model, params, jnp.asarray(prompts), jnp.asarray(responses)),
+                      np.float64)
   m = logits.max(-1, keepdims=True)
   logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
   token = np.take_along_axis(logp, np.maximum(responses, 0)[..., None], -1)[..., 0]
@@ -89,7 +96,7 @@ def test_policy_gradient_loss_counts_token_zero(tiny):
            "loss_weights": jnp.asarray(RESPONSES != X, jnp.float32),
            "ref_logp": jnp.asarray(ref_logp.sum(-1), jnp.float32),
            "scores": jnp.asarray(scores, jnp.float32)}
-  loss, metrics = objective.loss(params, None, batch, None)
+  loss, metrics = jax.jit(objective.loss)(params, None, batch, None)
 
   token_logp, logits = _token_logp(model, params, prompts, RESPONSES)
   seq = token_logp.sum(-1)
@@ -116,7 +123,7 @@ def test_dpo_loss_counts_token_zero(tiny, loss_type):
   batch = {"prompts": jnp.asarray(PROMPTS),
            "chosen_responses": jnp.asarray(RESPONSES[[0, 2]]),
            "rejected_responses": jnp.asarray(RESPONSES[[1, 3]])}
-  loss, metrics = objective.loss(params, ref_params, batch, None)
+  loss, metrics = jax.jit(objective.loss)(params, ref_params, batch, None)
 
   def logps(p, rows):
     token_logp, logits = _token_logp(model, p, PROMPTS, RESPONSES[rows])

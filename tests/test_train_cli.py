@@ -85,8 +85,12 @@ def test_ctrl_c_during_a_save_exits_in_one_line_with_the_checkpoint_intact(tmp_p
       command(f"--gin.MODEL_DIR='{model_dir}'", "--gin.SFT_STEPS=1000",
               "--gin.CHECKPOINT_EVERY=1", "--gin.train.eval_split=None"),
       cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  # Aim at a save in progress: orbax's temporary directory of step 2 or later.
+  # Aim at a save in progress: orbax's temporary directory of step 2 or later. Polled
+  # slowly until the first checkpoint (a busy loop would take a core from the start-up).
   deadline = time.time() + 120
+  while (proc.poll() is None and time.time() < deadline
+         and not os.path.isdir(os.path.join(ckpt_dir, "1"))):
+    time.sleep(0.05)
   while proc.poll() is None and time.time() < deadline:
     names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
     if any("tmp" in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) >= 2

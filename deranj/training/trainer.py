@@ -125,6 +125,12 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
   os.makedirs(model_dir, exist_ok=True)
   with contextlib.ExitStack() as cleanup:  # closed in reverse: the lock last
     cleanup.enter_context(checkpoints.RunLock(model_dir))
+    # INIT_CHECKPOINT is read before TensorFlow loads (the logger's writers, the data): a
+    # bad one stops the run at once.
+    model = objective.model
+    base_params = None
+    if init_checkpoint:
+      base_params = checkpoints.load_init_params(init_checkpoint, model.param_shapes())
     log = metrics_lib.MetricsLogger(model_dir, num_steps, stream=stream)
     cleanup.callback(log.close)
     log.line(f"[setup] {objective.name} on {task!r} in {model_dir}")
@@ -152,10 +158,7 @@ def train(*, model_dir: str = gin.REQUIRED, objective: objectives.Objective = gi
 
     # Params: INIT_CHECKPOINT (or random) -> the objective's trainable and frozen trees.
     init_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-    model = objective.model
-    base_params = None
     if init_checkpoint:
-      base_params = checkpoints.load_init_params(init_checkpoint, model.param_shapes())
       log.line(f"[setup] initialised from {init_checkpoint}")
     elif objective.frozen_logical_axes():
       raise TrainingError(f"the {objective.name} objective needs train.init_checkpoint (the "

@@ -337,6 +337,52 @@ def policy_gradient_loss(seq_logprobs: Array, rewards: Array,
   return loss, jax.lax.stop_gradient(metrics)
 
 
+def token_kl(policy_logits: Array, ref_logits: Array, mask: Array) -> Array:
+  """KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t)) at each response position, summed over the
+  vocabulary: [B, T, V] x 2 -> [B, T] float32, 0 where `mask` is 0.
+
+  Logits as the sampler draws from them (PAD masked with a finite -1e10: its
+  probability is 0 under both, so it adds 0).
+  """
+  logp = jax.nn.log_softmax(policy_logits.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1) * mask
+
+
+def kl_penalty_loss(token_logprobs: Array, token_kls: Array, mask: Array,
+                    num_samples: int) -> tuple[Array, Array]:
+  """A loss whose gradient estimates grad KL(pi_theta || pi_ref) from sampled responses,
+  with the per-token KLs computed exactly instead of the sampled log-ratio.
+
+  KL(pi || pi_ref) = E_y sum_t k_t(y_<t) with k_t the analytic per-token KL
+  (`token_kl`), so its gradient is E_y [sum_t grad k_t + sum_t grad log pi(y_t|y_<t)
+  * G_t], G_t = sum_{s>t} k_s (k_s does not depend on y_t for s <= t). The second term
+  subtracts from G_t the mean G_t of the prompt's other samples at the same position
+  (independent of this sample, so unbiased). Same expectation as REINFORCE on
+  -(log pi - log pi_ref), far lower variance: no sampled log-ratio.
+
+  Args:
+    token_logprobs: [P * N, T] log pi(y_t | x, y_<t), 0 on padding; differentiable.
+    token_kls: [P * N, T] `token_kl`, differentiable.
+    mask: [P * N, T] response tokens.
+    num_samples: N; rows p * N .. p * N + N - 1 share prompt p. N = 1: no baseline.
+
+  Returns:
+    (per-row surrogate [P * N] whose mean is the loss; the analytic sequence KL [P * N],
+    sum_t k_t, stop-gradient).
+  """
+  mask = mask.astype(jnp.float32)
+  k = token_kls * mask
+  kl_to_go = jax.lax.stop_gradient(jnp.cumsum(k[:, ::-1], axis=1)[:, ::-1] - k)
+  if num_samples > 1:
+    b, t = kl_to_go.shape
+    grouped = kl_to_go.reshape(b // num_samples, num_samples, t)
+    baseline = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (num_samples - 1)
+    kl_to_go = (grouped - baseline).reshape(b, t)
+  surrogate = jnp.sum(k, axis=1) + jnp.sum(token_logprobs * mask * kl_to_go, axis=1)
+  return surrogate, jax.lax.stop_gradient(jnp.sum(k, axis=1))
+
+
 # ----------------------------------------------------------------------------- optimum
 
 

@@ -206,9 +206,13 @@ def sample_rollout(model: models_base.EncoderDecoderModel, params: Params, promp
 
 def token_logprobs(model: models_base.EncoderDecoderModel, params: Params,
                    rollout: Rollout) -> tuple[Array, Array]:
-  """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V]).
-  A prompt's samples share one encoding."""
-  return model.token_logprobs(params, rollout.unique_prompts, rollout.responses)
+  """(log-probabilities of the response tokens [B, T], 0 on padding; logits [B, T, V]) of
+  the distribution the sampler draws from: PAD's logit masked (`decoding.mask_pad`), as
+  the policy never emits it, so gradients and KLs are of the sampled policy. A prompt's
+  samples share one encoding."""
+  batch = models_base.response_batch(rollout.unique_prompts, rollout.responses)
+  logits = decoding.mask_pad(model.logits(params, batch), model.pad_id)
+  return models_base.masked_log_likelihood(logits, rollout.responses, rollout.mask), logits
 
 
 def count_nonfinite(*arrays: Array) -> Array:

@@ -8,8 +8,11 @@ Arms (--arms, comma-separated; all by default):
   dera      deranj DeRa (two KV-cached models in one compiled while_loop)
   dera_before    the same sampler compiled as before issue #17's step changes: each
             decoding step's q/k/v and wi_0/wi_1 as separate matmuls
-            (t5.FUSED_DECODE_PROJECTIONS off) and the draw by a prefix sum over the whole
+            (T5Config.fuse_decode_projections off) and the draw by a prefix sum over the whole
             vocabulary (`one_level_draw`): an A/B of those changes within one run
+  dera_bf16 the same sampler with both models' weights and activations in bfloat16
+            (T5Config.dtype; logits, softmaxes and the mix stay float32); prints how many
+            tokens match float32 DeRa's and the largest |log q| difference
   prefill   its prefill alone: both encoders + cross-attention keys/values (part of dera)
   ref, aligned   deranj, one model only
   hf        transformers `generate` with a DeRa logits processor written as the official
@@ -53,6 +56,7 @@ analysis and the analytic counts beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -71,11 +75,11 @@ from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj.models import build  # noqa: E402
 from deranj.models import hf  # noqa: E402
-from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
-ARMS = ("dera", "dera_before", "prefill", "ref", "aligned", "hf", "sweep", "hf_sweep")
+ARMS = ("dera", "dera_before", "dera_bf16", "prefill", "ref", "aligned", "hf", "sweep",
+        "hf_sweep")
 LOAD_SPREAD = 0.2  # (max - min) / max of a probe across rounds above this: loaded
 F32 = 4  # bytes
 # Sampling ops, FLOPs per element (a transcendental counts 1): per model logit, the mix's
@@ -221,12 +225,13 @@ def _kernel(params, fan_in: int):
 
 def fused_kernels(cfgs, params):
   """Per model and decoder layer, the concatenated kernels a decoding step multiplies by
-  when t5.FUSED_DECODE_PROJECTIONS is on (q|k|v; wi_0|wi_1 when gated), else {}. The
+  when T5Config.fuse_decode_projections is on (q|k|v; wi_0|wi_1 when gated), else {}. The
   sampler's loop has them hoisted: made once here, outside the timed piece."""
-  if not t5.FUSED_DECODE_PROJECTIONS:
-    return [{} for _ in cfgs]
   out = []
   for cfg, p in zip(cfgs, params):
+    if not cfg.fuse_decode_projections:
+      out.append({})
+      continue
     d, layers = cfg.d_model, {}
     for i in range(cfg.decoder_layers):
       layer = p["decoder"][f"layers_{i}"]
@@ -476,15 +481,28 @@ def main(argv=None):
   def ours_dera():
     realigner.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
 
-  before = dera.Realigner(ref, ref_p, al, al_p, max_decode_len=n, eos_id=NEVER)
+  unfused = [build.build_model(dataclasses.replace(c, fuse_decode_projections=False),
+                               z_loss=0.0) for c in (ref_cfg, al_cfg)]
+  before = dera.Realigner(unfused[0], ref_p, unfused[1], al_p, max_decode_len=n,
+                          eos_id=NEVER)
 
-  def ours_dera_before():  # compiled on its first call with the old step; kept after
-    saved = t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs
-    t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs = False, one_level_draw
+  def ours_dera_before():  # compiled on its first call with the old draw; kept after
+    saved = decoding.sample_from_probs
+    decoding.sample_from_probs = one_level_draw
     try:
       before.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
     finally:
-      t5.FUSED_DECODE_PROJECTIONS, decoding.sample_from_probs = saved
+      decoding.sample_from_probs = saved
+
+  half = [build.build_model(dataclasses.replace(c, dtype=jnp.bfloat16,
+                                                param_dtype=jnp.bfloat16), z_loss=0.0)
+          for c in (ref_cfg, al_cfg)]
+  to_bf16 = lambda p: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), p)
+  bf16 = dera.Realigner(half[0], to_bf16(ref_p), half[1], to_bf16(al_p), max_decode_len=n,
+                        eos_id=NEVER)
+
+  def ours_dera_bf16():
+    bf16.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
 
   prefill_fn = jax.jit(lambda params, x: decoding.init_caches((ref, al), params, x, n))
 
@@ -540,11 +558,13 @@ def main(argv=None):
     return
 
   names = {"dera": "deranj DeRa", "dera_before": "deranj DeRa, step as before #17",
+           "dera_bf16": "deranj DeRa, bfloat16",
            "prefill": "deranj DeRa prefill (part of DeRa)",
            "ref": "deranj ref only", "aligned": "deranj aligned only",
            "hf": "HF generate + DeRa processor", "sweep": "deranj 6-lam sweep (1 call)",
            "hf_sweep": "HF 6 separate runs"}
-  fns = {"dera": ours_dera, "dera_before": ours_dera_before, "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
+  fns = {"dera": ours_dera, "dera_before": ours_dera_before, "dera_bf16": ours_dera_bf16,
+         "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
          "aligned": ours_single(al, al_p), "hf": hf_dera(0.5), "sweep": ours_sweep,
          "hf_sweep": hf_sweep}
   compiles = {}
@@ -591,6 +611,7 @@ def main(argv=None):
   floors = {"dera": dera_rl["floor_s"] + pf(2), "prefill": pf(2),
             "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
             "dera_before": dera_rl["floor_s"] + pf(2), "hf": dera_rl["floor_s"] + pf(2),
+            "dera_bf16": dera_rl["floor_s"] + pf(2),  # float32's: the table's common floor
             "sweep": sweep_rl["floor_s"] + pf(2),
             "hf_sweep": len(LAMS) * (dera_rl["floor_s"] + pf(2))}
   binds = "memory" if 2 * dera_rl["memory_bound_steps"] >= n else "compute"
@@ -631,6 +652,17 @@ def main(argv=None):
         d / (r + a) for d, r, a in zip(*(times[names[k]] for k in ("dera", "ref", "aligned")))]
   if {"dera", "dera_before"} <= set(arms_wanted):
     ratios["time(DeRa) / time(DeRa, step as before #17)"] = per_round("dera", "dera_before")
+  if {"dera", "dera_bf16"} <= set(arms_wanted):
+    ratios["time(DeRa, bfloat16) / time(DeRa)"] = per_round("dera_bf16", "dera")
+    full, low = (r.sample(prompts_j, 0.5, rng) for r in (realigner, bf16))
+    same = float(jnp.mean(full.tokens == low.tokens))
+    first = int(jnp.argmax(jnp.any(full.tokens != low.tokens, axis=0))) if same < 1 else n
+    logq_err = float(jnp.max(jnp.abs(full.logq - low.logq)) / jnp.max(jnp.abs(full.logq)))
+    report["bf16_agreement"] = dict(same_tokens=same, first_differing_step=first,
+                                    logq_max_relative_difference=logq_err)
+    print(f"\nbfloat16 DeRa against float32: {same:.1%} of tokens the same, the first "
+          f"difference at step {first} of {n}; log q of the samples differs by up to "
+          f"{logq_err:.1e} of its largest value")
   if "dera" in arms_wanted:
     ratios["time(DeRa) / floor"] = [t / floors["dera"] for t in times[names["dera"]]]
   if {"dera", "prefill"} <= set(arms_wanted):

@@ -53,6 +53,13 @@ class T5Config:
   tie_word_embeddings: bool = True
   dtype: DType = jnp.float32  # activations
   param_dtype: DType = jnp.float32
+  # Decoding steps (one token against the cache) read the input projections that share
+  # an input (self-attention q/k/v; the gated MLP's wi_0/wi_1) as one matmul over their
+  # concatenated kernels, which XLA hoists out of the sampler's loop: one [B, D] x
+  # [D, 3HK] matmul per step instead of three, each output element summed as before.
+  # Teacher forcing and training keep separate matmuls; the parameters are the same
+  # either way (bench_sampler's `dera_before` arm times both in one run).
+  fuse_decode_projections: bool = True
 
   def __post_init__(self):
     if self.feed_forward_proj not in ("relu", "gated-gelu", "gelu", "gated-relu"):
@@ -252,15 +259,6 @@ class Dense(nn.Module):
     return y.reshape(*lead, *self.features)
 
 
-# Decoding steps (one token against the cache) read the input projections that share an
-# input (self-attention query/key/value; the gated MLP's wi_0/wi_1) as one matmul over
-# their concatenated kernels. The concatenation depends only on the parameters, so XLA
-# hoists it out of the sampler's while loop: each step runs one [B, D] x [D, 3HK] matmul
-# instead of three (and one [B, D] x [D, 2F] instead of two), each output element summed
-# as before (the same tokens bit for bit in bench_sampler's shape). Teacher forcing and
-# training keep separate matmuls. False restores the separate matmuls (bench_sampler's
-# `dera_before` arm times both in one run).
-FUSED_DECODE_PROJECTIONS = True
 
 
 def _fused_dense(denses: list[Dense], x: Array) -> list[Array]:
@@ -291,7 +289,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x: Array, deterministic: bool, fused: bool = False) -> Array:
     cfg = self.config
     dense = functools.partial(Dense, in_axes=(EMBED,), out_axes=(MLP,), config=cfg)
-    if cfg.is_gated and fused and FUSED_DECODE_PROJECTIONS:
+    if cfg.is_gated and fused and cfg.fuse_decode_projections:
       gate, linear = _fused_dense([dense((cfg.d_ff,), name=n) for n in ("wi_0", "wi_1")], x)
       h = cfg.activation(gate) * linear
     elif cfg.is_gated:
@@ -328,7 +326,7 @@ class Attention(nn.Module):
       query = self._heads_major(self._proj("query")(x))  # [B, H, Q, K]
       key, value = self._cross_kv(kv, decode)  # [B, H, S, K]
     else:
-      if decode and decode_index is not None and FUSED_DECODE_PROJECTIONS:
+      if decode and decode_index is not None and cfg.fuse_decode_projections:
         query, key, value = (self._heads_major(y) for y in _fused_dense(
             [self._proj(n) for n in ("query", "key", "value")], x))
       else:

@@ -13,6 +13,7 @@ from deranj.models import build
 from deranj.training import losses
 from deranj.training import objectives
 from deranj.training import policy_gradient
+from deranj.training import rollouts
 
 CONTENT = (2, 3, 4, 5)
 L = 3
@@ -93,7 +94,7 @@ def _relative_error(got, want):
 
 
 def _objective(setup, kl_estimator):
-  world, model, _, ref, _ = setup
+  _, model, _, ref, _ = setup
   pg = policy_gradient.PolicyGradient(model, exact.GoldReward(CONTENT), beta=BETA,
                                       num_samples=2, max_decode_len=L,
                                       kl_estimator=kl_estimator)
@@ -111,9 +112,7 @@ def test_expected_gradient_is_the_exact_gradient(setup, kl_estimator):
 def test_the_check_tells_a_biased_kl_gradient(setup):
   """Dropping the KL-to-go term (only the per-token KLs' own gradient, a common shortcut)
   is biased: the same check fails by far more than its tolerance."""
-  world, model, _, ref, _ = setup
-  del world
-  from deranj.training import rollouts  # pylint: disable=g-import-not-at-top
+  _, model, _, ref, _ = setup
 
   def shortcut(params, batch):
     ro = rollouts.Rollout.from_batch(batch, num_samples=2, pad_id=0)
@@ -125,6 +124,16 @@ def test_the_check_tells_a_biased_kl_gradient(setup):
 
   want = jax.tree_util.tree_map(lambda g: -g, _exact_gradient(setup))
   assert _relative_error(_expected_loss_gradient(setup, shortcut), want) > 30 * TOL
+
+
+def test_the_check_tells_log_probs_with_pad_in_the_softmax(setup, monkeypatch):
+  """The fixture's model puts mass on PAD, so log-probabilities of the model's own softmax
+  (PAD included, never sampled) are not the sampled policy's: the check fails."""
+  monkeypatch.setattr(rollouts, "token_logprobs", lambda model, params, ro: (
+      model.token_logprobs(params, ro.unique_prompts, ro.responses)))
+  want = jax.tree_util.tree_map(lambda g: -g, _exact_gradient(setup))
+  got = _expected_loss_gradient(setup, _objective(setup, "sampled"))
+  assert _relative_error(got, want) > 30 * TOL
 
 
 def test_kl_penalty_loss_against_hand_values():

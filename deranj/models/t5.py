@@ -259,8 +259,6 @@ class Dense(nn.Module):
     return y.reshape(*lead, *self.features)
 
 
-
-
 def _fused_dense(denses: list[Dense], x: Array) -> list[Array]:
   """[d(x) for d in denses] as one matmul; the Dense modules must share x's input axis
   and exist already (an apply on initialised parameters)."""

@@ -103,6 +103,17 @@ def mask_pad(logits: Array, pad_id: int) -> Array:
   return logits.at[..., pad_id].set(NEG_INF)
 
 
+def sampled_token_logprobs(model: models_base.Model, params, prompts: Array,
+                           responses: Array) -> tuple[Array, Array]:
+  """Teacher-forced log-probabilities of the distribution `sample` draws from (PAD's
+  logit masked, as it is never emitted): ([B, T], 0 on padding; logits [B, T, V], PAD
+  masked). `prompts` [B, S], or [B / N, S] for N adjacent responses per prompt."""
+  batch = models_base.response_batch(prompts, responses)
+  logits = mask_pad(model.logits(params, batch), model.pad_id)
+  return models_base.masked_log_likelihood(
+      logits, responses, models_base.loss_weights(batch, model.pad_id)), logits
+
+
 CDF_BLOCK = 128  # sample_from_probs' block of ids
 
 

@@ -247,9 +247,7 @@ def _batched_scores(score: Callable, prompts, responses, batch_size: int) -> np.
 def _scores(model, params, enc, targets, exclude_pad):
   if not exclude_pad:
     return model.sequence_logprobs(params, enc, targets)
-  batch = models_base.response_batch(enc, targets)
-  logits = decoding.mask_pad(model.logits(params, batch), PAD_ID)
-  return jnp.sum(models_base.masked_log_likelihood(logits, targets), axis=-1)
+  return jnp.sum(decoding.sampled_token_logprobs(model, params, enc, targets)[0], axis=-1)
 
 
 _model_scores = jax.jit(_scores, static_argnums=(0, 4))

@@ -210,9 +210,8 @@ def token_logprobs(model: models_base.EncoderDecoderModel, params: Params,
   the distribution the sampler draws from: PAD's logit masked (`decoding.mask_pad`), as
   the policy never emits it, so gradients and KLs are of the sampled policy. A prompt's
   samples share one encoding."""
-  batch = models_base.response_batch(rollout.unique_prompts, rollout.responses)
-  logits = decoding.mask_pad(model.logits(params, batch), model.pad_id)
-  return models_base.masked_log_likelihood(logits, rollout.responses, rollout.mask), logits
+  return decoding.sampled_token_logprobs(model, params, rollout.unique_prompts,
+                                         rollout.responses)
 
 
 def count_nonfinite(*arrays: Array) -> Array:

@@ -105,14 +105,26 @@ def compiled_cost(compiled) -> dict[str, float]:
           "bytes": float(cost.get("bytes accessed", math.nan))}
 
 
+MATMUL_LOOP_FLOPS = 2e8  # per timed probe call: ~1 ms at 200 GFLOP/s
+MATMUL_LOOP_MAX_REPS = 1000
+
+
+def _repeated_matmul(a: jax.Array, b: jax.Array, reps: int) -> jax.Array:
+  """sum_i (a + i) @ b: `reps` matmuls; the shift keeps XLA from hoisting the product."""
+  def body(i, acc):
+    return acc + (a + i.astype(a.dtype)) @ b
+  return jax.lax.fori_loop(0, reps, body, jnp.zeros((a.shape[0], b.shape[1]), a.dtype))
+
+
 class Probes:
   """What this machine can do right now: memory bandwidth and matmul rates.
 
   `read`: a full reduction over a large array (each byte read once: a decode step
   streams its weights this way); `copy`: x + 1 in place over as many bytes (read +
   write);
-  `matmuls`: [m, k] x [k, n] float32 at the given shapes, as FLOP/s. Each number is
-  the best of `repeats` calls.
+  `matmuls`: [m, k] x [k, n] float32 at the given shapes, as FLOP/s: the matmul
+  repeated inside one compiled loop (at least MATMUL_LOOP_FLOPS per call), so a small
+  shape's rate is not its dispatch overhead. Each number is the best of `repeats` calls.
   """
 
   def __init__(self, matmul_shapes: dict[str, tuple[int, int, int]], megabytes: int = 512,
@@ -129,8 +141,9 @@ class Probes:
     for name, (m, k, n) in matmul_shapes.items():
       a = jnp.asarray(rng.standard_normal((m, k), np.float32))
       b = jnp.asarray(rng.standard_normal((k, n), np.float32))
-      self._matmuls[name] = (a, b, 2.0 * m * k * n)
-    self._mm = jax.jit(jnp.matmul)
+      reps = min(MATMUL_LOOP_MAX_REPS, math.ceil(MATMUL_LOOP_FLOPS / (2.0 * m * k * n)))
+      self._matmuls[name] = (a, b, reps * 2.0 * m * k * n, reps)
+    self._mm = jax.jit(_repeated_matmul, static_argnums=2)
     self.measure()  # compile everything once
 
   def _best(self, fn) -> float:
@@ -151,6 +164,7 @@ class Probes:
     nbytes = self._big.nbytes
     out = {"read": nbytes / self._best(lambda: self._sum(self._big).block_until_ready()),
            "copy": 2 * nbytes / self._best(self._copy_once)}
-    for name, (a, b, flops) in self._matmuls.items():
-      out[f"matmul {name}"] = flops / self._best(lambda: self._mm(a, b).block_until_ready())
+    for name, (a, b, flops, reps) in self._matmuls.items():
+      out[f"matmul {name}"] = flops / self._best(
+          lambda: self._mm(a, b, reps).block_until_ready())
     return out

@@ -38,9 +38,14 @@ The floor is a roofline, counted analytically from the T5 config and shapes
   FLOPs  2 per multiply-add of every matmul (weights, attention scores and contexts
          over t + 1 and over the prompt, head), plus VOCAB_FLOPS_PER_MODEL per logit and
          VOCAB_FLOPS_MIXED per mixed logit for the sampling ops.
-floor = sum over steps of max(bytes / read bandwidth, FLOPs / matmul rate), with the
-median probes of this run: the reduction's bandwidth (weights are streamed, not
-copied) and the best of the decode-shape matmul rates. The prefill's floor is counted
+floor = sum over steps of max(bytes / read bandwidth, FLOPs time), with the median
+probes of this run: the reduction's bandwidth (weights are streamed, not copied) and,
+for the FLOPs, each weight matmul at the rate probed at its own shape (`weight_matmuls`:
+[B, d_model] x [d_model, 3 H K] for the fused q|k|v, ..., [B, d_model] x [d_model, V]
+for a head), attention's and the vocabulary ops' few FLOPs at the best of those rates.
+A second, higher floor sums the same max part by part (weights, cache, cross K/V,
+heads, vocabulary ops), as if they ran one after another with no overlap of one
+part's memory traffic with another's arithmetic. The prefill's floor is counted
 the same way (encoders and cross-attention keys/values, at the [B*S, d_model] x
 [d_model, d_ff] matmul rate) and added for the whole-call arms.
 
@@ -56,13 +61,16 @@ analysis and the analytic counts beside them.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from typing import Mapping, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -133,30 +141,85 @@ def prefill_cost(cfg: build.T5Config, *, models: int, prompts: int, prompt_len: 
   return models * F32 * (weights + kv_written + tokens * d), models * 2.0 * macs
 
 
+def weight_matmuls(cfg: build.T5Config, *, rows: int) -> dict[tuple[int, int, int], int]:
+  """{(m, k, n): count}: the [m, k] x [k, n] weight matmuls of one model's decode step.
+
+  As the sampler does them (T5Config.fuse_decode_projections): self-attention q|k|v as one
+  matmul, o; cross-attention q, o (its keys/values are projected at prefill); the MLP's
+  wi (wi_0|wi_1 when gated) and wo, per decoder layer; the output head once.
+  """
+  d, hk, f, v = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
+  layers = cfg.decoder_layers
+  mlp_in = 2 if cfg.is_gated else 1
+  counts = collections.Counter()
+  for shape, per_layer in (((rows, d, 3 * hk), 1), ((rows, hk, d), 2), ((rows, d, hk), 1),
+                           ((rows, d, mlp_in * f), 1), ((rows, f, d), 1)):
+    counts[shape] += per_layer * layers
+  counts[(rows, d, v)] += 1
+  return dict(counts)
+
+
+def matmul_probe_name(shape: tuple[int, int, int]) -> str:
+  m, k, n = shape
+  return f"[{m},{k}]x[{k},{n}]"
+
+
+def _compute_seconds(cfg, parts, *, models, rows, matmul_rate) -> dict[str, float]:
+  """{part: seconds} of its FLOPs: the weight matmuls each at its own shape's rate when
+  `matmul_rate` maps shapes to FLOP/s, the rest (attention, vocabulary ops) at the best."""
+  if not isinstance(matmul_rate, Mapping):
+    return {name: fl / matmul_rate for name, (_, fl) in parts.items()}
+  head = (rows, cfg.d_model, cfg.vocab_size)
+  own = lambda shapes: models * sum(2.0 * math.prod(sh) * c / matmul_rate[sh]
+                                    for sh, c in shapes.items())
+  layer_shapes = weight_matmuls(cfg, rows=rows)
+  head_count = layer_shapes.pop(head)
+  if head_count > 1:  # a layer shape equal to the head's
+    layer_shapes[head] = head_count - 1
+  best = max(matmul_rate.values())
+  seconds = {name: fl / best for name, (_, fl) in parts.items()}
+  seconds["decoder weights"] = own(layer_shapes)
+  seconds["output heads"] = own({head: 1})
+  return seconds
+
+
 def roofline(cfg, *, models, rows, prompts, prompt_len, steps, read_bw, matmul_rate):
-  """Per-step counts summed over `steps` decode steps, and the floor at these rates."""
-  total_bytes = total_flops = floor = mem_s = comp_s = 0.0
+  """Per-step counts summed over `steps` decode steps, and the floor at these rates.
+
+  `matmul_rate`: FLOP/s, one number for all FLOPs, or {(m, k, n): FLOP/s} covering
+  `weight_matmuls(cfg, rows=rows)` (each matmul at its own shape's rate; the other FLOPs
+  at the best of them). `floor_s` sums max(bytes / read_bw, FLOPs time) per step (memory
+  and compute overlap within a step); `floor_by_part_s` sums it per part per step (the
+  parts run one after another, as XLA:CPU runs a step's ops), never lower.
+  """
+  total_bytes = total_flops = floor = by_part_floor = mem_s = comp_s = 0.0
   memory_bound = 0
   by_part = {}
   for t in range(steps):
     parts = decode_step_cost(cfg, models=models, rows=rows, prompts=prompts,
                              prompt_len=prompt_len, position=t)
+    comp_by_part = _compute_seconds(cfg, parts, models=models, rows=rows,
+                                    matmul_rate=matmul_rate)
     nbytes = sum(b for b, _ in parts.values())
     flops = sum(fl for _, fl in parts.values())
     for name, (b, fl) in parts.items():
-      acc = by_part.setdefault(name, [0.0, 0.0])
+      acc = by_part.setdefault(name, [0.0, 0.0, 0.0])
       acc[0] += b / steps
       acc[1] += fl / steps
+      acc[2] += max(b / read_bw, comp_by_part[name]) / steps
+      by_part_floor += max(b / read_bw, comp_by_part[name])
     total_bytes += nbytes
     total_flops += flops
-    mem, comp = nbytes / read_bw, flops / matmul_rate
+    mem, comp = nbytes / read_bw, sum(comp_by_part.values())
     mem_s, comp_s = mem_s + mem, comp_s + comp
     floor += max(mem, comp)
     memory_bound += mem >= comp
   return {"bytes_per_step": total_bytes / steps, "flops_per_step": total_flops / steps,
           "memory_floor_s": mem_s, "compute_floor_s": comp_s, "floor_s": floor,
+          "floor_by_part_s": by_part_floor,
           "memory_bound_steps": int(memory_bound), "steps": steps,
-          "per_step_by_part": {k: {"bytes": b, "flops": fl} for k, (b, fl) in by_part.items()}}
+          "per_step_by_part": {k: {"bytes": b, "flops": fl, "floor_s": fs}
+                               for k, (b, fl, fs) in by_part.items()}}
 
 
 def prefill_floor(cfg, *, models, prompts, prompt_len, read_bw, matmul_rate) -> float:
@@ -316,8 +379,10 @@ def one_step(tokens_to_logits, caches, weights, rng):
 
 
 def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: float,
-                 prompt_len: int) -> list[dict]:
-  """Per-piece ms/step, share of the loop's step, XLA's and the analytic counts."""
+                 prompt_len: int, part_floors: Optional[Mapping[str, dict]] = None
+                 ) -> list[dict]:
+  """Per-piece ms/step, share of the loop's step, XLA's and the analytic counts, and with
+  `part_floors` (roofline's per_step_by_part at this run's probes) each piece's floor."""
   cfgs = [m.config for m in models]
   cfg = cfgs[0]
   rows = prompts_j.shape[0]
@@ -361,6 +426,8 @@ def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: fl
                   "analytic": {"flops": sum(counts[p]["flops"] for p in parts),
                                "bytes": sum(counts[p]["bytes"] for p in parts)} if parts
                   else None})
+    if part_floors and parts:
+      table[-1]["floor_s"] = sum(part_floors[p]["floor_s"] for p in parts)
   times = profiling.interleaved_rounds(arms, rounds)
   for row in table:
     row["seconds"] = profiling.spread([t / reps for t in times[row["piece"]]])
@@ -376,12 +443,13 @@ def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: fl
 def print_profile(table, loop_step_s: float):
   print(f"\nOne DeRa decode step, by piece (each jitted alone, median of interleaved rounds; "
         f"share of the loop's step, {loop_step_s * 1e3:.1f} ms = (DeRa - prefill) / steps):\n")
+  floors = any("floor_s" in row for row in table)
   print("| piece | ms/step [min-max] | share | XLA GFLOP | XLA MiB | analytic GFLOP "
-        "| analytic MiB |")
-  print("|---|---:|---:|---:|---:|---:|---:|")
+        "| analytic MiB |" + (" floor ms | ÷ floor |" if floors else ""))
+  print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if floors else ""))
   for i, row in enumerate(table):
     if i == 6:
-      print("| *cross-check:* | | | | | | |")
+      print("| *cross-check:* | | | | | | |" + (" | |" if floors else ""))
     sec = row["seconds"]
     cells = [f"{sec['median'] * 1e3:.2f}"]
     if "min" in sec:
@@ -390,6 +458,9 @@ def print_profile(table, loop_step_s: float):
     for counts in (row.get("xla"), row.get("analytic")):
       cells += ([f"{counts['flops'] / 1e9:.3f}", f"{counts['bytes'] / 2**20:.1f}"] if counts
                 else ["", ""])
+    if floors:
+      cells += ([f"{row['floor_s'] * 1e3:.2f}", f"{sec['median'] / row['floor_s']:.2f}"]
+                if "floor_s" in row else ["", ""])
     name = ("  of which " if i == 4 else "") + row["piece"]
     print(f"| {name} | " + " | ".join(cells) + " |")
 
@@ -588,10 +659,13 @@ def main(argv=None):
   for arm in arms_wanted:  # warm-up: compiles, torch's allocations
     fns[arm]()
 
-  probes = profiling.Probes({"[B,D]x[D,F]": (b, shape["d_model"], shape["d_ff"]),
-                             "[B,D]x[D,V]": (b, shape["d_model"], shape["vocab_size"]),
-                             "prefill [B*S,D]x[D,F]": (b * s, shape["d_model"], shape["d_ff"])},
-                            megabytes=64 if args.small else 512)
+  # Every weight matmul shape of a decode step (and of the sweep's, at its rows).
+  decode_rows = (b, b * len(LAMS)) if "sweep" in arms_wanted else (b,)
+  decode_shapes = {r: weight_matmuls(ref_cfg, rows=r) for r in decode_rows}
+  probe_shapes = {matmul_probe_name(sh): sh for shapes in decode_shapes.values() for sh in shapes}
+  prefill_shape = (b * s, shape["d_model"], shape["d_ff"])
+  probes = profiling.Probes({**probe_shapes, "prefill " + matmul_probe_name(prefill_shape):
+                             prefill_shape}, megabytes=64 if args.small else 512)
   probe_rounds = []
   timed = {names[a]: fns[a] for a in arms_wanted}
   timed["probes"] = lambda: probe_rounds.append(probes.measure())
@@ -601,15 +675,17 @@ def main(argv=None):
 
   probe_spread, loaded = summarise_probes(probe_rounds)
   read_bw = probe_spread["read"]["median"]
-  decode_rate = max(probe_spread[f"matmul {k}"]["median"] for k in ("[B,D]x[D,F]", "[B,D]x[D,V]"))
-  prefill_rate = probe_spread["matmul prefill [B*S,D]x[D,F]"]["median"]
+  rates = {r: {sh: probe_spread[f"matmul {matmul_probe_name(sh)}"]["median"] for sh in shapes}
+           for r, shapes in decode_shapes.items()}
+  prefill_rate = probe_spread[f"matmul prefill {matmul_probe_name(prefill_shape)}"]["median"]
 
   cfg = ref_cfg
   rl = lambda models, rows: roofline(cfg, models=models, rows=rows, prompts=b, prompt_len=s,
-                                     steps=n, read_bw=read_bw, matmul_rate=decode_rate)
+                                     steps=n, read_bw=read_bw, matmul_rate=rates[rows])
   pf = lambda models: prefill_floor(cfg, models=models, prompts=b, prompt_len=s,
                                     read_bw=read_bw, matmul_rate=prefill_rate)
-  dera_rl, single_rl, sweep_rl = rl(2, b), rl(1, b), rl(2, b * len(LAMS))
+  sweep_rows = b * len(LAMS) if "sweep" in arms_wanted else b  # unused without the arm
+  dera_rl, single_rl, sweep_rl = rl(2, b), rl(1, b), rl(2, sweep_rows)
   floors = {"dera": dera_rl["floor_s"] + pf(2), "prefill": pf(2),
             "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
             "dera_before": dera_rl["floor_s"] + pf(2), "hf": dera_rl["floor_s"] + pf(2),
@@ -621,12 +697,14 @@ def main(argv=None):
         f"{dera_rl['bytes_per_step'] / 2**20:.1f} MiB, "
         f"{dera_rl['flops_per_step'] / 1e9:.2f} GFLOP; memory floor "
         f"{dera_rl['memory_floor_s'] / n * 1e3:.1f} ms at {read_bw / 1e9:.1f} GB/s "
-        f"(streaming read), compute floor {dera_rl['compute_floor_s'] / n * 1e3:.1f} ms at "
-        f"{decode_rate / 1e9:.0f} GFLOP/s; {binds} binds "
-        f"({dera_rl['memory_bound_steps']} of {n} steps memory-bound); decode floor "
-        f"{dera_rl['floor_s'] * 1e3:.0f} ms, prefill floor {pf(2) * 1e3:.0f} ms")
-  print("  per step by part (MiB, GFLOP): " + "; ".join(
-      f"{k} {v['bytes'] / 2**20:.1f}, {v['flops'] / 1e9:.3f}"
+        f"(streaming read), compute floor {dera_rl['compute_floor_s'] / n * 1e3:.1f} ms "
+        f"(each weight matmul at its own shape's rate: " + ", ".join(
+            f"{matmul_probe_name(sh)} {r / 1e9:.0f}" for sh, r in rates[b].items())
+        + f" GFLOP/s); {binds} binds ({dera_rl['memory_bound_steps']} of {n} steps "
+        f"memory-bound); decode floor {dera_rl['floor_s'] * 1e3:.0f} ms (summed part by "
+        f"part: {dera_rl['floor_by_part_s'] * 1e3:.0f} ms), prefill floor {pf(2) * 1e3:.0f} ms")
+  print("  per step by part (MiB, GFLOP, floor ms): " + "; ".join(
+      f"{k} {v['bytes'] / 2**20:.1f}, {v['flops'] / 1e9:.3f}, {v['floor_s'] * 1e3:.2f}"
       for k, v in dera_rl["per_step_by_part"].items()))
 
   tokens = b * n
@@ -674,6 +752,8 @@ def main(argv=None):
   if {"dera", "prefill"} <= set(arms_wanted):
     loop = [d - p for d, p in zip(times[names["dera"]], times[names["prefill"]])]
     ratios["decode loop (DeRa - prefill) / decode floor"] = [t / dera_rl["floor_s"] for t in loop]
+    ratios["decode loop / decode floor summed part by part"] = [
+        t / dera_rl["floor_by_part_s"] for t in loop]
     report["loop_step_s"] = statistics.median(loop) / n
   if ratios:
     print(f"\n| ratio (per round; median [min-max]) | value |\n|---|---:|")
@@ -688,11 +768,14 @@ def main(argv=None):
                 compiles=compiles,
                 roofline={"dera": dera_rl, "single": single_rl, "sweep": sweep_rl,
                           "prefill_floor_s": {"dera": pf(2), "single": pf(1)},
-                          "read_bandwidth": read_bw, "decode_matmul_rate": decode_rate,
+                          "read_bandwidth": read_bw,
+                          "decode_matmul_rates": {str(r): {matmul_probe_name(sh): v
+                                                           for sh, v in rs.items()}
+                                                  for r, rs in rates.items()},
                           "prefill_matmul_rate": prefill_rate})
   if "loop_step_s" in report:
     report["profile"] = profile_step((ref, al), (ref_p, al_p), prompts_j, n, 2 * args.rounds,
-                                     report["loop_step_s"], s)
+                                     report["loop_step_s"], s, dera_rl["per_step_by_part"])
     print_profile(report["profile"], report["loop_step_s"])
   _write_json(args.json, report)
 

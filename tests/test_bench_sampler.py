@@ -119,6 +119,57 @@ def test_roofline_sums_the_steps():
   assert both["floor_s"] <= memory["floor_s"] + compute["floor_s"]
 
 
+def test_weight_matmuls_cover_the_decoder_and_head_flops():
+  # D 8, H*K 4, F 16 gated, V 10, 1 layer, 3 rows: fused q|k|v [3,8]x[8,12], self and
+  # cross o [3,4]x[4,8] twice, cross q [3,8]x[8,4], wi_0|wi_1 [3,8]x[8,32], wo
+  # [3,16]x[16,8], head [3,8]x[8,10].
+  cfg = _cfg()
+  shapes = bench_sampler.weight_matmuls(cfg, rows=3)
+  assert shapes == {(3, 8, 12): 1, (3, 4, 8): 2, (3, 8, 4): 1, (3, 8, 32): 1, (3, 16, 8): 1,
+                    (3, 8, 10): 1}
+  parts = bench_sampler.decode_step_cost(cfg, models=1, rows=3, prompts=1, prompt_len=5,
+                                         position=0)
+  flops = sum(2 * np.prod(sh) * c for sh, c in shapes.items())
+  assert flops == parts["decoder weights"][1] + parts["output heads"][1]
+
+
+def test_roofline_at_each_shapes_rate():
+  cfg = _cfg()
+  kw = dict(models=2, rows=3, prompts=1, prompt_len=5, steps=4, read_bw=np.inf)
+  shapes = bench_sampler.weight_matmuls(cfg, rows=3)
+  one_rate = bench_sampler.roofline(cfg, matmul_rate=3.0, **kw)
+  same = bench_sampler.roofline(cfg, matmul_rate={sh: 3.0 for sh in shapes}, **kw)
+  assert same["floor_s"] == pytest.approx(one_rate["floor_s"], rel=1e-12)
+  # One shape 4x slower: the compute floor grows by exactly its FLOPs at the new rate
+  # less the old (2 models x 4 steps x its FLOPs; the rest keeps the best rate, 3).
+  slow = (3, 8, 32)
+  rates = {sh: (0.75 if sh == slow else 3.0) for sh in shapes}
+  slowed = bench_sampler.roofline(cfg, matmul_rate=rates, **kw)
+  extra = 2 * 4 * 2 * np.prod(slow) * (1 / 0.75 - 1 / 3.0)
+  assert slowed["compute_floor_s"] == pytest.approx(one_rate["compute_floor_s"] + extra,
+                                                    rel=1e-12)
+  # The head at its own rate: only the "output heads" part moves.
+  head = (3, 8, 10)
+  rates = {sh: (1.0 if sh == head else 3.0) for sh in shapes}
+  by_part = bench_sampler.roofline(cfg, matmul_rate=rates, **kw)["per_step_by_part"]
+  assert by_part["output heads"]["floor_s"] == pytest.approx(2 * 2 * np.prod(head), rel=1e-12)
+  assert by_part["decoder weights"]["floor_s"] == pytest.approx(
+      one_rate["per_step_by_part"]["decoder weights"]["floor_s"], rel=1e-12)
+
+
+def test_part_by_part_floor_is_never_below_the_step_floor():
+  cfg = _cfg()
+  kw = dict(models=2, rows=3, prompts=1, prompt_len=5, steps=4)
+  for read_bw, rate in ((2.0, 3.0), (2.0, np.inf), (np.inf, 3.0), (1e3, 5.0)):
+    rl = bench_sampler.roofline(cfg, read_bw=read_bw, matmul_rate=rate, **kw)
+    assert rl["floor_by_part_s"] >= rl["floor_s"] * (1 - 1e-12)
+    assert rl["floor_by_part_s"] == pytest.approx(
+        kw["steps"] * sum(p["floor_s"] for p in rl["per_step_by_part"].values()), rel=1e-12)
+  # Memory-only or compute-only: nothing to overlap, the two floors agree.
+  memory = bench_sampler.roofline(cfg, read_bw=2.0, matmul_rate=np.inf, **kw)
+  assert memory["floor_by_part_s"] == pytest.approx(memory["floor_s"], rel=1e-12)
+
+
 def test_interleaved_rounds_rotate_the_arms():
   calls = []
   arms = {name: (lambda name=name: calls.append(name)) for name in "abc"}
@@ -128,6 +179,19 @@ def test_interleaved_rounds_rotate_the_arms():
   assert [line.split(":")[0] for line in lines] == [f"round {i}/4" for i in (1, 2, 3, 4)]
   assert all(len(t) == 4 and min(t) >= 0 for t in times.values())
   assert profiling.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+
+
+def test_matmul_probe_repeats_the_product():
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 5))
+  got = profiling._repeated_matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), 7)
+  want = sum((a + i) @ b for i in range(7))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  probes = profiling.Probes({"tiny": (2, 3, 4)}, megabytes=1, repeats=1)
+  (_, _, flops, reps), = probes._matmuls.values()
+  assert reps == min(profiling.MATMUL_LOOP_MAX_REPS, np.ceil(profiling.MATMUL_LOOP_FLOPS / 48))
+  assert flops == reps * 48
+  assert probes.measure()["matmul tiny"] > 0
 
 
 def test_xla_cost_counts_a_matmul():
@@ -167,3 +231,10 @@ def test_runs_end_to_end_on_a_tiny_shape(tmp_path):
   assert any(p.startswith("sampler vocabulary ops") for p in pieces)
   assert "| deranj DeRa |" in proc.stdout
   assert "decode loop (DeRa - prefill) / decode floor" in proc.stdout
+  assert "decode loop / decode floor summed part by part" in proc.stdout
+  rates = report["roofline"]["decode_matmul_rates"]["2"]
+  assert len(rates) == len(bench_sampler.weight_matmuls(
+      build.T5Config(**{**bench_sampler.SMALL, "num_heads": 4, "feed_forward_proj": "gated-gelu",
+                        "tie_word_embeddings": False}), rows=2))
+  assert all(r > 0 for r in rates.values())
+  assert any("floor_s" in row for row in report["profile"])

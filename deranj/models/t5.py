@@ -279,7 +279,8 @@ def _fused_dense(denses: list[Dense], x: Array) -> list[Array]:
 class MlpBlock(nn.Module):
   """Feed-forward block: ReLU (T5 1.0) or gated GELU (T5 1.1).
 
-  `fused` (decoding steps): the gated input projections as one matmul (`_fused_dense`).
+  `fused`: the gated input projections as one matmul (`_fused_dense`; DecoderLayer
+  decides: decoding steps with T5Config.fuse_decode_projections).
   """
   config: T5Config
 
@@ -287,7 +288,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x: Array, deterministic: bool, fused: bool = False) -> Array:
     cfg = self.config
     dense = functools.partial(Dense, in_axes=(EMBED,), out_axes=(MLP,), config=cfg)
-    if cfg.is_gated and fused and cfg.fuse_decode_projections:
+    if cfg.is_gated and fused:
       gate, linear = _fused_dense([dense((cfg.d_ff,), name=n) for n in ("wi_0", "wi_1")], x)
       h = cfg.activation(gate) * linear
     elif cfg.is_gated:
@@ -305,6 +306,7 @@ class Attention(nn.Module):
     self-attention, full: `kv=None`, `bias` [B|1, H, Q, Q] holds masks and positions.
     self-attention, decode: one query [B, 1, D]; keys/values appended to the cache.
     cross-attention: `kv` [B, S, D]; in decode mode projected once into the cache.
+  `fused` (self-attention decoding steps): q, k, v as one matmul (`_fused_dense`).
   """
   config: T5Config
   cross: bool = False
@@ -316,7 +318,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, bias: Array, kv: Optional[Array] = None, *,
                decode: bool = False, decode_index: Optional[Array] = None,
-               cache_length: int = 0, deterministic: bool = True) -> Array:
+               cache_length: int = 0, deterministic: bool = True, fused: bool = False
+               ) -> Array:
     cfg = self.config
     # Heads-major [B, H, len, K] throughout, so cached keys/values feed the batched
     # matmuls without a transpose at every decoding step.
@@ -324,7 +327,7 @@ class Attention(nn.Module):
       query = self._heads_major(self._proj("query")(x))  # [B, H, Q, K]
       key, value = self._cross_kv(kv, decode)  # [B, H, S, K]
     else:
-      if decode and decode_index is not None and cfg.fuse_decode_projections:
+      if fused:
         query, key, value = (self._heads_major(y) for y in _fused_dense(
             [self._proj(n) for n in ("query", "key", "value")], x))
       else:
@@ -398,16 +401,17 @@ class DecoderLayer(nn.Module):
                cache_length: int = 0) -> Array:
     cfg = self.config
     drop = functools.partial(Dropout(cfg.dropout_rate), deterministic=deterministic)
+    # Fused projections on decoding steps only (not the cache's creation call).
+    fused = decode and decode_index is not None and cfg.fuse_decode_projections
     h = LayerNorm(cfg, name="pre_self_attention_layer_norm")(y)
     y = y + drop(Attention(cfg, name="self_attention")(
         h, self_bias, decode=decode, decode_index=decode_index, cache_length=cache_length,
-        deterministic=deterministic))
+        deterministic=deterministic, fused=fused))
     h = LayerNorm(cfg, name="pre_cross_attention_layer_norm")(y)
     y = y + drop(Attention(cfg, cross=True, name="encoder_decoder_attention")(
         h, cross_bias, encoded, decode=decode, deterministic=deterministic))
     h = LayerNorm(cfg, name="pre_mlp_layer_norm")(y)
-    return y + drop(MlpBlock(cfg, name="mlp")(h, deterministic,
-                                            fused=decode and decode_index is not None))
+    return y + drop(MlpBlock(cfg, name="mlp")(h, deterministic, fused=fused))
 
 
 def _padding_bias(encoder_input_tokens: Array, dtype=jnp.float32) -> Array:

@@ -42,9 +42,12 @@ def _batch(seed, vocab, b=3, s=9, t=7):
   return jnp.asarray(enc, jnp.int32), jnp.asarray(dec, jnp.int32)
 
 
-@pytest.mark.parametrize("ff,tie", [("relu", True), ("gated-gelu", False)])
-def test_incremental_decoding_matches_teacher_forcing(ff, tie):
-  cfg = t5.T5Config(**TINY, feed_forward_proj=ff, tie_word_embeddings=tie)
+@pytest.mark.parametrize("ff,tie,fuse", [("relu", True, True), ("gated-gelu", False, True),
+                                         ("gated-gelu", False, False)])
+def test_incremental_decoding_matches_teacher_forcing(ff, tie, fuse):
+  # fuse: each step's q|k|v and wi_0|wi_1 as one matmul (T5Config.fuse_decode_projections)
+  cfg = t5.T5Config(**TINY, feed_forward_proj=ff, tie_word_embeddings=tie,
+                    fuse_decode_projections=fuse)
   model = base.EncoderDecoderModel(t5.Transformer(cfg))
   params = _params(model)
   enc, dec = _batch(1, cfg.vocab_size)

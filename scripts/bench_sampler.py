@@ -169,17 +169,13 @@ def _compute_seconds(cfg, parts, *, models, rows, matmul_rate) -> dict[str, floa
   `matmul_rate` maps shapes to FLOP/s, the rest (attention, vocabulary ops) at the best."""
   if not isinstance(matmul_rate, Mapping):
     return {name: fl / matmul_rate for name, (_, fl) in parts.items()}
-  head = (rows, cfg.d_model, cfg.vocab_size)
-  own = lambda shapes: models * sum(2.0 * math.prod(sh) * c / matmul_rate[sh]
-                                    for sh, c in shapes.items())
-  layer_shapes = weight_matmuls(cfg, rows=rows)
-  head_count = layer_shapes.pop(head)
-  if head_count > 1:  # a layer shape equal to the head's
-    layer_shapes[head] = head_count - 1
+  at_own_rates = lambda shapes: models * sum(2.0 * math.prod(sh) * c / matmul_rate[sh]
+                                             for sh, c in shapes.items())
+  heads = at_own_rates({(rows, cfg.d_model, cfg.vocab_size): 1})
   best = max(matmul_rate.values())
   seconds = {name: fl / best for name, (_, fl) in parts.items()}
-  seconds["decoder weights"] = own(layer_shapes)
-  seconds["output heads"] = own({head: 1})
+  seconds["decoder weights"] = at_own_rates(weight_matmuls(cfg, rows=rows)) - heads
+  seconds["output heads"] = heads
   return seconds
 
 

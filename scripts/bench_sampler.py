@@ -199,11 +199,12 @@ def roofline(cfg, *, models, rows, prompts, prompt_len, steps, read_bw, matmul_r
     nbytes = sum(b for b, _ in parts.values())
     flops = sum(fl for _, fl in parts.values())
     for name, (b, fl) in parts.items():
+      part_floor = max(b / read_bw, comp_by_part[name])
       acc = by_part.setdefault(name, [0.0, 0.0, 0.0])
       acc[0] += b / steps
       acc[1] += fl / steps
-      acc[2] += max(b / read_bw, comp_by_part[name]) / steps
-      by_part_floor += max(b / read_bw, comp_by_part[name])
+      acc[2] += part_floor / steps
+      by_part_floor += part_floor
     total_bytes += nbytes
     total_flops += flops
     mem, comp = nbytes / read_bw, sum(comp_by_part.values())

@@ -371,7 +371,9 @@ def mixture_sample(tokens_to_logits: TokensToLogits, caches: Any, rule_params: A
 def models_tokens_to_logits(models, params, vocab: Optional[int] = None) -> TokensToLogits:
   """The callback for deranj models: each decodes one step from its own cache. With
   `vocab`, each model's logits are cut to the first `vocab` ids (vocabularies that differ
-  only by padding rows)."""
+  only by padding rows). Each model's `step_params` are made here, once, outside the
+  sampler's loop."""
+  params = [m.step_params(p) for m, p in zip(models, params)]
 
   def fn(tokens: Array, caches):
     outs = [m.decode_step(p, c, tokens) for m, p, c in zip(models, params, caches)]

@@ -109,11 +109,17 @@ MATMUL_LOOP_FLOPS = 2e8  # per timed probe call: ~1 ms at 200 GFLOP/s
 MATMUL_LOOP_MAX_REPS = 1000
 
 
-def _repeated_matmul(a: jax.Array, b: jax.Array, reps: int) -> jax.Array:
-  """sum_i (a + i) @ b: `reps` matmuls; the shift keeps XLA from hoisting the product."""
+CONTRACT_MINOR = (((1,), (1,)), ((), ()))  # [m, k] x [n, k] -> [m, n]
+
+
+def _repeated_matmul(a: jax.Array, b: jax.Array, reps: int, minor: bool = False) -> jax.Array:
+  """sum_i (a + i) @ b, or with `minor` (b stored [n, k]) sum_i (a + i) @ b.T: `reps`
+  matmuls; the shift keeps XLA from hoisting the product."""
   def body(i, acc):
-    return acc + (a + i.astype(a.dtype)) @ b
-  return jax.lax.fori_loop(0, reps, body, jnp.zeros((a.shape[0], b.shape[1]), a.dtype))
+    x = a + i.astype(a.dtype)
+    return acc + (jax.lax.dot_general(x, b, CONTRACT_MINOR) if minor else x @ b)
+  n = b.shape[0] if minor else b.shape[1]
+  return jax.lax.fori_loop(0, reps, body, jnp.zeros((a.shape[0], n), a.dtype))
 
 
 class Probes:
@@ -124,7 +130,9 @@ class Probes:
   write);
   `matmuls`: [m, k] x [k, n] float32 at the given shapes, as FLOP/s: the matmul
   repeated inside one compiled loop (at least MATMUL_LOOP_FLOPS per call), so a small
-  shape's rate is not its dispatch overhead. Each number is the best of `repeats` calls.
+  shape's rate is not its dispatch overhead, with the [k, n] operand stored [k, n] and
+  stored [n, k] (contracting its minor dimension), the faster of the two. Each number
+  is the best of `repeats` calls.
   """
 
   def __init__(self, matmul_shapes: dict[str, tuple[int, int, int]], megabytes: int = 512,
@@ -140,10 +148,11 @@ class Probes:
     self._matmuls = {}
     for name, (m, k, n) in matmul_shapes.items():
       a = jnp.asarray(rng.standard_normal((m, k), np.float32))
-      b = jnp.asarray(rng.standard_normal((k, n), np.float32))
+      b = rng.standard_normal((k, n), np.float32)
       reps = min(MATMUL_LOOP_MAX_REPS, math.ceil(MATMUL_LOOP_FLOPS / (2.0 * m * k * n)))
-      self._matmuls[name] = (a, b, reps * 2.0 * m * k * n, reps)
-    self._mm = jax.jit(_repeated_matmul, static_argnums=2)
+      self._matmuls[name] = (a, (jnp.asarray(b), jnp.asarray(b.T.copy())),
+                             reps * 2.0 * m * k * n, reps)
+    self._mm = jax.jit(_repeated_matmul, static_argnums=(2, 3))
     self.measure()  # compile everything once
 
   def _best(self, fn) -> float:
@@ -164,7 +173,8 @@ class Probes:
     nbytes = self._big.nbytes
     out = {"read": nbytes / self._best(lambda: self._sum(self._big).block_until_ready()),
            "copy": 2 * nbytes / self._best(self._copy_once)}
-    for name, (a, b, flops, reps) in self._matmuls.items():
-      out[f"matmul {name}"] = flops / self._best(
-          lambda: self._mm(a, b, reps).block_until_ready())
+    for name, (a, layouts, flops, reps) in self._matmuls.items():
+      out[f"matmul {name}"] = flops / min(
+          self._best(lambda: self._mm(a, b, reps, minor).block_until_ready())
+          for b, minor in zip(layouts, (False, True)))
     return out

@@ -8,8 +8,12 @@ Arms (--arms, comma-separated; all by default):
   dera      deranj DeRa (two KV-cached models in one compiled while_loop)
   dera_before    the same sampler compiled as before issue #17's step changes: each
             decoding step's q/k/v and wi_0/wi_1 as separate matmuls
-            (T5Config.fuse_decode_projections off) and the draw by a prefix sum over the whole
+            (T5Config.fuse_decode_projections off), the kernels in their stored [K, N]
+            layout (transpose_decode_kernels off) and the draw by a prefix sum over the whole
             vocabulary (`one_level_draw`): an A/B of those changes within one run
+  dera_stored    the same sampler with the decoding steps reading the kernels in their
+            stored [K, N] layout (T5Config.transpose_decode_kernels off): an A/B of that
+            change alone
   dera_bf16 the same sampler with both models' weights and activations in bfloat16
             (T5Config.dtype; logits, softmaxes and the mix stay float32); prints how many
             tokens match float32 DeRa's and, on rows that match, the |log q| difference
@@ -24,7 +28,8 @@ Timing: after one warm-up call of each, --rounds rounds; round i runs the arms a
 probes rotated by i, so each takes every position and load from other processes falls
 on all alike. Each arm is reported as median [min-max] over rounds; ratios are taken
 within a round, then summarised the same way. The probes (streaming read and copy
-bandwidth of a 512 MiB array; float32 matmuls at the decode step's own shapes) run in
+bandwidth of a 512 MiB array; float32 matmuls at the decode step's own shapes, the
+faster of two layouts, `profiling.Probes`) run in
 every round, and a WARNING says when they varied by more than LOAD_SPREAD: the machine
 was loaded and the spread of the arms is the first thing to read.
 
@@ -83,10 +88,11 @@ from deranj import dera  # noqa: E402
 from deranj import profiling  # noqa: E402
 from deranj.models import build  # noqa: E402
 from deranj.models import hf  # noqa: E402
+from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
-ARMS = ("dera", "dera_before", "dera_bf16", "prefill", "ref", "aligned", "hf", "sweep",
+ARMS = ("dera", "dera_before", "dera_stored", "dera_bf16", "prefill", "ref", "aligned", "hf", "sweep",
         "hf_sweep")
 LOAD_SPREAD = 0.2  # (max - min) / max of a probe across rounds above this: loaded
 F32 = 4  # bytes
@@ -279,59 +285,74 @@ def one_level_draw(rng, probs):
 # ----------------------------------------------------------------------------- profile
 
 
-def _kernel(params, fan_in: int):
-  return params["kernel"].reshape(fan_in, -1)
+CONTRACT_MINOR = (((1,), (1,)), ((), ()))  # [M, K] x [N, K] -> [M, N]
+FUSED_STORED = "fused_kernel"  # a fused q|k|v or wi_0|wi_1 kernel in the stored layout
 
 
-def fused_kernels(cfgs, params):
-  """Per model and decoder layer, the concatenated kernels a decoding step multiplies by
-  when T5Config.fuse_decode_projections is on (q|k|v; wi_0|wi_1 when gated), else {}. The
-  sampler's loop has them hoisted: made once here, outside the timed piece."""
+def step_kernels(models, params):
+  """Each model's parameters as its decoding steps read them (the model's `step_params`),
+  and, for a model without transposed step kernels but with
+  T5Config.fuse_decode_projections, its concatenated q|k|v and wi_0|wi_1 kernels
+  [K, N]. Made outside the timed pieces, as the sampler makes them outside its loop."""
   out = []
-  for cfg, p in zip(cfgs, params):
-    if not cfg.fuse_decode_projections:
-      out.append({})
-      continue
-    d, layers = cfg.d_model, {}
-    for i in range(cfg.decoder_layers):
-      layer = p["decoder"][f"layers_{i}"]
-      sa, mlp = layer["self_attention"], layer["mlp"]
-      layers[i] = {"qkv": jnp.concatenate([_kernel(sa[n], d)
-                                           for n in ("query", "key", "value")], axis=1)}
-      if cfg.is_gated:
-        layers[i]["wi"] = jnp.concatenate([_kernel(mlp[n], d) for n in ("wi_0", "wi_1")],
-                                          axis=1)
-    out.append(layers)
+  for model, p in zip(models, params):
+    cfg, p = model.config, model.step_params(p)
+    if cfg.fuse_decode_projections and not cfg.transpose_decode_kernels:
+      d, decoder = cfg.d_model, dict(p["decoder"])
+      for i in range(cfg.decoder_layers):
+        layer = dict(decoder[f"layers_{i}"])
+        groups = [("self_attention", ("query", "key", "value"))]
+        groups += [("mlp", ("wi_0", "wi_1"))] if cfg.is_gated else []
+        for block, names in groups:
+          kernel = jnp.concatenate([layer[block][n]["kernel"].reshape(d, -1) for n in names],
+                                   axis=1)
+          layer[block] = {**layer[block], FUSED_STORED: kernel}
+        decoder[f"layers_{i}"] = layer
+      p = {**p, "decoder": decoder}
+    out.append(p)
   return out
 
 
-def decoder_matmuls(cfgs, params, x, fused=None):
+def _matmul(h, dense, fan_in: int):
+  """h [rows, fan_in] times a Dense's kernel, in the layout the steps read it."""
+  if t5.STEP_KERNEL in dense:
+    return jax.lax.dot_general(h, dense[t5.STEP_KERNEL], CONTRACT_MINOR)
+  return h @ dense["kernel"].reshape(fan_in, -1)
+
+
+def _fused_matmul(h, block):
+  """h times a block's fused input projections, or None when the steps do not fuse."""
+  if t5.FUSED_STEP_KERNEL in block:
+    return jax.lax.dot_general(h, block[t5.FUSED_STEP_KERNEL], CONTRACT_MINOR)
+  return h @ block[FUSED_STORED] if FUSED_STORED in block else None
+
+
+def decoder_matmuls(cfgs, params, x):
   """Every decoder-layer matmul of one decode step of each model, chained: [rows, D] ->
-  [M, rows, D] (the weights' work without attention, norms or activations). `fused`:
-  `fused_kernels`, for the steps' fused input projections."""
+  [M, rows, D] (the weights' work without attention, norms or activations). `params`:
+  raw, or `step_kernels` (the layout and fusion the sampler's steps use)."""
   outs = []
-  fused = fused or [{} for _ in cfgs]
-  for cfg, p, fk in zip(cfgs, params, fused):
+  for cfg, p in zip(cfgs, params):
     d, hk, f = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
     h = x
     for i in range(cfg.decoder_layers):
       layer = p["decoder"][f"layers_{i}"]
       sa, ca, mlp = layer["self_attention"], layer["encoder_decoder_attention"], layer["mlp"]
-      if i in fk:
-        y = h @ fk[i]["qkv"]
+      y = _fused_matmul(h, sa)
+      if y is not None:
         qkv = y[:, :hk] + y[:, hk:2 * hk] + y[:, 2 * hk:]
       else:
-        qkv = sum(h @ _kernel(sa[n], d) for n in ("query", "key", "value"))
-      h = h + qkv @ _kernel(sa["out"], hk)
-      h = h + (h @ _kernel(ca["query"], d)) @ _kernel(ca["out"], hk)
-      if i in fk and "wi" in fk[i]:
-        z = h @ fk[i]["wi"]
+        qkv = sum(_matmul(h, sa[n], d) for n in ("query", "key", "value"))
+      h = h + _matmul(qkv, sa["out"], hk)
+      h = h + _matmul(_matmul(h, ca["query"], d), ca["out"], hk)
+      z = _fused_matmul(h, mlp) if cfg.is_gated else None
+      if z is not None:
         inner = z[:, :f] * z[:, f:]
       elif cfg.is_gated:
-        inner = (h @ _kernel(mlp["wi_0"], d)) * (h @ _kernel(mlp["wi_1"], d))
+        inner = _matmul(h, mlp["wi_0"], d) * _matmul(h, mlp["wi_1"], d)
       else:
-        inner = h @ _kernel(mlp["wi"], d)
-      h = h + inner @ _kernel(mlp["wo"], cfg.d_ff)
+        inner = _matmul(h, mlp["wi"], d)
+      h = h + _matmul(inner, mlp["wo"], cfg.d_ff)
     outs.append(h)
   return jnp.stack(outs)
 
@@ -365,7 +386,7 @@ def output_heads(cfgs, params, x):
     if cfg.tie_word_embeddings:
       outs.append((x * cfg.d_model**-0.5) @ p["token_embedder"]["embedding"].T)
     else:
-      outs.append(x @ p["decoder"]["logits_dense"]["kernel"])
+      outs.append(_matmul(x, p["decoder"]["logits_dense"], cfg.d_model))
   return jnp.stack(outs)
 
 
@@ -391,22 +412,23 @@ def profile_step(models, params, prompts_j, n: int, rounds: int, loop_step_s: fl
   weights = jnp.tile(jnp.asarray([[0.5, 0.5]], jnp.float32), (rows, 1))
   fixed = lambda lg: (lambda t, c: (lg, c))
   real = lambda p: decoding.models_tokens_to_logits(models, p)
+  stepping = step_kernels(models, params)
   # name, function, its arguments, the analytic parts it does (at the mean step)
   pieces = [
       ("decoder matmuls (q,k,v,o; cross q,o; MLP)",
-       lambda p, fk, x: decoder_matmuls(cfgs, p, x, fk),
-       (params, fused_kernels(cfgs, params), x), ("decoder weights",)),
+       lambda p, x: decoder_matmuls(cfgs, p, x), (stepping, x), ("decoder weights",)),
       ("attention (self over cache, cross over prompt)",
        lambda c, q: decoder_attention(cfgs, c, q), (caches, query),
        ("self-attention cache", "cross-attention K/V")),
-      ("output heads", lambda p, x: output_heads(cfgs, p, x), (params, x), ("output heads",)),
+      ("output heads", lambda p, x: output_heads(cfgs, p, x), (stepping, x),
+       ("output heads",)),
       ("sampler vocabulary ops (mix, log-softmaxes, stats, draw)",
        lambda lg, w, r: one_step(fixed(lg), (), w, r), (logits, weights, key),
        ("vocabulary ops",)),
       ("mix (sum_m w_m h_m)", decoding.mixture_logits, (logits, weights), ()),
       # Its caches are copied in (not donated): XLA's bytes count that copy too.
       ("one full sampler step (the real loop body, alone)",
-       lambda p, c, w, r: one_step(real(p), c, w, r), (params, caches, weights, key),
+       lambda p, c, w, r: one_step(real(p), c, w, r), (stepping, caches, weights, key),
        ("decoder weights", "self-attention cache", "cross-attention K/V", "output heads",
         "vocabulary ops")),
   ]
@@ -549,7 +571,8 @@ def main(argv=None):
   def ours_dera():
     realigner.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
 
-  unfused = [build.build_model(dataclasses.replace(c, fuse_decode_projections=False),
+  unfused = [build.build_model(dataclasses.replace(c, fuse_decode_projections=False,
+                                                   transpose_decode_kernels=False),
                                z_loss=0.0) for c in (ref_cfg, al_cfg)]
   before = dera.Realigner(unfused[0], ref_p, unfused[1], al_p, max_decode_len=n,
                           eos_id=NEVER)
@@ -561,6 +584,14 @@ def main(argv=None):
       before.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
     finally:
       decoding.sample_from_probs = saved
+
+  stored = [build.build_model(dataclasses.replace(c, transpose_decode_kernels=False),
+                              z_loss=0.0) for c in (ref_cfg, al_cfg)]
+  as_stored = dera.Realigner(stored[0], ref_p, stored[1], al_p, max_decode_len=n,
+                             eos_id=NEVER)
+
+  def ours_dera_stored():
+    as_stored.sample(prompts_j, 0.5, rng).tokens.block_until_ready()
 
   bf16 = None
   if "dera_bf16" in arms_wanted:  # a bfloat16 copy of both models' weights
@@ -628,12 +659,14 @@ def main(argv=None):
     return
 
   names = {"dera": "deranj DeRa", "dera_before": "deranj DeRa, step as before #17",
+           "dera_stored": "deranj DeRa, kernels as stored",
            "dera_bf16": "deranj DeRa, bfloat16",
            "prefill": "deranj DeRa prefill (part of DeRa)",
            "ref": "deranj ref only", "aligned": "deranj aligned only",
            "hf": "HF generate + DeRa processor", "sweep": "deranj 6-lam sweep (1 call)",
            "hf_sweep": "HF 6 separate runs"}
-  fns = {"dera": ours_dera, "dera_before": ours_dera_before, "dera_bf16": ours_dera_bf16,
+  fns = {"dera": ours_dera, "dera_before": ours_dera_before, "dera_stored": ours_dera_stored,
+         "dera_bf16": ours_dera_bf16,
          "prefill": ours_prefill, "ref": ours_single(ref, ref_p),
          "aligned": ours_single(al, al_p), "hf": hf_dera(0.5), "sweep": ours_sweep,
          "hf_sweep": hf_sweep}
@@ -686,6 +719,7 @@ def main(argv=None):
   floors = {"dera": dera_rl["floor_s"] + pf(2), "prefill": pf(2),
             "ref": single_rl["floor_s"] + pf(1), "aligned": single_rl["floor_s"] + pf(1),
             "dera_before": dera_rl["floor_s"] + pf(2), "hf": dera_rl["floor_s"] + pf(2),
+            "dera_stored": dera_rl["floor_s"] + pf(2),
             "dera_bf16": dera_rl["floor_s"] + pf(2),  # float32's: the table's common floor
             "sweep": sweep_rl["floor_s"] + pf(2),
             "hf_sweep": len(LAMS) * (dera_rl["floor_s"] + pf(2))}
@@ -729,6 +763,8 @@ def main(argv=None):
         d / (r + a) for d, r, a in zip(*(times[names[k]] for k in ("dera", "ref", "aligned")))]
   if {"dera", "dera_before"} <= set(arms_wanted):
     ratios["time(DeRa) / time(DeRa, step as before #17)"] = per_round("dera", "dera_before")
+  if {"dera", "dera_stored"} <= set(arms_wanted):
+    ratios["time(DeRa) / time(DeRa, kernels as stored)"] = per_round("dera", "dera_stored")
   if {"dera", "dera_bf16"} <= set(arms_wanted):
     ratios["time(DeRa, bfloat16) / time(DeRa)"] = per_round("dera_bf16", "dera")
     full, low = (r.sample(prompts_j, 0.5, rng) for r in (realigner, bf16))

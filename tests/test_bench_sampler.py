@@ -3,6 +3,7 @@
 Nothing here is timed: the counts are checked against hand-computed values, the model's
 own parameter tree and XLA's count; the run only has to produce every number.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ sys.path.insert(0, REPO)
 from deranj import profiling  # noqa: E402
 from deranj.models import base  # noqa: E402
 from deranj.models import build  # noqa: E402
+from deranj.models import t5  # noqa: E402
 from scripts import bench_sampler  # noqa: E402
 
 
@@ -91,12 +93,22 @@ def test_matmul_flops_match_xla():
   hk = cfg.num_heads * cfg.d_kv
   elementwise = 2 * cfg.decoder_layers * rows * (3 * hk + 3 * cfg.d_model + cfg.d_ff)
   assert parts["decoder weights"][1] <= mm["flops"] <= parts["decoder weights"][1] + elementwise
-  # The same count with the decoding steps' fused input projections.
-  fused = bench_sampler.fused_kernels([cfg] * 2, (params, params))
-  assert fused[0][0]["qkv"].shape == (cfg.d_model, 3 * hk)
-  mm = profiling.xla_cost(lambda p, fk, x: bench_sampler.decoder_matmuls([cfg] * 2, p, x, fk),
-                          (params, params), fused, x)
-  assert parts["decoder weights"][1] <= mm["flops"] <= parts["decoder weights"][1] + elementwise
+  # The same count with the kernels as the decoding steps read them: transposed and fused,
+  # or fused in the stored layout.
+  hk = cfg.num_heads * cfg.d_kv
+  for transpose in (True, False):
+    c = dataclasses.replace(cfg, transpose_decode_kernels=transpose)
+    model = base.EncoderDecoderModel(t5.Transformer(c))
+    stepping = jax.eval_shape(lambda p: bench_sampler.step_kernels([model] * 2, (p, p)), params)
+    block = stepping[0]["decoder"]["layers_0"]["self_attention"]
+    fused = block[t5.FUSED_STEP_KERNEL] if transpose else block[bench_sampler.FUSED_STORED]
+    assert fused.shape == ((3 * hk, cfg.d_model) if transpose else (cfg.d_model, 3 * hk))
+    mm = profiling.xla_cost(lambda p, x: bench_sampler.decoder_matmuls([c] * 2, p, x),
+                            stepping, x)
+    assert parts["decoder weights"][1] <= mm["flops"] <= parts["decoder weights"][1] + elementwise
+    heads = profiling.xla_cost(lambda p, x: bench_sampler.output_heads([c] * 2, p, x),
+                               stepping, x)
+    assert heads["flops"] == parts["output heads"][1]
 
 
 def test_roofline_sums_the_steps():
@@ -186,6 +198,9 @@ def test_matmul_probe_repeats_the_product():
   a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 5))
   got = profiling._repeated_matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), 7)
   want = sum((a + i) @ b for i in range(7))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  got = profiling._repeated_matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b.T, jnp.float32),
+                                   7, minor=True)  # the operand stored [n, k]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   probes = profiling.Probes({"tiny": (2, 3, 4)}, megabytes=1, repeats=1)
   (_, _, flops, reps), = probes._matmuls.values()

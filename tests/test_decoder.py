@@ -168,18 +168,28 @@ def test_greedy_stops_at_eos_like_generate(checkpoints):
   np.testing.assert_array_equal(ours, theirs)  # ended, filling with its pad id 0
 
 
-def test_cache_prefill_and_steps_match_full_forward(checkpoints):
+@pytest.mark.parametrize("name,transposed", [("mistral_sliding_window", False),
+                                             ("mistral_sliding_window", True),
+                                             ("qwen2_qkv_bias", True)])
+def test_cache_prefill_and_steps_match_full_forward(checkpoints, name, transposed):
   """A prefill, then one token per step (padding given by the mask, so a row may start
-  late): the logits of one full pass, the sliding window included."""
-  _, config, params = checkpoints["mistral_sliding_window"]
+  late): the logits of one full pass, the sliding window included. `transposed`: the
+  steps read `decoder.step_params` (kernels [N, K], biases kept)."""
+  _, config, params = checkpoints[name]
   net = decoder.Transformer(config)
+  stepping = decoder.step_params(params, config) if transposed else params
+  if transposed:
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(stepping)]
+    assert not any("'kernel'" in k for k in paths)
+    assert any("bias" in k for k in paths) == config.attention_bias
+    assert decoder.step_params(stepping, config) is stepping
   tokens, mask = _prompts(4, length=16)
   full = np.asarray(jax.jit(net.apply)({"params": params}, jnp.asarray(tokens),
                                        jnp.asarray(mask)))
   prefill = jax.jit(lambda t, m: net.apply({"params": params}, t, m, decode=True,
                                            max_decode_length=16, mutable=["cache"]))
   logits, variables = prefill(jnp.asarray(tokens[:, :6]), jnp.asarray(mask[:, :6]))
-  step = jax.jit(lambda cache, t, m: net.apply({"params": params, "cache": cache}, t, m,
+  step = jax.jit(lambda cache, t, m: net.apply({"params": stepping, "cache": cache}, t, m,
                                                decode=True, mutable=["cache"]))
   steps = [np.asarray(logits)]
   for t in range(6, 16):

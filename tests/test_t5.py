@@ -42,12 +42,14 @@ def _batch(seed, vocab, b=3, s=9, t=7):
   return jnp.asarray(enc, jnp.int32), jnp.asarray(dec, jnp.int32)
 
 
-@pytest.mark.parametrize("ff,tie,fuse", [("relu", True, True), ("gated-gelu", False, True),
-                                         ("gated-gelu", False, False)])
-def test_incremental_decoding_matches_teacher_forcing(ff, tie, fuse):
-  # fuse: each step's q|k|v and wi_0|wi_1 as one matmul (T5Config.fuse_decode_projections)
+@pytest.mark.parametrize("ff,tie,fuse,transpose", [
+    ("relu", True, True, True), ("relu", True, True, False), ("gated-gelu", False, True, True),
+    ("gated-gelu", False, False, True), ("gated-gelu", False, False, False)])
+def test_incremental_decoding_matches_teacher_forcing(ff, tie, fuse, transpose):
+  # fuse: each step's q|k|v and wi_0|wi_1 as one matmul (T5Config.fuse_decode_projections);
+  # transpose: the steps read `step_params`, kernels [N, K] (transpose_decode_kernels).
   cfg = t5.T5Config(**TINY, feed_forward_proj=ff, tie_word_embeddings=tie,
-                    fuse_decode_projections=fuse)
+                    fuse_decode_projections=fuse, transpose_decode_kernels=transpose)
   model = base.EncoderDecoderModel(t5.Transformer(cfg))
   params = _params(model)
   enc, dec = _batch(1, cfg.vocab_size)
@@ -55,9 +57,17 @@ def test_incremental_decoding_matches_teacher_forcing(ff, tie, fuse):
 
   step = jax.jit(model.decode_step)
   cache = jax.jit(model.init_cache, static_argnums=2)(params, enc, dec.shape[1])
+  stepping = model.step_params(params)
+  leaves = lambda tree: {jax.tree_util.keystr(k) for k, _ in
+                         jax.tree_util.tree_leaves_with_path(tree)}
+  if transpose:  # no kernel of the stored layout is left in the decoder's steps
+    assert not any("decoder" in k and "'kernel'" in k for k in leaves(stepping))
+    assert model.step_params(stepping) is stepping  # made once, however often asked
+  else:
+    assert stepping is params
   steps = []
   for i in range(dec.shape[1]):
-    logits, cache = step(params, cache, dec[:, i])
+    logits, cache = step(stepping, cache, dec[:, i])
     steps.append(logits)
   incremental = jnp.stack(steps, axis=1)
   assert incremental.shape == full.shape == (3, 7, cfg.vocab_size)

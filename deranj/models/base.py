@@ -259,8 +259,14 @@ class EncoderDecoderModel:
           lambda x: jnp.repeat(x, num_decodes, axis=0) if x.ndim >= 2 else x, cache)
     return cache
 
+  def step_params(self, params: Params) -> Params:
+    """`params` as `decode_step` reads them best (`t5.step_params`); the sampler makes
+    them once per call, outside its loop."""
+    return t5.step_params(params, self.config)
+
   def decode_step(self, params: Params, cache: Cache, tokens: Array) -> tuple[Array, Cache]:
-    """One token per row [B] -> (next-token logits [B, V], updated cache)."""
+    """One token per row [B] -> (next-token logits [B, V], updated cache); `params` raw
+    or `step_params`."""
     logits, variables = self.module.apply(
         {"params": params, "cache": cache}, None, None, tokens[:, None], decode=True,
         mutable=["cache"], method=t5.Transformer.decode)
@@ -411,6 +417,11 @@ class DecoderOnlyModel:
       cache = jax.tree_util.tree_map(
           lambda x: jnp.repeat(x, num_decodes, axis=0) if x.ndim else x, cache)
     return cache
+
+  def step_params(self, params: Params) -> Params:
+    """`params` as `decode_step` reads them best (`decoder.step_params`); the sampler
+    makes them once per call, outside its loop."""
+    return decoder.step_params(params, self.config)
 
   def decode_step(self, params: Params, cache: Cache, tokens: Array) -> tuple[Array, Cache]:
     """One token per row [B] -> (next-token logits [B, V], updated cache); the first call

@@ -319,3 +319,30 @@ class Transformer(nn.Module):
     else:
       logits = Dense((cfg.vocab_size,), (EMBED,), (VOCAB,), cfg, name="lm_head")(x)
     return logits.astype(jnp.float32)
+
+
+def step_params(params: Any, config: DecoderConfig) -> Any:
+  """The parameters as decoding steps read them (as `t5.step_params`): each layer's and
+  the untied head's kernels transposed to `t5.STEP_KERNEL` [N, K], made once per sampler
+  call outside its loop. Serves decoding steps only (`init_cache` reads `params`).
+  Idempotent."""
+  if is_step_params(params):
+    return params
+  d, attn = config.hidden_size, config.num_heads * config.head_dim
+  out = dict(params)
+  for i in range(config.num_layers):
+    layer = dict(params[f"layers_{i}"])
+    a, m = layer["attention"], layer["mlp"]
+    layer["attention"] = {**a, **{n: t5.step_dense(a[n], d) for n in ("query", "key", "value")},
+                          "out": t5.step_dense(a["out"], attn)}
+    layer["mlp"] = {"gate": t5.step_dense(m["gate"], d), "up": t5.step_dense(m["up"], d),
+                    "down": t5.step_dense(m["down"], config.intermediate_size)}
+    out[f"layers_{i}"] = layer
+  if not config.tie_word_embeddings:
+    out["lm_head"] = t5.step_dense(params["lm_head"], d)
+  return out
+
+
+def is_step_params(params: Any) -> bool:
+  """Whether `params` came from `step_params`."""
+  return t5.STEP_KERNEL in params["layers_0"]["mlp"]["down"]

@@ -60,6 +60,10 @@ class T5Config:
   # Teacher forcing and training keep separate matmuls; the parameters are the same
   # either way (bench_sampler's `dera_before` arm times both in one run).
   fuse_decode_projections: bool = True
+  # Decoding steps read each decoder kernel transposed, [N, K] (`step_params`, made once
+  # per sampler call outside its loop): XLA:CPU streams a [N, K] kernel against a few
+  # rows in ~0.8 of the time of the stored [K, N] one (scripts/bench_kernel_layout.py).
+  transpose_decode_kernels: bool = True
 
   def __post_init__(self):
     if self.feed_forward_proj not in ("relu", "gated-gelu", "gelu", "gated-relu"):
@@ -248,26 +252,40 @@ class Dense(nn.Module):
     cfg = self.config
     in_shape = x.shape[-len(self.in_axes):]
     fan_in = int(np.prod(in_shape))
+    lead = x.shape[:x.ndim - len(in_shape)]
+    if self.has_variable("params", STEP_KERNEL):  # `step_params` on a decoding step
+      y = _dot_transposed(x.reshape(-1, fan_in), self.get_variable("params", STEP_KERNEL), cfg)
+      return y.reshape(*lead, *self.features)
     init = nn.initializers.normal(self.init_scale * fan_in**-0.5)
     kernel = _param(self, "kernel", init, (*in_shape, *self.features),
                     (*self.in_axes, *self.out_axes), cfg)
     # One 2-D matmul [N, in] @ [in, out]: autodiff of the N-d dot_general makes XLA:CPU
     # transpose the activation gradient in memory for every kernel gradient.
-    lead = x.shape[:x.ndim - len(in_shape)]
     y = jnp.dot(x.reshape(-1, fan_in).astype(cfg.dtype),
                 kernel.reshape(fan_in, -1).astype(cfg.dtype))
     return y.reshape(*lead, *self.features)
 
 
-def _fused_dense(denses: list[Dense], x: Array) -> list[Array]:
+def _dot_transposed(x: Array, kernel_t: Array, cfg: T5Config) -> Array:
+  """[M, K] x [N, K] -> [M, N], contracting the kernel's minor dimension."""
+  return jax.lax.dot_general(x.astype(cfg.dtype), kernel_t.astype(cfg.dtype),
+                             (((1,), (1,)), ((), ())))
+
+
+def _fused_dense(parent: nn.Module, denses: list[Dense], x: Array) -> list[Array]:
   """[d(x) for d in denses] as one matmul; the Dense modules must share x's input axis
-  and exist already (an apply on initialised parameters)."""
+  and exist already (an apply on initialised parameters). With `step_params`, `parent`
+  holds their kernels concatenated and transposed (FUSED_STEP_KERNEL)."""
   cfg = denses[0].config
-  kernels = [jnp.asarray(nn.unbox(d.variables["params"]["kernel"]), cfg.dtype)
-             for d in denses]
   fan_in = x.shape[-1]
-  y = jnp.dot(x.reshape(-1, fan_in).astype(cfg.dtype),
-              jnp.concatenate([k.reshape(fan_in, -1) for k in kernels], axis=1))
+  if parent.has_variable("params", FUSED_STEP_KERNEL):
+    y = _dot_transposed(x.reshape(-1, fan_in), parent.get_variable("params", FUSED_STEP_KERNEL),
+                        cfg)
+  else:
+    kernels = [jnp.asarray(nn.unbox(d.variables["params"]["kernel"]), cfg.dtype)
+               for d in denses]
+    y = jnp.dot(x.reshape(-1, fan_in).astype(cfg.dtype),
+                jnp.concatenate([k.reshape(fan_in, -1) for k in kernels], axis=1))
   outs, start = [], 0
   for d in denses:
     width = int(np.prod(d.features))
@@ -289,7 +307,8 @@ class MlpBlock(nn.Module):
     cfg = self.config
     dense = functools.partial(Dense, in_axes=(EMBED,), out_axes=(MLP,), config=cfg)
     if cfg.is_gated and fused:
-      gate, linear = _fused_dense([dense((cfg.d_ff,), name=n) for n in ("wi_0", "wi_1")], x)
+      gate, linear = _fused_dense(
+          self, [dense((cfg.d_ff,), name=n) for n in ("wi_0", "wi_1")], x)
       h = cfg.activation(gate) * linear
     elif cfg.is_gated:
       h = cfg.activation(dense((cfg.d_ff,), name="wi_0")(x)) * dense((cfg.d_ff,), name="wi_1")(x)
@@ -329,7 +348,7 @@ class Attention(nn.Module):
     else:
       if fused:
         query, key, value = (self._heads_major(y) for y in _fused_dense(
-            [self._proj(n) for n in ("query", "key", "value")], x))
+            self, [self._proj(n) for n in ("query", "key", "value")], x))
       else:
         query, key, value = (self._heads_major(self._proj(n)(x))
                              for n in ("query", "key", "value"))
@@ -530,3 +549,60 @@ class Transformer(nn.Module):
     encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
                        enable_dropout=enable_dropout)
+
+
+# ----------------------------------------------------------------------------- decoding steps
+
+STEP_KERNEL = "kernel_t"  # a Dense's kernel [*in, *out] as [prod(out), prod(in)]
+FUSED_STEP_KERNEL = "fused_kernel_t"  # q|k|v or wi_0|wi_1 transposed, stacked on axis 0
+
+
+def step_params(params: Any, config: T5Config) -> Any:
+  """The parameters as decoding steps read them; `params` itself when
+  `config.transpose_decode_kernels` is off.
+
+  Each decoder kernel a step uses becomes STEP_KERNEL (and, with
+  fuse_decode_projections, self-attention q|k|v and the gated wi_0|wi_1 one
+  FUSED_STEP_KERNEL in their parent). Make it once per sampler call, outside its loop:
+  inside, XLA folds the transpose back into the dot. The cross-attention key/value
+  kernels (read only when the cache is made) are left out, so the result serves
+  decoding steps only, not the cache's creation or teacher forcing. Idempotent.
+  """
+  if not config.transpose_decode_kernels or is_step_params(params):
+    return params
+  d, attn = config.d_model, config.num_heads * config.d_kv
+  t = lambda dense, fan_in: step_dense(dense, fan_in)[STEP_KERNEL]
+  step = step_dense
+
+  def fused_or_not(block, names):
+    if config.fuse_decode_projections:
+      return {FUSED_STEP_KERNEL: jnp.concatenate([t(block[n], d) for n in names], axis=0)}
+    return {n: step(block[n], d) for n in names}
+
+  decoder = dict(params["decoder"])
+  for i in range(config.decoder_layers):
+    layer = dict(decoder[f"layers_{i}"])
+    own, cross, mlp = (layer[n] for n in ("self_attention", "encoder_decoder_attention", "mlp"))
+    layer["self_attention"] = {**fused_or_not(own, ("query", "key", "value")),
+                               "out": step(own["out"], attn)}
+    layer["encoder_decoder_attention"] = {"query": step(cross["query"], d),
+                                          "out": step(cross["out"], attn)}
+    gate = fused_or_not(mlp, ("wi_0", "wi_1")) if config.is_gated else {"wi": step(mlp["wi"], d)}
+    layer["mlp"] = {**gate, "wo": step(mlp["wo"], config.d_ff)}
+    decoder[f"layers_{i}"] = layer
+  if not config.tie_word_embeddings:
+    decoder["logits_dense"] = step(decoder["logits_dense"], d)
+  return {**params, "decoder": decoder}
+
+
+def step_dense(dense: Any, fan_in: int) -> dict:
+  """A Dense's parameters with its kernel [*in, *out] (prod(in) = fan_in) as STEP_KERNEL
+  [prod(out), fan_in]; its other parameters (a bias) as they are."""
+  out = {k: v for k, v in dense.items() if k != "kernel"}
+  out[STEP_KERNEL] = jnp.asarray(dense["kernel"]).reshape(fan_in, -1).T
+  return out
+
+
+def is_step_params(params: Any) -> bool:
+  """Whether `params` came from `step_params` (its decoder kernels transposed)."""
+  return STEP_KERNEL in params["decoder"]["layers_0"]["mlp"]["wo"]

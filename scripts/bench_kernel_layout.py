@@ -2,14 +2,17 @@
 
 One pass is 72 matmuls: the T5-small decoder's fused q|k|v, self o, cross q, cross o,
 gated wi_0|wi_1 and wo, for 6 layers x 2 models, each with its own weights, so they
-stream from memory as in the sampler's step. One call runs 16 passes inside a compiled
-loop; each arm is the median [min-max] of --rounds interleaved rounds, and the ratio to
-[K,N] is taken within each round.
+stream from memory as in the sampler's step; each model is its own chain of 36, as in
+the step. One call runs 16 passes inside a compiled loop; each arm is the median
+[min-max] of --rounds interleaved rounds, and the ratio to [K,N] is taken within each
+round.
 
   [K,N]            the kernels as stored: x @ W
-  [N,K]            the kernels stored transposed, contracting their minor dimension
+  [N,K]            the kernels stored transposed, contracting their minor dimension (what
+                   the sampler's steps read: t5.step_params)
   [K,N], .T in loop   the stored kernels transposed inside the loop body (XLA folds the
                    transpose into the dot: it is [K,N] again)
+  [N,K], models stacked   both models' kernels stacked, one batched dot per pair
 
     python scripts/bench_kernel_layout.py [--rounds 5]
 """
@@ -28,27 +31,51 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deranj import profiling  # noqa: E402
 
-ROWS, D_MODEL, PASSES = 16, 512, 16
+ROWS, D_MODEL, PASSES, MODELS = 16, 512, 16, 2
 LAYER = ((512, 1536), (512, 512), (512, 512), (512, 512), (512, 2048), (1024, 512))
+LAYERS = 6
 CONTRACT_MINOR = (((1,), (1,)), ((), ()))
+STACKED_MINOR = (((2,), (2,)), ((0,), (0,)))  # [M, R, K] x [M, N, K] -> [M, R, N]
 
 
-def one_pass(x, kernels, minor: bool):
-  """x [ROWS, D_MODEL] through every kernel ([K, N], or [N, K] when `minor`)."""
+def widen(x, k: int):
+  """x [..., D_MODEL] tiled to k features (the 1024-wide wo input)."""
+  return jnp.tile(x, (1,) * (x.ndim - 1) + (k // D_MODEL,))[..., :k]
+
+
+def chain(x, kernels, minor: bool):
+  """One model's step: x [ROWS, D_MODEL] through its kernels ([K, N], or [N, K])."""
   acc = jnp.zeros((ROWS,), jnp.float32)
   for w in kernels:
-    k = w.shape[1] if minor else w.shape[0]
-    xin = jnp.tile(x, (1, k // D_MODEL))[:, :k]
+    xin = widen(x, w.shape[1] if minor else w.shape[0])
     y = jax.lax.dot_general(xin, w, CONTRACT_MINOR) if minor else xin @ w
     acc = acc + y[:, 0]
     x = x + 1e-3 * y[:, :D_MODEL]
   return acc
 
 
-def looped(kernels_fn, minor: bool):
+def stacked_chain(x, kernels):
+  """Both models at once: kernels [MODELS, N, K], one batched dot each."""
+  xs = jnp.stack([x + m for m in range(MODELS)])
+  acc = jnp.zeros((MODELS, ROWS), jnp.float32)
+  for w in kernels:
+    y = jax.lax.dot_general(widen(xs, w.shape[2]), w, STACKED_MINOR)
+    acc = acc + y[..., 0]
+    xs = xs + 1e-3 * y[..., :D_MODEL]
+  return acc.sum(0)
+
+
+def one_pass(x, models, layout: str):
+  if layout == "stacked":
+    return stacked_chain(x, models)
+  minor = layout == "minor"
+  return sum(chain(x + m, ks, minor) for m, ks in enumerate(models))
+
+
+def looped(kernels_fn, layout: str):
   @jax.jit
   def run(x, kernels):
-    body = lambda i, a: a + one_pass(x + i, kernels_fn(kernels), minor)
+    body = lambda i, a: a + one_pass(x + i, kernels_fn(kernels), layout)
     return jax.lax.fori_loop(0, PASSES, body, jnp.zeros((ROWS,), jnp.float32))
   return run
 
@@ -58,12 +85,16 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
-  kn = [jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.02) for s in LAYER * 12]
-  nk = [jnp.asarray(np.asarray(w).T.copy()) for w in kn]
+  kn = [[jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.02) for s in LAYER * LAYERS]
+        for _ in range(MODELS)]
+  nk = [[jnp.asarray(np.asarray(w).T.copy()) for w in ks] for ks in kn]
+  stacked = [jnp.stack(ws) for ws in zip(*nk)]
   x = jnp.asarray(rng.standard_normal((ROWS, D_MODEL)).astype(np.float32))
-  arms = {"[K,N]": (looped(lambda ks: ks, False), kn),
-          "[N,K]": (looped(lambda ks: ks, True), nk),
-          "[K,N], .T in loop": (looped(lambda ks: [w.T for w in ks], True), kn)}
+  transpose = lambda models: [[w.T for w in ks] for ks in models]
+  arms = {"[K,N]": (looped(lambda ks: ks, "stored"), kn),
+          "[N,K]": (looped(lambda ks: ks, "minor"), nk),
+          "[K,N], .T in loop": (looped(transpose, "minor"), kn),
+          "[N,K], models stacked": (looped(lambda ks: ks, "stacked"), stacked)}
   outs = {name: np.asarray(fn(x, ks)) for name, (fn, ks) in arms.items()}
   ref = outs["[K,N]"]
   for name, out in outs.items():  # the same products, summed in another order
@@ -72,7 +103,7 @@ def main(argv=None):
   times = profiling.interleaved_rounds(
       {name: (lambda fn=fn, ks=ks: fn(x, ks).block_until_ready())
        for name, (fn, ks) in arms.items()}, args.rounds)
-  print(f"\n{len(kn)} streamed matmuls at {ROWS} rows, {PASSES} passes per call, "
+  print(f"\n{MODELS * len(kn[0])} streamed matmuls at {ROWS} rows, {PASSES} passes per call, "
         f"{args.rounds} rounds\n")
   print("| kernels | ms per pass, median [min-max] | ÷ [K,N] (per round) |\n|---|---:|---:|")
   for name, ts in times.items():

@@ -1,9 +1,9 @@
 r"""Can DPO learn Figure 7's gold preferences from more pairs? A diagnostic for Figure 7.
 
-    python experiments/dpo_pairs_probe.py --workdir /tmp/deranj/figs \
+    python experiments/dpo_pairs_probe.py --preset tiny --workdir /tmp/deranj/figs \
         [--pairs_per_prompt 4 --beta 0.1 --steps 400 --out DIR]
 
-Reads a Figure 3/7 work directory (its `sft`, `gold_rm` and `pairs/validation.jsonl`, made
+Reads a Figure 3/7 work directory of the same --preset (its `sft`, `gold_rm` and `pairs/validation.jsonl`, made
 by experiments/fig7_dpo.py), writes OUT/pairs/train.jsonl with --pairs_per_prompt pairs per
 training prompt (2K SFT samples, labelled by the gold reward's Bradley-Terry model as
 `stages.make_pairs` labels them, the same held-out pairs), trains DPO on them
@@ -31,13 +31,14 @@ from experiments import stages  # noqa: E402
 PROBE_SAMPLES = 102  # the numpy/JAX stream of this probe's SFT samples
 
 
-def make_pairs(workdir: str, out_dir: str, pairs_per_prompt: int, seed: int) -> dict:
+def make_pairs(preset: str, workdir: str, out_dir: str, pairs_per_prompt: int,
+               seed: int) -> dict:
   """OUT/pairs/{train,validation}.jsonl; the training split's labelling statistics."""
   from deranj.data import pipeline, preferences  # pylint: disable=g-import-not-at-top
   from deranj.evaluation import judges  # pylint: disable=g-import-not-at-top
   from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
   pairs_dir = os.path.join(out_dir, stages.PAIRS)
-  macros = common.preset_macros("tiny", ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",
+  macros = common.preset_macros(preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",
                                          "PAIR_PROMPTS", "FIG_CHUNK"])
   validation = os.path.join(workdir, stages.PAIRS, "validation.jsonl")
   if not os.path.isfile(validation):
@@ -72,6 +73,7 @@ def make_pairs(workdir: str, out_dir: str, pairs_per_prompt: int, seed: int) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", choices=sorted(common.PRESET_FILES), default="tiny")
   parser.add_argument("--workdir", required=True, help="a Figure 3/7 work directory")
   parser.add_argument("--out", default=None, help="default: WORKDIR/dpo_pairs_probe")
   parser.add_argument("--pairs_per_prompt", type=int, default=4)
@@ -84,10 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.error("--pairs_per_prompt, --steps and --eval_every must be >= 1.")
   out = args.out or os.path.join(args.workdir, "dpo_pairs_probe")
   train_path = os.path.join(out, stages.PAIRS, "train.jsonl")
-  stats = (make_pairs(args.workdir, out, args.pairs_per_prompt, args.seed)
+  stats = (make_pairs(args.preset, args.workdir, out, args.pairs_per_prompt, args.seed)
            if not os.path.isfile(train_path) else {"reused": train_path})
   run_dir = common.run_dir(out, "dpo", args.beta)
-  common.train("configs/runs/dpo.gin", "tiny", run_dir, [
+  common.train("configs/runs/dpo.gin", args.preset, run_dir, [
       f"INIT_CHECKPOINT = '{common.run_dir(args.workdir, 'sft')}'",
       "PREFERENCE_TASK = 'preference_pairs'",
       f"preference_pairs_dir.path = '{os.path.join(out, stages.PAIRS)}'",

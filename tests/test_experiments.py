@@ -262,3 +262,32 @@ def test_decoding_compare_smoke_run_reuses_the_figure_runs(workdir):
   w = loop["greedy_vs_first_dpo"]["gold"]
   assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1 and w["n"] == n
   assert os.path.getsize(os.path.join(workdir, "decoding_compare.png")) > 0
+
+
+@pytest.mark.slow
+def test_dpo_pairs_probe_trains_on_k_pairs_per_prompt(workdir):
+  """The Figure 7 diagnostic on the figures' work directory (made here when this test
+  runs alone): k pairs per training prompt, the same held-out pairs, every evaluation."""
+  from deranj.data import preferences  # pylint: disable=g-import-not-at-top
+  from experiments import dpo_pairs_probe  # pylint: disable=g-import-not-at-top
+  from experiments import fig7_dpo  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(workdir, "pairs", "validation.jsonl")):
+    fig7_dpo.main(["--preset", "smoke", "--workdir", workdir])
+  out = os.path.join(workdir, "probe")
+  result = dpo_pairs_probe.main(["--preset", "smoke", "--workdir", workdir, "--out", out,
+                                 "--pairs_per_prompt", "2", "--steps", "4",
+                                 "--eval_every", "2"])
+  read = lambda d, split: preferences.read_pairs(os.path.join(d, "pairs", f"{split}.jsonl"))
+  figure_pairs, probe_pairs = read(workdir, "train"), read(out, "train")
+  assert len(probe_pairs) == 2 * len(figure_pairs) == result["pairs"]["pairs"]
+  prompts = [p.prompt for p in probe_pairs]
+  assert prompts[0::2] == prompts[1::2] == [p.prompt for p in figure_pairs]
+  assert all(p.has_ids for p in probe_pairs)
+  assert read(out, "validation") == read(workdir, "validation")
+  held_out = len(read(workdir, "validation"))
+  assert [e["step"] for e in result["held_out"]] == [2, 4]
+  for e in result["held_out"]:
+    assert np.isfinite(e["loss"])
+    assert abs(e["accuracy"] * held_out - round(e["accuracy"] * held_out)) < 1e-6 * held_out
+  with open(os.path.join(out, "probe.json")) as f:
+    assert json.load(f)["held_out"] == result["held_out"]

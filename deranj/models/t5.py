@@ -571,12 +571,12 @@ def step_params(params: Any, config: T5Config) -> Any:
   if not config.transpose_decode_kernels or is_step_params(params):
     return params
   d, attn = config.d_model, config.num_heads * config.d_kv
-  t = lambda dense, fan_in: step_dense(dense, fan_in)[STEP_KERNEL]
   step = step_dense
 
   def fused_or_not(block, names):
     if config.fuse_decode_projections:
-      return {FUSED_STEP_KERNEL: jnp.concatenate([t(block[n], d) for n in names], axis=0)}
+      kernels = [step(block[n], d)[STEP_KERNEL] for n in names]
+      return {FUSED_STEP_KERNEL: jnp.concatenate(kernels, axis=0)}
     return {n: step(block[n], d) for n in names}
 
   decoder = dict(params["decoder"])

@@ -92,8 +92,8 @@ from deranj.models import t5  # noqa: E402
 
 LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 NEVER = -1  # an EOS id no token equals: every row decodes all new tokens
-ARMS = ("dera", "dera_before", "dera_stored", "dera_bf16", "prefill", "ref", "aligned", "hf", "sweep",
-        "hf_sweep")
+ARMS = ("dera", "dera_before", "dera_stored", "dera_bf16", "prefill", "ref", "aligned", "hf",
+        "sweep", "hf_sweep")
 LOAD_SPREAD = 0.2  # (max - min) / max of a probe across rounds above this: loaded
 F32 = 4  # bytes
 # Sampling ops, FLOPs per element (a transcendental counts 1): per model logit, the mix's

@@ -3,11 +3,12 @@ r"""Can DPO learn Figure 7's gold preferences from more pairs? A diagnostic for 
     python experiments/dpo_pairs_probe.py --preset tiny --workdir /tmp/deranj/figs \
         [--pairs_per_prompt 4 --beta 0.1 --steps 400 --out DIR]
 
-Reads a Figure 3/7 work directory of the same --preset (its `sft`, `gold_rm` and `pairs/validation.jsonl`, made
-by experiments/fig7_dpo.py), writes OUT/pairs/train.jsonl with --pairs_per_prompt pairs per
-training prompt (2K SFT samples, labelled by the gold reward's Bradley-Terry model as
-`stages.make_pairs` labels them, the same held-out pairs), trains DPO on them
-(configs/runs/dpo.gin, evaluating every --eval_every steps on the held-out pairs) and
+Reads a Figure 3/7 work directory of the same --preset (its `sft`, `gold_rm` and
+`pairs/validation.jsonl`, made by experiments/fig7_dpo.py), writes OUT/pairs/train.jsonl
+with --pairs_per_prompt pairs per training prompt (2K SFT samples, labelled by the gold
+reward's Bradley-Terry model as `stages.make_pairs` labels them, the same held-out
+pairs), trains DPO on them (configs/runs/dpo.gin, evaluating every --eval_every steps
+on the held-out pairs) and
 writes OUT/probe.json: each evaluation's held-out loss and accuracy. The run's own
 [train] lines show the training accuracy; over the first epoch its pairs are unseen, a
 second held-out measure.

@@ -8,10 +8,9 @@ Reads a Figure 3/7 work directory of the same --preset (its `sft`, `gold_rm` and
 with --pairs_per_prompt pairs per training prompt (2K SFT samples, labelled by the gold
 reward's Bradley-Terry model as `stages.make_pairs` labels them, the same held-out
 pairs), trains DPO on them (configs/runs/dpo.gin, evaluating every --eval_every steps
-on the held-out pairs) and
-writes OUT/probe.json: each evaluation's held-out loss and accuracy. The run's own
-[train] lines show the training accuracy; over the first epoch its pairs are unseen, a
-second held-out measure.
+on the held-out pairs) and writes OUT/probe.json: each evaluation's held-out loss and
+accuracy. The run's own [train] lines show the training accuracy; over the first epoch
+its pairs are unseen, a second held-out measure.
 """
 from __future__ import annotations
 

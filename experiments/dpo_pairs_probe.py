@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from experiments import stages  # noqa: E402
@@ -46,29 +45,19 @@ def make_pairs(preset: str, workdir: str, out_dir: str, pairs_per_prompt: int,
                      f"--workdir {workdir} first (its stage 3 makes the pairs).")
   gold = judges.RewardModelJudge(*reward_model.load_reward_model(
       common.run_dir(workdir, "gold_rm")), batch_size=int(macros["FIG_CHUNK"]))
-  model, params = common.load_policy(common.run_dir(workdir, "sft"))
+  sft = common.load_policy(common.run_dir(workdir, "sft"))
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
   data = pipeline.load(macros["TASK"], "train", lengths, max_examples=macros["PAIR_PROMPTS"])
-  prompts = data.features["prompts"]
-  k = pairs_per_prompt
-  common.log(f"   labelling {k} pairs of SFT samples for each of {len(prompts)} prompts")
-  tokens = stages.sample_model(model, params, prompts, 2 * k, int(macros["FIG_CHUNK"]),
-                               macros["TARGETS_LENGTH"],
-                               jax.random.fold_in(jax.random.PRNGKey(seed), PROBE_SAMPLES))
-  scores = gold.rewards(np.repeat(prompts, 2 * k, axis=0), tokens)
-  texts = stages.decode_all(tokens)
-  ids = [preferences.sampled_ids(row) for row in tokens]
-  docs = [d for d in stages.documents(data) for _ in range(k)]
-  prompt_ids = [preferences.sampled_ids(p) for p in np.repeat(prompts, k, axis=0)]
-  pairs = stages.label_pairs(docs, texts[0::2], texts[1::2], scores[0::2], scores[1::2],
-                             seed=(seed, stages.PAIR_LABELS, 0),
-                             ids=(prompt_ids, ids[0::2], ids[1::2]))
+  common.log(f"   labelling {pairs_per_prompt} pairs of SFT samples for each of "
+             f"{len(data.features['prompts'])} prompts")
+  pairs, stats = stages.sampled_pairs(
+      sft, gold, data, pairs_per_prompt, int(macros["FIG_CHUNK"]), macros["TARGETS_LENGTH"],
+      jax.random.fold_in(jax.random.PRNGKey(seed), PROBE_SAMPLES),
+      seed=(seed, stages.PAIR_LABELS, 0))
   os.makedirs(pairs_dir, exist_ok=True)
   shutil.copy(validation, os.path.join(pairs_dir, "validation.jsonl"))
   preferences.write_pairs(os.path.join(pairs_dir, "train.jsonl"), pairs)
-  margin = scores[0::2] - scores[1::2]
-  return {"prompts": int(len(prompts)), "pairs": len(pairs),
-          "mean_abs_gold_margin": float(np.mean(np.abs(margin)))}
+  return stats
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -55,12 +55,14 @@ class Grid:
   pair_prompts: int = 0  # Figures 3 and 7: prompts giving training pairs
   val_pair_prompts: int = 0  # ... and held-out pairs
   optimum_samples: int = 0  # SFT samples per prompt for the optimum (<PREFIX>_OPTIMUM_SAMPLES)
+  pairs_per_prompt: int = 1  # training pairs per prompt (PAIRS_PER_PROMPT; held out: 1)
 
 
 def read_grid(preset: str, prefix: str, lams_flag: Optional[str]) -> Grid:
   """The preset's grid for `prefix` (FIG2 or SUMMARIZATION); `--lams` replaces its λs."""
   names = [f"{prefix}_{k}" for k in ("LAMS", "PROMPTS", "SAMPLES", "CANDIDATES")]
-  pairs = ["PAIR_PROMPTS", "VAL_PAIR_PROMPTS"] if prefix == "SUMMARIZATION" else []
+  pairs = (["PAIR_PROMPTS", "VAL_PAIR_PROMPTS", "PAIRS_PER_PROMPT"] if prefix == "SUMMARIZATION"
+           else [])
   macros = common.preset_macros(preset, names + ["FIG_CHUNK", f"{prefix}_OPTIMUM_SAMPLES"]
                                 + pairs)
   if lams_flag is not None:
@@ -73,8 +75,12 @@ def read_grid(preset: str, prefix: str, lams_flag: Optional[str]) -> Grid:
     raise SystemExit(f"error: {common.PRESET_FILES[preset]}: {prefix}_OPTIMUM_SAMPLES = "
                      f"{optimum_samples}: the optimum needs >= 2 SFT samples per prompt "
                      f"(>= {optimum.MIN_ESS:g} for a point to be kept).")
+  if pairs and int(macros["PAIRS_PER_PROMPT"]) < 1:
+    raise SystemExit(f"error: {common.PRESET_FILES[preset]}: PAIRS_PER_PROMPT = "
+                     f"{macros['PAIRS_PER_PROMPT']}: at least 1.")
   return Grid(lams, *(int(macros[n]) for n in names[1:]), int(macros["FIG_CHUNK"]),
-              *(int(macros[n]) for n in pairs), optimum_samples=optimum_samples)
+              *(int(macros[n]) for n in pairs[:2]), optimum_samples=optimum_samples,
+              **({"pairs_per_prompt": int(macros["PAIRS_PER_PROMPT"])} if pairs else {}))
 
 
 # ----------------------------------------------------------------------------- training
@@ -406,51 +412,68 @@ def _check_labels_file(pairs_dir: str) -> dict:
   return labels
 
 
+def sampled_pairs(sft, gold, data, pairs_per_prompt: int, chunk: int, max_len: int,
+                  rng: jax.Array, seed: Sequence[int]) -> tuple[list, dict]:
+  """`pairs_per_prompt` pairs of SFT samples per prompt of `data` (a pipeline split),
+  prompt-major, labelled by `label_pairs` with `seed`; and their statistics."""
+  model, params = sft
+  prompts, k = data.features["prompts"], pairs_per_prompt
+  # 2k samples per prompt, rows prompt-major: a = even rows, b = odd rows.
+  tokens = sample_model(model, params, prompts, 2 * k, chunk, max_len, rng)
+  scores = gold.rewards(np.repeat(prompts, 2 * k, axis=0), tokens)
+  texts = decode_all(tokens)
+  ids = [preferences.sampled_ids(row) for row in tokens]
+  docs = [d for d in documents(data) for _ in range(k)]
+  prompt_ids = [preferences.sampled_ids(p) for p in np.repeat(prompts, k, axis=0)]
+  pairs = label_pairs(docs, texts[0::2], texts[1::2], scores[0::2], scores[1::2], seed=seed,
+                      ids=(prompt_ids, ids[0::2], ids[1::2]))
+  margin = scores[0::2] - scores[1::2]
+  chosen_is_a = np.array([p.chosen_ids == a for p, a in zip(pairs, ids[0::2])])
+  return pairs, {
+      "prompts": int(len(prompts)), "pairs": len(pairs), "pairs_per_prompt": k,
+      "mean_abs_gold_margin": float(np.mean(np.abs(margin))),
+      # How noisy the labels are: pairs whose chosen response has the lower gold reward.
+      "chosen_lower_gold": float(np.mean(np.where(chosen_is_a, margin < 0, margin > 0))),
+      "identical_pairs": int(sum(a == b for a, b in zip(ids[0::2], ids[1::2]))),
+  }
+
+
 def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array,
                seed: int) -> dict:
   """Writes DIR/pairs/{train,validation}.jsonl and labels.json unless they exist;
   returns the labelling rule and each split's statistics.
 
-  Two SFT samples per prompt of the TASK's train (validation) split, labelled by
-  Bradley-Terry on the gold reward (`label_pairs`, LABEL_RULE, seeded by `seed`); the
-  pairs keep the sampled token ids.
+  grid.pairs_per_prompt pairs of SFT samples per prompt of the TASK's train split, one
+  per prompt of its validation split, labelled by Bradley-Terry on the gold reward
+  (`label_pairs`, LABEL_RULE, seeded by `seed`); the pairs keep the sampled token ids.
   """
   from deranj.data import pipeline  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  splits = (("train", grid.pair_prompts), ("validation", grid.val_pair_prompts))
-  paths = [os.path.join(ctx.pairs_dir, f"{split}.jsonl") for split, _ in splits]
+  splits = (("train", grid.pair_prompts, grid.pairs_per_prompt),
+            ("validation", grid.val_pair_prompts, 1))
+  paths = [os.path.join(ctx.pairs_dir, f"{split}.jsonl") for split, _, _ in splits]
   if all(os.path.isfile(p) for p in paths):
     labels = _check_labels_file(ctx.pairs_dir)
-    for (split, _), path in zip(splits, paths):
+    made = labels.get("train", {}).get("pairs_per_prompt", 1)
+    if made != grid.pairs_per_prompt:
+      raise SystemExit(
+          f"error: {ctx.pairs_dir}: these pairs were made with {made} pair(s) per training "
+          f"prompt, the preset asks for PAIRS_PER_PROMPT = {grid.pairs_per_prompt}; delete "
+          "the pairs directory and the runs trained on them (proxy_rm, pg_*, dpo_*) to "
+          "make them again.")
+    for (split, _, _), path in zip(splits, paths):
       labels[split] = {**labels.get(split, {}), "pairs": len(preferences.read_pairs(path)),
                        "reused": True}
     return labels
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
-  model, params = sft
   labels = {"rule": LABEL_RULE, "seed": seed}
   labelled = []
-  for i, (split, size) in enumerate(splits):
+  for i, (split, size, k) in enumerate(splits):
     data = pipeline.load(macros["TASK"], split, lengths, max_examples=size)
-    prompts = data.features["prompts"]
-    common.log(f"   labelling {len(prompts)} {split} prompts' SFT sample pairs")
-    # Two samples per prompt, rows prompt-major: a = even rows, b = odd rows.
-    tokens = sample_model(model, params, prompts, 2, grid.chunk, macros["TARGETS_LENGTH"],
-                          jax.random.fold_in(rng, i))
-    scores = gold.rewards(np.repeat(prompts, 2, axis=0), tokens)
-    texts = decode_all(tokens)
-    ids = [preferences.sampled_ids(row) for row in tokens]
-    pairs = label_pairs(documents(data), texts[0::2], texts[1::2], scores[0::2],
-                        scores[1::2], seed=(seed, PAIR_LABELS, i),
-                        ids=([preferences.sampled_ids(p) for p in prompts], ids[0::2],
-                             ids[1::2]))
-    margin = scores[0::2] - scores[1::2]
-    chosen_is_a = np.array([p.chosen_ids == a for p, a in zip(pairs, ids[0::2])])
-    labels[split] = {
-        "prompts": int(len(prompts)), "pairs": len(pairs),
-        "mean_abs_gold_margin": float(np.mean(np.abs(margin))),
-        # How noisy the labels are: pairs whose chosen response has the lower gold reward.
-        "chosen_lower_gold": float(np.mean(np.where(chosen_is_a, margin < 0, margin > 0))),
-        "identical_pairs": int(sum(a == b for a, b in zip(ids[0::2], ids[1::2]))),
-    }
+    common.log(f"   labelling {k} SFT sample pair(s) for each of "
+               f"{len(data.features['prompts'])} {split} prompts")
+    pairs, labels[split] = sampled_pairs(sft, gold, data, k, grid.chunk,
+                                         macros["TARGETS_LENGTH"], jax.random.fold_in(rng, i),
+                                         seed=(seed, PAIR_LABELS, i))
     labelled.append(pairs)
   # labels.json first: pairs files without it would read as an older labelling.
   common.write_json(os.path.join(ctx.pairs_dir, LABELS_FILE), labels)

@@ -61,6 +61,19 @@ def test_pairs_labelled_by_another_rule_are_not_reused(tmp_path):
   labels = stages.make_pairs(ctx, {}, grid, None, None, None, seed=0)
   assert labels["rule"] == stages.LABEL_RULE and labels["seed"] == 3
   assert labels["validation"] == {"pairs": 1, "reused": True}
+  # Made with one pair per training prompt (labels.json says so, or is older and silent):
+  # a preset asking for more is refused, not silently given the old pairs.
+  more = stages.Grid([1.0], 1, 1, 1, 1, 1, 1, pairs_per_prompt=4)
+  with pytest.raises(SystemExit, match=r"made with 1 pair\(s\) per training prompt, the "
+                     r"preset asks for PAIRS_PER_PROMPT = 4"):
+    stages.make_pairs(ctx, {}, more, None, None, None, seed=0)
+
+
+def test_presets_give_the_pairs_per_prompt():
+  for preset in ("smoke", "tiny", "paper"):
+    grid = stages.read_grid(preset, "SUMMARIZATION", None)
+    assert grid.pairs_per_prompt == 1 and grid.pair_prompts > 0
+  assert stages.read_grid("tiny", "FIG2", None).pairs_per_prompt == 1  # unused there
 
 
 def test_documents_strip_the_task_prefix():

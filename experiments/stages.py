@@ -75,12 +75,15 @@ def read_grid(preset: str, prefix: str, lams_flag: Optional[str]) -> Grid:
     raise SystemExit(f"error: {common.PRESET_FILES[preset]}: {prefix}_OPTIMUM_SAMPLES = "
                      f"{optimum_samples}: the optimum needs >= 2 SFT samples per prompt "
                      f"(>= {optimum.MIN_ESS:g} for a point to be kept).")
-  if pairs and int(macros["PAIRS_PER_PROMPT"]) < 1:
-    raise SystemExit(f"error: {common.PRESET_FILES[preset]}: PAIRS_PER_PROMPT = "
-                     f"{macros['PAIRS_PER_PROMPT']}: at least 1.")
+  pair_fields = {}
+  if pairs:
+    pair_fields = dict(zip(("pair_prompts", "val_pair_prompts", "pairs_per_prompt"),
+                           (int(macros[n]) for n in pairs)))
+    if pair_fields["pairs_per_prompt"] < 1:
+      raise SystemExit(f"error: {common.PRESET_FILES[preset]}: PAIRS_PER_PROMPT = "
+                       f"{pair_fields['pairs_per_prompt']}: at least 1.")
   return Grid(lams, *(int(macros[n]) for n in names[1:]), int(macros["FIG_CHUNK"]),
-              *(int(macros[n]) for n in pairs[:2]), optimum_samples=optimum_samples,
-              **({"pairs_per_prompt": int(macros["PAIRS_PER_PROMPT"])} if pairs else {}))
+              optimum_samples=optimum_samples, **pair_fields)
 
 
 # ----------------------------------------------------------------------------- training

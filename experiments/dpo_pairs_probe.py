@@ -15,6 +15,7 @@ its pairs are unseen, a second held-out measure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -30,22 +31,22 @@ from experiments import stages  # noqa: E402
 PROBE_SAMPLES = 102  # the numpy/JAX stream of this probe's SFT samples
 
 
-def make_pairs(preset: str, workdir: str, out_dir: str, pairs_per_prompt: int,
+def make_pairs(figures: stages.Context, probe: stages.Context, pairs_per_prompt: int,
                seed: int) -> dict:
-  """OUT/pairs/{train,validation}.jsonl; the training split's labelling statistics."""
+  """The probe's pairs/{train,validation}.jsonl and labels.json; the training split's
+  labelling statistics."""
   from deranj.data import pipeline, preferences  # pylint: disable=g-import-not-at-top
   from deranj.evaluation import judges  # pylint: disable=g-import-not-at-top
   from deranj.training import reward_model  # pylint: disable=g-import-not-at-top
-  pairs_dir = os.path.join(out_dir, stages.PAIRS)
-  macros = common.preset_macros(preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",
-                                         "PAIR_PROMPTS", "FIG_CHUNK"])
-  validation = os.path.join(workdir, stages.PAIRS, "validation.jsonl")
+  macros = common.preset_macros(figures.preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH",
+                                                 "PAIR_PROMPTS", "FIG_CHUNK"])
+  validation = os.path.join(figures.pairs_dir, "validation.jsonl")
   if not os.path.isfile(validation):
     raise SystemExit(f"error: {validation} is missing: run experiments/fig7_dpo.py with "
-                     f"--workdir {workdir} first (its stage 3 makes the pairs).")
-  gold = judges.RewardModelJudge(*reward_model.load_reward_model(
-      common.run_dir(workdir, "gold_rm")), batch_size=int(macros["FIG_CHUNK"]))
-  sft = common.load_policy(common.run_dir(workdir, "sft"))
+                     f"--workdir {figures.workdir} first (its stage 3 makes the pairs).")
+  gold = judges.RewardModelJudge(*reward_model.load_reward_model(figures.gold_dir),
+                                 batch_size=int(macros["FIG_CHUNK"]))
+  sft = common.load_policy(figures.sft_dir)
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": macros["TARGETS_LENGTH"]}
   data = pipeline.load(macros["TASK"], "train", lengths, max_examples=macros["PAIR_PROMPTS"])
   common.log(f"   labelling {pairs_per_prompt} pairs of SFT samples for each of "
@@ -54,10 +55,27 @@ def make_pairs(preset: str, workdir: str, out_dir: str, pairs_per_prompt: int,
       sft, gold, data, pairs_per_prompt, int(macros["FIG_CHUNK"]), macros["TARGETS_LENGTH"],
       jax.random.fold_in(jax.random.PRNGKey(seed), PROBE_SAMPLES),
       seed=(seed, stages.PAIR_LABELS, 0))
-  os.makedirs(pairs_dir, exist_ok=True)
-  shutil.copy(validation, os.path.join(pairs_dir, "validation.jsonl"))
-  preferences.write_pairs(os.path.join(pairs_dir, "train.jsonl"), pairs)
+  os.makedirs(probe.pairs_dir, exist_ok=True)
+  common.write_json(os.path.join(probe.pairs_dir, stages.LABELS_FILE), {"train": stats})
+  shutil.copy(validation, os.path.join(probe.pairs_dir, "validation.jsonl"))
+  preferences.write_pairs(os.path.join(probe.pairs_dir, "train.jsonl"), pairs)
   return stats
+
+
+def reused_pairs(probe: stages.Context, pairs_per_prompt: int) -> dict:
+  """The statistics of pairs made by an earlier call; exits when they were made with
+  another --pairs_per_prompt (the run trained on them would be skipped as finished)."""
+  path = os.path.join(probe.pairs_dir, stages.LABELS_FILE)
+  if not os.path.isfile(path):
+    raise SystemExit(f"error: {probe.pairs_dir} has pairs but no {stages.LABELS_FILE}: "
+                     "give another --out.")
+  with open(path) as f:
+    stats = json.load(f)["train"]
+  if stats["pairs_per_prompt"] != pairs_per_prompt:
+    raise SystemExit(f"error: {probe.pairs_dir} holds {stats['pairs_per_prompt']} pair(s) "
+                     f"per prompt, not --pairs_per_prompt {pairs_per_prompt}: give another "
+                     "--out.")
+  return {**stats, "reused": True}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -74,14 +92,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if args.pairs_per_prompt < 1 or args.steps < 1 or args.eval_every < 1:
     parser.error("--pairs_per_prompt, --steps and --eval_every must be >= 1.")
   out = args.out or os.path.join(args.workdir, "dpo_pairs_probe")
-  train_path = os.path.join(out, stages.PAIRS, "train.jsonl")
-  stats = (make_pairs(args.preset, args.workdir, out, args.pairs_per_prompt, args.seed)
-           if not os.path.isfile(train_path) else {"reused": train_path})
+  figures, probe = stages.Context(args.preset, args.workdir), stages.Context(args.preset, out)
+  made = os.path.isfile(os.path.join(probe.pairs_dir, "train.jsonl"))
+  stats = (reused_pairs(probe, args.pairs_per_prompt) if made
+           else make_pairs(figures, probe, args.pairs_per_prompt, args.seed))
   run_dir = common.run_dir(out, "dpo", args.beta)
   common.train("configs/runs/dpo.gin", args.preset, run_dir, [
-      f"INIT_CHECKPOINT = '{common.run_dir(args.workdir, 'sft')}'",
-      "PREFERENCE_TASK = 'preference_pairs'",
-      f"preference_pairs_dir.path = '{os.path.join(out, stages.PAIRS)}'",
+      f"INIT_CHECKPOINT = '{figures.sft_dir}'", *probe.pair_bindings(),
       f"BETA = {args.beta}", f"DPO_STEPS = {args.steps}",
       f"train.eval_every = {args.eval_every}"])
   evals = common.read_evals(run_dir)

@@ -304,3 +304,12 @@ def test_dpo_pairs_probe_trains_on_k_pairs_per_prompt(workdir):
     assert abs(e["accuracy"] * held_out - round(e["accuracy"] * held_out)) < 1e-6 * held_out
   with open(os.path.join(out, "probe.json")) as f:
     assert json.load(f)["held_out"] == result["held_out"]
+  # Run again: the pairs and the finished run are reused, with the count they were made at.
+  again = dpo_pairs_probe.main(["--preset", "smoke", "--workdir", workdir, "--out", out,
+                                "--pairs_per_prompt", "2", "--steps", "4", "--eval_every", "2"])
+  assert again["pairs"] == {**result["pairs"], "reused": True}
+  assert again["held_out"] == result["held_out"]
+  with pytest.raises(SystemExit,
+                     match=r"holds 2 pair\(s\) per prompt, not --pairs_per_prompt 3"):
+    dpo_pairs_probe.main(["--preset", "smoke", "--workdir", workdir, "--out", out,
+                          "--pairs_per_prompt", "3"])

@@ -32,7 +32,7 @@ from deranj.training import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_FILES = {name: f"configs/presets/{name}.gin"
-                for name in ("smoke", "demo", "tiny", "paper")}
+                for name in ("smoke", "demo", "tiny", "tiny_pairs32", "paper")}
 # A configs/models/ file read after the preset in every run (a driver's --model_gin).
 _MODEL_GIN: list[str] = []
 

@@ -1,5 +1,6 @@
 """The Figure 3 and 7 drivers: preference-pair labelling, λ grids, agreement and reports
 (fast), and smoke runs (slow)."""
+import dataclasses
 import json
 import os
 
@@ -74,6 +75,14 @@ def test_presets_give_the_pairs_per_prompt():
     grid = stages.read_grid(preset, "SUMMARIZATION", None)
     assert grid.pairs_per_prompt == 1 and grid.pair_prompts > 0
   assert stages.read_grid("tiny", "FIG2", None).pairs_per_prompt == 1  # unused there
+  # tiny_pairs32 is tiny with more pairs and one epoch of DPO over them.
+  many = stages.read_grid("tiny_pairs32", "SUMMARIZATION", None)
+  tiny = stages.read_grid("tiny", "SUMMARIZATION", None)
+  assert many.pairs_per_prompt == 32
+  assert dataclasses.replace(many, pairs_per_prompt=1) == tiny
+  names = ["DPO_STEPS", "DPO_BATCH_SIZE", "DPO_LEARNING_RATE", "GOLD_RM_STEPS", "SFT_STEPS"]
+  ours, theirs = (common.preset_macros(p, names) for p in ("tiny_pairs32", "tiny"))
+  assert ours["DPO_STEPS"] > theirs.pop("DPO_STEPS") and ours == {**theirs, "DPO_STEPS": 700}
 
 
 def test_documents_strip_the_task_prefix():

@@ -63,6 +63,29 @@ def count_compiles(name: str = ""):
 # ----------------------------------------------------------------------------- timing
 
 
+VECTOR_FEATURES = ("avx2", "avx512f", "amx_tile", "amx_bf16", "neon", "sve")
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """'<model name> (<vector features>)' from `cpuinfo`, so a benchmark's numbers say
+  which machine they were measured on; 'unknown CPU' where the file is missing."""
+  try:
+    with open(cpuinfo) as f:
+      text = f.read()
+  except OSError:
+    return "unknown CPU"
+  model, flags = "unknown CPU", set()
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    key = key.strip().lower()
+    if key in ("model name", "hardware") and model == "unknown CPU":
+      model = value.strip()
+    elif key in ("flags", "features"):
+      flags.update(value.split())
+  features = [f for f in VECTOR_FEATURES if f in flags]
+  return f"{model} ({', '.join(features) or 'no listed vector features'})"
+
+
 def interleaved_rounds(arms: dict[str, Callable[[], Any]], rounds: int,
                        log: Optional[Callable[[str], Any]] = None) -> dict[str, list[float]]:
   """Wall seconds of every arm in every round (`log` gets a line after each round).

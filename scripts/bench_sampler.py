@@ -641,9 +641,10 @@ def main(argv=None):
   cores = os.cpu_count()
   print(f"bench_sampler: batch {b}, prompt {s}, {n} new tokens, float32, "
         f"{jax.devices()[0].platform} x{cores} cores, jax {jax.__version__}, "
-        f"torch {torch.__version__}, {args.rounds} rounds")
+        f"torch {torch.__version__}, {args.rounds} rounds\n  on {profiling.cpu_description()}")
   report = {"config": {"batch": b, "prompt_len": s, "new_tokens": n, "rounds": args.rounds,
-                       "cores": cores, "shape": shape, "jax": jax.__version__,
+                       "cores": cores, "cpu": profiling.cpu_description(),
+                       "shape": shape, "jax": jax.__version__,
                        "torch": torch.__version__}}
 
   if args.profile:

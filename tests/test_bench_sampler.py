@@ -209,6 +209,33 @@ def test_matmul_probe_repeats_the_product():
   assert probes.measure()["matmul tiny"] > 0
 
 
+def test_cpu_description_names_the_model_and_its_vector_units(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 fma avx512f "
+                  "amx_tile\n\nprocessor\t: 1\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2\n")
+  assert profiling.cpu_description(str(info)) == "Some Xeon (avx2, avx512f, amx_tile)"
+  assert profiling.cpu_description(str(tmp_path / "missing")) == "unknown CPU"
+
+
+def test_attention_bench_arms_agree_on_a_tiny_shape(capsys):
+  from scripts import bench_attention  # pylint: disable=g-import-not-at-top
+  bench_attention.main(["--small", "--rounds", "1"])  # asserts the arms' agreement itself
+  out = capsys.readouterr().out
+  for arm in ("as the step computes it", "keys [B,H,K,S], reduce", "read K/V once (reduce)",
+              "floor (bytes ÷ streaming read)"):
+    assert f"| {arm} |" in out
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 4), (2, 3, 5, 4),
+                                                                   (2, 3, 5, 4)))
+  w = np.exp(np.einsum("bhk,bhsk->bhs", q, k))
+  w /= w.sum(-1, keepdims=True)
+  want = np.einsum("bhs,bhsk->bhk", w, v)
+  for scores, weighted, transposed in bench_attention.ARMS.values():
+    kk = np.swapaxes(k, 2, 3) if transposed else k
+    got = weighted(jax.nn.softmax(scores(jnp.asarray(q), jnp.asarray(kk)), -1), jnp.asarray(v))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
 def test_xla_cost_counts_a_matmul():
   cost = profiling.xla_cost(jnp.matmul, jnp.ones((3, 4)), jnp.ones((4, 5)))
   assert cost["flops"] == 2 * 3 * 4 * 5

@@ -322,9 +322,11 @@ def main(argv=None):
         f"q/kv heads, intermediate {shape['intermediate_size']}, vocab {shape['vocab_size']}; "
         f"batch {b}, prompt {s}, {n} new tokens, lam {LAM}, float32, "
         f"{jax.devices()[0].platform} x{cores} cores, "
-        + ", ".join(f"{k} {v}" for k, v in versions.items()) + f", {args.rounds} rounds")
+        + ", ".join(f"{k} {v}" for k, v in versions.items()) + f", {args.rounds} rounds"
+        f"\n  on {profiling.cpu_description()}")
   report = {"config": {"batch": b, "prompt_len": s, "new_tokens": n, "rounds": args.rounds,
-                       "lam": LAM, "cores": cores, "shape": shape, **versions},
+                       "lam": LAM, "cores": cores, "cpu": profiling.cpu_description(),
+                       "shape": shape, **versions},
             "skipped": skipped}
 
   report["greedy_check"] = check_greedy(arms, wanted, min(b, CHECK_ROWS), min(n, CHECK_TOKENS))

@@ -230,10 +230,14 @@ EVALS_PER_RUN = 5
 PLATEAU_EVALS = 3
 PLATEAU_RTOL = 0.05
 PLATEAU_FLOOR = 1.0
+# DPO's held-out margin in the policy's own units: rewards/margins is beta x the log-ratio
+# margin, so at a small beta it stays under any fixed tolerance however far the policy
+# moves; run_record adds this to each DPO evaluation.
+LOGRATIO_MARGINS = "logratio/margins"
 PLATEAU_METRICS = {"ppo": ("objective/scores", "objective/kl"),
                    "pg": ("objective/scores", "objective/kl"),
                    "pg_length": ("objective/scores", "objective/kl"),
-                   "dpo": ("loss", "rewards/margins")}  # DPO evaluates held-out pairs
+                   "dpo": ("loss", LOGRATIO_MARGINS)}  # DPO evaluates held-out pairs
 # kind: ppo (ppo_length.gin), pg (pg_reward.gin), pg_length (pg_length.gin), dpo (dpo.gin).
 STEPS_MACROS = {"ppo": "PPO_STEPS", "pg": "PG_STEPS", "pg_length": "PG_LENGTH_STEPS",
                 "dpo": "DPO_STEPS"}
@@ -287,6 +291,9 @@ def run_record(model_dir: str, kind: str, beta: float, reward: str,
   same prompts; gap = optimum - run (> 0: short of the optimum).
   """
   evals = common.read_evals(model_dir)
+  if kind == "dpo":
+    evals = [{**e, LOGRATIO_MARGINS: e["rewards/margins"] / beta} if "rewards/margins" in e
+             else e for e in evals]
   last = evals[-1] if evals else {}
   gap = (optimum_reward - run_reward
          if optimum_reward is not None and run_reward is not None else None)

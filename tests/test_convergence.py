@@ -101,8 +101,27 @@ def test_run_record_and_gap(tmp_path, capsys):
   stages.warn_unconverged([record, stages.run_record(model_dir, "ppo", 0.05, "r", 0.0, 0.0)])
   out = capsys.readouterr().out.strip().splitlines()
   assert out == ["warning: ppo_beta0.05 (beta = 0.05) is not at a plateau (over steps 2..6: "
-                 "loss not logged; rewards/margins not logged): its points are not a model "
+                 "loss not logged; logratio/margins not logged): its points are not a model "
                  "trained to convergence at that beta."]
+
+
+def test_dpo_plateau_reads_the_policy_margin_whatever_the_beta(tmp_path):
+  # The same policy movement (log-ratio margin 0.5 -> 1.0 -> 1.5 nats on held-out pairs)
+  # logged at two betas: rewards/margins is beta x that, so at beta 0.02 it moves 0.02,
+  # under the 0.05 floor, yet the policy is no more at a plateau than at beta 0.2.
+  for beta in (0.2, 0.02):
+    model_dir = str(tmp_path / f"dpo_beta{beta}")
+    _write_evals(model_dir, [(s, {"loss": 0.69, "rewards/margins": beta * m})
+                             for s, m in ((2, 0.5), (4, 1.0), (6, 1.5))])
+    record = stages.run_record(model_dir, "dpo", beta, "gold", None, None)
+    assert [e[stages.LOGRATIO_MARGINS] for e in record["evals"]] == pytest.approx(
+        [0.5, 1.0, 1.5], rel=1e-6)
+    assert not record["plateau"]["passed"]
+    assert "logratio/margins moved 1 > 0.05" in record["plateau"]["reason"]
+  # Flat in the policy's units: a plateau at either beta.
+  model_dir = str(tmp_path / "dpo_flat")
+  _write_evals(model_dir, [(s, {"loss": 0.69, "rewards/margins": 0.02 * 1.5}) for s in (2, 4, 6)])
+  assert stages.run_record(model_dir, "dpo", 0.02, "gold", None, None)["plateau"]["passed"]
 
 
 def test_eval_bindings_evaluate_each_run_at_most_evals_per_run_times():

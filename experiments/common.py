@@ -32,7 +32,8 @@ from deranj.training import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_FILES = {name: f"configs/presets/{name}.gin"
-                for name in ("smoke", "demo", "tiny", "tiny_pairs32", "paper")}
+                for name in ("smoke", "demo", "tiny", "tiny_pairs32", "tiny_pairs32_betalr",
+                             "paper")}
 # A configs/models/ file read after the preset in every run (a driver's --model_gin).
 _MODEL_GIN: list[str] = []
 
@@ -72,12 +73,23 @@ class Timer:
       self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - start, 2)
 
 
-def preset_macros(preset: str, names: Sequence[str]) -> dict[str, Any]:
-  """Values of gin macros (e.g. TASK, L_MIN) as the preset file sets them."""
+def preset_macros(preset: str, names: Sequence[str],
+                  defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """Values of gin macros (e.g. TASK, L_MIN) as the preset file sets them; a name of
+  `defaults` the preset does not set gets its default."""
+  defaults = defaults or {}
   gin.clear_config()
   try:
     gin_utils.parse_gin([PRESET_FILES[preset]], [])
-    return {name: gin.query_parameter(f"%{name}") for name in names}
+    out = {}
+    for name in names:
+      try:
+        out[name] = gin.query_parameter(f"%{name}")
+      except ValueError:
+        if name not in defaults:
+          raise
+        out[name] = defaults[name]
+    return out
   finally:
     gin.clear_config()
 

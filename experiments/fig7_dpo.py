@@ -36,8 +36,8 @@ RUN = "configs/runs/dpo.gin"
 
 def train_aligned(ctx: stages.Context, beta: float) -> bool:
   return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta), [
-      f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(), f"BETA = {beta}",
-      *stages.eval_bindings(ctx.preset, KIND)])
+      f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(),
+      *stages.beta_bindings(ctx.preset, KIND, beta), *stages.eval_bindings(ctx.preset, KIND)])
 
 
 def implied_reward(ctx: stages.Context, gold, batch_size: int):

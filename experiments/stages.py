@@ -247,6 +247,30 @@ PLATEAU_RULE = (f"over the last {PLATEAU_EVALS} evaluations each of the run's pl
                 "and at their last")
 
 
+# DPO_LR_REFERENCE_BETA (a preset macro; None or absent: off): a DPO run at beta trains at
+# DPO_LEARNING_RATE x DPO_LR_REFERENCE_BETA / beta. Adam's step does not grow with the
+# loss's scale, while the log-ratios of DPO's optimum grow as 1 / beta: at one rate and
+# budget, the runs at small beta stop short of theirs.
+LR_REFERENCE_MACRO = "DPO_LR_REFERENCE_BETA"
+
+
+def beta_bindings(preset: str, kind: str, beta: float) -> list[str]:
+  """The gin bindings of a `kind` run at `beta`: BETA, and for DPO under the preset's
+  LR_REFERENCE_MACRO its learning rate scaled by reference / beta."""
+  bindings = [f"BETA = {beta!r}"]
+  if kind != "dpo":
+    return bindings
+  macros = common.preset_macros(preset, [LR_REFERENCE_MACRO, "DPO_LEARNING_RATE"],
+                                defaults={LR_REFERENCE_MACRO: None})
+  reference = macros[LR_REFERENCE_MACRO]
+  if reference is None:
+    return bindings
+  if not (isinstance(reference, (int, float)) and reference > 0):
+    raise SystemExit(f"error: {common.PRESET_FILES[preset]}: {LR_REFERENCE_MACRO} = "
+                     f"{reference!r}: expected None or a positive number.")
+  return bindings + [f"DPO_LEARNING_RATE = {macros['DPO_LEARNING_RATE'] * reference / beta!r}"]
+
+
 def eval_bindings(preset: str, kind: str, steps: Optional[int] = None) -> list[str]:
   """The gin binding that evaluates a `kind` run up to EVALS_PER_RUN times, evenly
   (over `steps`, or the preset's STEPS_MACROS[kind] when None)."""

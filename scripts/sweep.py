@@ -111,7 +111,8 @@ def plan(run_gin: str, preset: str, workdir: str, init_checkpoint: Optional[str]
   for seed in seeds if seeds is not None else [0]:
     for beta, lam in grid:
       model_dir = common.run_dir(workdir, kind, beta, seed)
-      bindings = [f"BETA = {beta!r}", *([f"SEED = {seed}"] if seeds is not None else []),
+      bindings = [*stages.beta_bindings(preset, kind, beta),
+                  *([f"SEED = {seed}"] if seeds is not None else []),
                   *evals, *extra]
       if init_checkpoint is not None:
         bindings.insert(0, f"INIT_CHECKPOINT = '{init_checkpoint}'")

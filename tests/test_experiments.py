@@ -85,6 +85,22 @@ def test_presets_give_the_pairs_per_prompt():
   assert ours["DPO_STEPS"] > theirs.pop("DPO_STEPS") and ours == {**theirs, "DPO_STEPS": 700}
 
 
+def test_beta_bindings_scale_dpo_learning_rate_only_where_the_preset_asks(tmp_path, monkeypatch):
+  assert stages.beta_bindings("tiny", "dpo", 0.01) == ["BETA = 0.01"]  # macro unset: off
+  assert stages.beta_bindings("tiny_pairs32_betalr", "pg", 0.01) == ["BETA = 0.01"]
+  lr = common.preset_macros("tiny_pairs32_betalr", ["DPO_LEARNING_RATE"])["DPO_LEARNING_RATE"]
+  for beta in (0.2, 0.1, 0.01):
+    got = stages.beta_bindings("tiny_pairs32_betalr", "dpo", beta)
+    assert got[0] == f"BETA = {beta!r}" and got[1].startswith("DPO_LEARNING_RATE = ")
+    assert float(got[1].split("=")[1]) == pytest.approx(lr * 0.1 / beta, rel=1e-12)
+  (tmp_path / "presets").mkdir()  # a preset may set macros a run does not read
+  bad = tmp_path / "presets" / "bad.gin"
+  bad.write_text("include 'configs/presets/tiny.gin'\nDPO_LR_REFERENCE_BETA = -1\n")
+  monkeypatch.setitem(common.PRESET_FILES, "bad", str(bad))
+  with pytest.raises(SystemExit, match=r"bad.gin: DPO_LR_REFERENCE_BETA = -1: expected None"):
+    stages.beta_bindings("bad", "dpo", 0.1)
+
+
 def test_documents_strip_the_task_prefix():
   split = pipeline.Split(
       features={}, texts={"inputs": ["summarize: the cat sat.", "no prefix"]})

@@ -6,7 +6,8 @@ its own keys and values ([B, H, len, K], B 16, H 8, K 64: 144 MiB), so they stre
 memory as in the sampler's step. One call runs 16 passes inside a compiled loop; each
 arm is the median [min-max] of --rounds interleaved rounds.
 
-  as the step computes it   einsum scores and weighted sum (t5.MultiHeadAttention)
+  as the step computes it   einsum scores and weighted sum, as t5's attention does
+                            (here without its Q = 1 axis and position bias)
   keys [B,H,K,S], reduce    keys stored transposed, scores and sum as multiply + reduce
   read K/V once (reduce)    no attention: one fused reduction over the same K/V, the
                             least XLA:CPU's own fused ops take to read those bytes here
@@ -67,7 +68,7 @@ def attention_pass(q, tensors, scores, weighted):
 
 
 def read_pass(q, tensors):
-  """The same keys and values, each read once by one fused reduction."""
+  """The same keys and values, each read once by a fused reduction."""
   for k, v in tensors:
     q = q + 1e-3 * (jnp.sum(k * q[..., :1, None], axis=(2, 3))[..., None]
                     + jnp.sum(v, axis=2))

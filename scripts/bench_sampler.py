@@ -638,12 +638,12 @@ def main(argv=None):
     for lam in LAMS:
       hf_dera(lam)()
 
-  cores = os.cpu_count()
+  cores, cpu = os.cpu_count(), profiling.cpu_description()
   print(f"bench_sampler: batch {b}, prompt {s}, {n} new tokens, float32, "
         f"{jax.devices()[0].platform} x{cores} cores, jax {jax.__version__}, "
-        f"torch {torch.__version__}, {args.rounds} rounds\n  on {profiling.cpu_description()}")
+        f"torch {torch.__version__}, {args.rounds} rounds\n  on {cpu}")
   report = {"config": {"batch": b, "prompt_len": s, "new_tokens": n, "rounds": args.rounds,
-                       "cores": cores, "cpu": profiling.cpu_description(),
+                       "cores": cores, "cpu": cpu,
                        "shape": shape, "jax": jax.__version__,
                        "torch": torch.__version__}}
 

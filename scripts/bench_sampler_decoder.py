@@ -317,15 +317,16 @@ def main(argv=None):
   if trl_wrapper is not None:
     import trl
     versions["trl"] = trl.__version__
+  cpu = profiling.cpu_description()
   print(f"bench_sampler_decoder: Llama {shape['num_hidden_layers']} layers, hidden "
         f"{shape['hidden_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} "
         f"q/kv heads, intermediate {shape['intermediate_size']}, vocab {shape['vocab_size']}; "
         f"batch {b}, prompt {s}, {n} new tokens, lam {LAM}, float32, "
         f"{jax.devices()[0].platform} x{cores} cores, "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + f", {args.rounds} rounds"
-        f"\n  on {profiling.cpu_description()}")
+        f"\n  on {cpu}")
   report = {"config": {"batch": b, "prompt_len": s, "new_tokens": n, "rounds": args.rounds,
-                       "lam": LAM, "cores": cores, "cpu": profiling.cpu_description(),
+                       "lam": LAM, "cores": cores, "cpu": cpu,
                        "shape": shape, **versions},
             "skipped": skipped}
 

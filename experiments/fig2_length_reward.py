@@ -4,8 +4,10 @@ r"""Figure 2: DeRa at λ against models retrained at β/λ, on the length reward
         [--seeds 0,1,2]
 
 The trainer is the preset's FIG2_TRAINER (or --trainer): 'ppo' (the paper's,
-`configs/runs/ppo_length.gin`) or 'pg' (leave-one-out policy gradient,
-`configs/runs/pg_length.gin`); β is FIG2_BETA (or --beta).
+`configs/runs/ppo_length.gin`), 'pg' (leave-one-out policy gradient,
+`configs/runs/pg_length.gin`) or 'rwl' (reward-weighted maximum likelihood on the SFT
+model's samples, `configs/runs/rwl_length.gin`: the runs share one pool of them,
+`<workdir>/rwl_pool.npz`); β is FIG2_BETA (or --beta).
 
 Stages (each training run through gin, skipped when already finished):
   1. SFT from the preset's INIT_CHECKPOINT (the shipped tiny T5 for smoke/tiny);
@@ -59,7 +61,8 @@ from experiments import stages  # noqa: E402
 
 # --trainer -> (run file, run kind: experiments.stages's name for its runs).
 TRAINERS = {"ppo": ("configs/runs/ppo_length.gin", "ppo"),
-            "pg": ("configs/runs/pg_length.gin", "pg_length")}
+            "pg": ("configs/runs/pg_length.gin", "pg_length"),
+            "rwl": ("configs/runs/rwl_length.gin", "rwl_length")}
 
 
 def length_stats(tokens: np.ndarray, num_prompts: int, l_min: int, l_max: int,
@@ -247,7 +250,8 @@ def main(argv=None) -> dict:
     return runs.train(run_gin, args.preset, run_dir(lam, seed),
                       [f"INIT_CHECKPOINT = '{sft_dir}'", f"BETA = {args.beta / lam}",
                        *([f"SEED = {seed}"] if several else []),
-                       *stages.eval_bindings(args.preset, kind)])
+                       *stages.eval_bindings(args.preset, kind),
+                       *stages.pool_bindings(workdir, kind)])
 
   for seed in seeds:
     with timer("aligned"):

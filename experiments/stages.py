@@ -237,9 +237,12 @@ LOGRATIO_MARGINS = "logratio/margins"
 PLATEAU_METRICS = {"ppo": ("objective/scores", "objective/kl"),
                    "pg": ("objective/scores", "objective/kl"),
                    "pg_length": ("objective/scores", "objective/kl"),
+                   "rwl_length": ("objective/scores", "objective/kl"),
                    "dpo": ("loss", LOGRATIO_MARGINS)}  # DPO evaluates held-out pairs
-# kind: ppo (ppo_length.gin), pg (pg_reward.gin), pg_length (pg_length.gin), dpo (dpo.gin).
+# kind: ppo (ppo_length.gin), pg (pg_reward.gin), pg_length (pg_length.gin), rwl_length
+# (rwl_length.gin), dpo (dpo.gin).
 STEPS_MACROS = {"ppo": "PPO_STEPS", "pg": "PG_STEPS", "pg_length": "PG_LENGTH_STEPS",
+                "rwl_length": "RWL_LENGTH_STEPS",
                 "dpo": "DPO_STEPS"}
 PLATEAU_RULE = (f"over the last {PLATEAU_EVALS} evaluations each of the run's plateau metrics "
                 f"moved (max - min) by at most {PLATEAU_RTOL:g} x max(|mean|, "
@@ -269,6 +272,17 @@ def beta_bindings(preset: str, kind: str, beta: float) -> list[str]:
     raise SystemExit(f"error: {common.PRESET_FILES[preset]}: {LR_REFERENCE_MACRO} = "
                      f"{reference!r}: expected None or a positive number.")
   return bindings + [f"DPO_LEARNING_RATE = {macros['DPO_LEARNING_RATE'] * reference / beta!r}"]
+
+
+# Reward-weighted runs (rwl_length.gin) of one workdir share one pool of SFT samples.
+RWL_POOL_FILE = "rwl_pool.npz"
+
+
+def pool_bindings(workdir: str, kind: str) -> list[str]:
+  """For rwl_length runs, the binding that points them at the workdir's shared pool."""
+  if kind != "rwl_length":
+    return []
+  return [f"RWL_CANDIDATES_FILE = '{os.path.join(os.path.abspath(workdir), RWL_POOL_FILE)}'"]
 
 
 def eval_bindings(preset: str, kind: str, steps: Optional[int] = None) -> list[str]:

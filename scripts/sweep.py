@@ -11,7 +11,8 @@ The grid: KL strengths β/λ for each λ of --lams (--beta 0.1 by default), or t
 --betas; times each seed of --seeds (bound to the run file's SEED, which the trainer hashes
 with the objective and β). Seed 0 trains in `<workdir>/<kind>_beta<β>` (the directory the
 figure drivers read, so a driver started afterwards skips it; kind = ppo | pg_length |
-pg | dpo from the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>` (common.run_dir; where
+rwl_length | pg | dpo from the run file), seed s > 0 in `<workdir>/<kind>_beta<β>_seed<s>`
+(common.run_dir; where
 `fig2_length_reward.py --seeds` trains and reads them too). Every run is evaluated
 as the figure drivers' are (stages.eval_bindings), enough evaluations for the plateau test.
 
@@ -42,11 +43,13 @@ from deranj.training import checkpoints  # noqa: E402
 from experiments import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from experiments import stages  # noqa: E402
 
-KINDS = {"ppo_length": "ppo", "pg_length": "pg_length", "pg_reward": "pg", "dpo": "dpo"}
+KINDS = {"ppo_length": "ppo", "pg_length": "pg_length", "rwl_length": "rwl_length",
+         "pg_reward": "pg", "dpo": "dpo"}
 # The trained reward each kind's evaluations log as objective/scores (DPO logs none).
-REWARDS = {"ppo": "length reward", "pg_length": "length reward",
+REWARDS = {"ppo": "length reward", "pg_length": "length reward", "rwl_length": "length reward",
            "pg": "the run's reward model", "dpo": "none logged"}
-LENGTH_REWARD_KINDS = ("ppo", "pg_length")  # where the sweep can estimate the optimum
+# Where the sweep can estimate the optimum.
+LENGTH_REWARD_KINDS = ("ppo", "pg_length", "rwl_length")
 # Bindings the sweep makes itself: one extra --gin.NAME would silently undo the grid.
 RESERVED = ("MODEL_DIR", "INIT_CHECKPOINT", "BETA", "SEED", "train.model_dir", "train.seed")
 SUMMARY = "sweep_summary"  # <workdir>/sweep_summary.{json,md}
@@ -70,8 +73,8 @@ class Run:
 
 
 def kind_of(run_gin: str) -> str:
-  """ppo | pg_length | pg | dpo for a run file; one line when it is none of the retraining
-  runs."""
+  """ppo | pg_length | rwl_length | pg | dpo for a run file; one line when it is none of
+  the retraining runs."""
   stem = os.path.splitext(os.path.basename(run_gin))[0]
   if stem not in KINDS:
     raise SystemExit(f"error: --run_gin={run_gin}: expected one of "
@@ -113,7 +116,7 @@ def plan(run_gin: str, preset: str, workdir: str, init_checkpoint: Optional[str]
       model_dir = common.run_dir(workdir, kind, beta, seed)
       bindings = [*stages.beta_bindings(preset, kind, beta),
                   *([f"SEED = {seed}"] if seeds is not None else []),
-                  *evals, *extra]
+                  *evals, *stages.pool_bindings(workdir, kind), *extra]
       if init_checkpoint is not None:
         bindings.insert(0, f"INIT_CHECKPOINT = '{init_checkpoint}'")
       runs.append(Run(model_dir, beta, seed, lam,
@@ -372,7 +375,7 @@ def main(argv=None):
       raise SystemExit("error: --optimum_samples goes with --run or --summary.")
     if kind not in LENGTH_REWARD_KINDS:
       raise SystemExit(f"error: --optimum_samples: the optimum's reward is estimated for the "
-                       f"length reward (ppo_length.gin, pg_length.gin) only, not "
+                       f"length reward (ppo_length.gin, pg_length.gin, rwl_length.gin) only, not "
                        f"{args.run_gin}.")
     if args.optimum_samples < 2:
       raise SystemExit(f"error: --optimum_samples={args.optimum_samples}: the optimum needs "

@@ -50,7 +50,7 @@ def _runs(block, rows_with_optimum, kind, stdout):
     assert row["retrained"]["plateau"] == plateau["passed"]
     gap = run["gap_to_optimum"]
     assert gap["optimum"] == top["optimum"][
-        "length_reward" if kind in ("ppo", "pg_length") else "mean_trained_reward"]
+        "length_reward" if kind in ("ppo", "pg_length", "rwl_length") else "mean_trained_reward"]
     assert (gap["gap"] is None) == top["optimum"]["left_out"]
     if gap["gap"] is not None:
       assert gap["gap"] == pytest.approx(gap["optimum"] - gap["run"], rel=1e-12)

@@ -123,8 +123,8 @@ def test_misspelled_configurable_or_parameter_suggests_the_name(binding, suggest
 
 @pytest.mark.parametrize("preset", ["smoke", "demo", "tiny", "tiny_pairs32", "tiny_pairs32_betalr",
                                     "paper"])
-@pytest.mark.parametrize("run", ["sft", "ppo_length", "pg_length", "pg_reward", "reward_model",
-                                 "dpo"])
+@pytest.mark.parametrize("run", ["sft", "ppo_length", "pg_length", "rwl_length", "pg_reward",
+                                 "reward_model", "dpo"])
 def test_every_run_file_passes_the_checks_with_every_preset(run, preset):
   gin_utils.parse_gin([f"configs/runs/{run}.gin", f"configs/presets/{preset}.gin"], [DIR])
 

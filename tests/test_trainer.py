@@ -350,8 +350,8 @@ def test_cli_reports_bad_gin_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["smoke", "demo", "tiny", "paper"])
-@pytest.mark.parametrize("run", ["sft", "ppo_length", "pg_length", "pg_reward", "reward_model",
-                                 "dpo"])
+@pytest.mark.parametrize("run", ["sft", "ppo_length", "pg_length", "rwl_length", "pg_reward",
+                                 "reward_model", "dpo"])
 def test_every_run_file_parses_with_every_preset(run, preset):
   gin.clear_config()
   try:

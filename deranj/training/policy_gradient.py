@@ -58,17 +58,6 @@ class PolicyGradient(rollouts.RolloutObjective):
                      temperature=temperature, eos_id=eos_id, eval_num_samples=eval_num_samples)
     self.num_samples = num_samples
 
-  def _rollout(self, params, frozen, prompts, rng, num_samples, with_ref=True):
-    rollout = rollouts.sample_rollout(
-        self.model, params, prompts, rng, max_decode_len=self.max_decode_len,
-        num_samples=num_samples, temperature=self.temperature, eos_id=self.eos_id)
-    ref_seq_logp = None
-    if with_ref:
-      ref_logp, _ = rollouts.token_logprobs(self.model, frozen["ref"], rollout)
-      ref_seq_logp = ref_logp.sum(-1)
-    scores = self.reward(frozen["reward"], rollout.prompts, rollout.responses)
-    return rollout, ref_seq_logp, scores
-
   def loss(self, params, frozen, batch, rng):
     """`batch` is a scored rollout (see `train_step`); one row per response."""
     del rng
@@ -108,9 +97,8 @@ class PolicyGradient(rollouts.RolloutObjective):
 
   def train_step(self, state, frozen, batch, rng, *, optimizer, num_microbatches=1):
     sampled_kl = self.kl_estimator == "sampled"  # else the loss runs the reference
-    rollout, ref_seq_logp, scores = self._rollout(state.params, frozen,
-                                                  batch["prompts"], rng,
-                                                  self.num_samples, with_ref=sampled_kl)
+    rollout, ref_seq_logp, scores = self.scored_rollout(
+        state.params, frozen, batch["prompts"], rng, self.num_samples, with_ref=sampled_kl)
     scored = {**rollout.batch(), "scores": scores}
     if sampled_kl:
       scored["ref_logp"] = ref_seq_logp
@@ -124,11 +112,3 @@ class PolicyGradient(rollouts.RolloutObjective):
       nonfinite[objectives.NONFINITE_PREFIX + "rollout"] = rollouts.count_nonfinite(
           ref_seq_logp)
     return state, {**metrics, **step_metrics, **nonfinite}
-
-  def eval_step(self, params, frozen, batch, rng):
-    """Reward, KL, KL to the optimum and length of samples on held-out prompts."""
-    rollout, ref_seq_logp, scores = self._rollout(params, frozen,
-                                                  batch["prompts"], rng,
-                                                  self.eval_num_samples)
-    logp, _ = rollouts.token_logprobs(self.model, params, rollout)
-    return self.eval_metrics(scores, logp.sum(-1), ref_seq_logp, rollout)

@@ -139,6 +139,28 @@ class RolloutObjective(objectives.Objective):
                 scores, logp, ref_logp, self.beta, self.eval_num_samples),
             **response_length_metrics(rollout, self.eos_id)}
 
+  def scored_rollout(self, params: Params, frozen: Params, prompts: Array, rng: Array,
+                     num_samples: int, with_ref: bool = True
+                     ) -> tuple[Rollout, Optional[Array], Array]:
+    """`num_samples` responses per prompt from the policy `params`: (the rollout, the
+    reference's summed log-probs of them [B] (None without `with_ref`), scores [B])."""
+    rollout = sample_rollout(self.model, params, prompts, rng,
+                             max_decode_len=self.max_decode_len, num_samples=num_samples,
+                             temperature=self.temperature, eos_id=self.eos_id)
+    ref_seq_logp = None
+    if with_ref:
+      ref_logp, _ = token_logprobs(self.model, frozen["ref"], rollout)
+      ref_seq_logp = ref_logp.sum(-1)
+    scores = self.reward(frozen["reward"], rollout.prompts, rollout.responses)
+    return rollout, ref_seq_logp, scores
+
+  def eval_step(self, params, frozen, batch, rng):
+    """Reward, KL, KL to the optimum and length of the policy's samples on held-out prompts."""
+    rollout, ref_seq_logp, scores = self.scored_rollout(params, frozen, batch["prompts"], rng,
+                                                        self.eval_num_samples)
+    logp, _ = token_logprobs(self.model, params, rollout)
+    return self.eval_metrics(scores, logp.sum(-1), ref_seq_logp, rollout)
+
   def frozen_params(self, base_params: Params) -> dict[str, Params]:
     return {"ref": base_params, "reward": self.reward.params()}
 

@@ -89,10 +89,10 @@ def _planned_runs(tmp_path, monkeypatch, *flags):
   return started
 
 
-def _sweep_commands(workdir, seeds):
-  """scripts/sweep.py's commands for Figure 2's runs on the smoke preset (pg, β = 0.1)."""
+def _sweep_commands(workdir, seeds, run_gin="configs/runs/pg_length.gin"):
+  """scripts/sweep.py's commands for Figure 2's runs on the smoke preset (β = 0.1)."""
   lams = [0.5, 1.0, 2.0]
-  return [r.command for r in sweep.plan("configs/runs/pg_length.gin", "smoke", str(workdir),
+  return [r.command for r in sweep.plan(run_gin, "smoke", str(workdir),
                                         str(workdir / "sft"), [(0.1 / l, l) for l in lams],
                                         seeds, [])]
 
@@ -111,6 +111,17 @@ def test_seeds_train_the_sweeps_runs_in_its_directories(tmp_path, monkeypatch, c
   # The same command lines as `sweep.py --seeds 0,1`: either reuses the other's runs.
   got = [common.train_command(run_gin, "smoke", d, b) for run_gin, d, b in runs]
   assert sorted(got) == sorted(_sweep_commands(tmp_path, [0, 1]))
+
+
+def test_reward_weighted_runs_share_the_workdirs_pool_as_the_sweeps_do(tmp_path, monkeypatch):
+  runs = _planned_runs(tmp_path, monkeypatch, "--trainer", "rwl")[1:]
+  pool = f"RWL_CANDIDATES_FILE = '{tmp_path / stages.RWL_POOL_FILE}'"
+  assert [os.path.basename(d) for _, d, _ in runs] == [
+      "rwl_length_beta0.1", "rwl_length_beta0.2", "rwl_length_beta0.05"]
+  assert all(pool in bindings for _, _, bindings in runs)
+  got = [common.train_command(run_gin, "smoke", d, b) for run_gin, d, b in runs]
+  assert sorted(got) == sorted(_sweep_commands(tmp_path, None, "configs/runs/rwl_length.gin"))
+  assert stages.pool_bindings(str(tmp_path), "pg_length") == []
 
 
 def test_one_seed_keeps_the_run_files_seed_and_directories(tmp_path, monkeypatch):

@@ -219,6 +219,12 @@ def spread(values: Sequence[Optional[float]]) -> dict[str, Any]:
           "min": float(x.min()) if x.size else None, "max": float(x.max()) if x.size else None}
 
 
+def mean_sd_text(s: dict[str, Any]) -> str:
+  """`mean ± sd [min, max]` of a `spread`."""
+  sd = "" if s["std"] is None else f" ± {s['std']:.3f}"
+  return f"{s['mean']:.3f}{sd} [{s['min']:.3f}, {s['max']:.3f}]"
+
+
 def spearman_text(agreement: dict[str, Any]) -> str:
   """An `agreement(...)`'s Spearman ρ for a printed line."""
   rho = agreement["spearman"]

@@ -151,6 +151,9 @@ def parse_settings(preset: str, macros: dict) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = summarization.parse_args(argv, __doc__.split("\n")[0])
+  if args.seeds is not None:
+    raise SystemExit("error: --seeds: decoding_compare.py compares the methods for one "
+                     "seed; give --seed.")
   grid = stages.read_grid(args.preset, "SUMMARIZATION", args.lams)
   macros = common.preset_macros(args.preset, [
       "TASK", "INPUTS_LENGTH", "TARGETS_LENGTH", "COMPARE_ALPHAS", "COMPARE_BEST_OF",

@@ -156,12 +156,6 @@ def across_seeds(per_seed: list[dict]) -> dict:
   }
 
 
-def _mean_sd(s: dict) -> str:
-  """`mean ± sd [min, max]` of a common.spread."""
-  sd = "" if s["std"] is None else f" ± {s['std']:.3f}"
-  return f"{s['mean']:.3f}{sd} [{s['min']:.3f}, {s['max']:.3f}]"
-
-
 def report(result: dict) -> None:
   if "per_seed" in result:
     common.log(f"\nseed {result['seed']} (the first of seeds "
@@ -189,8 +183,8 @@ def report(result: dict) -> None:
                "mean ± sd (n - 1) [min, max]\n\n| λ | DeRa | retrained | DeRa+SIR |\n"
                "|---|---|---|---|")
     for r in spread["per_lam"]:
-      common.log(f"| {r['lam']:g} | {_mean_sd(r['dera'])} | {_mean_sd(r['retrained'])} | "
-                 f"{_mean_sd(r['dera_resampled'])} |")
+      common.log(f"| {r['lam']:g} | {common.mean_sd_text(r['dera'])} | {common.mean_sd_text(r['retrained'])} | "
+                 f"{common.mean_sd_text(r['dera_resampled'])} |")
     rho, mad = spread["spearman"], spread["mean_abs_difference"]
     rhos = ", ".join("n/a" if x is None else f"{x:.3f}" for x in rho["per_seed"])
     common.log(f"\nper seed: Spearman ρ(DeRa, retrained) = {rhos} (mean "

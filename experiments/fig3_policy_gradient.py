@@ -1,7 +1,8 @@
 r"""Figure 3: DeRa at λ against policy-gradient models retrained at β/λ, on summarization
 judged by a gold reward model (paper Sec. 5.4, App. D.3).
 
-    python experiments/fig3_policy_gradient.py --preset tiny --workdir /tmp/deranj/figs
+    python experiments/fig3_policy_gradient.py --preset tiny --workdir /tmp/deranj/figs \
+        [--seeds 0,1,2]
 
 Offline stand-in for human labels: the paper's reward model learns from human
 comparisons (Stiennon et al. 2020) and PaLM 2 judges the samples. Here a *gold* reward
@@ -20,6 +21,9 @@ Stages (each training run skipped when already finished; see experiments/summari
      eq. 14 pairwise accuracy; the optimum π*(β/λ) of the proxy reward, judged by gold;
      fig3.json and fig3.png (panels a, b, c as the paper's Figure 3, d as its Figure 6,
      the optimum in black; mean gold rewards bottom right).
+
+`--seeds 0,1,2`: stage 5 once per seed (SEED = s, `pg_beta<β>_seed<s>`), stage 6 per seed,
+the spread in fig3.json (`per_seed`, `across_seeds`) and panel (a).
 """
 from __future__ import annotations
 
@@ -48,10 +52,11 @@ def train_proxy(ctx: stages.Context) -> bool:
       "RM_STEPS = %PROXY_RM_STEPS"])
 
 
-def train_aligned(ctx: stages.Context, beta: float) -> bool:
-  return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta), [
+def train_aligned(ctx: stages.Context, beta: float, seed: Optional[int] = None) -> bool:
+  return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta, seed or 0), [
       f"INIT_CHECKPOINT = '{ctx.sft_dir}'", f"REWARD_MODEL = '{proxy_dir(ctx)}'",
-      f"BETA = {beta}", *stages.eval_bindings(ctx.preset, KIND)])
+      f"BETA = {beta}", *([f"SEED = {seed}"] if seed is not None else []),
+      *stages.eval_bindings(ctx.preset, KIND)])
 
 
 def proxy_reward(ctx: stages.Context, gold, batch_size: int):

@@ -1,7 +1,7 @@
 r"""Figure 7: DeRa at λ against DPO models retrained at β/λ, on summarization judged by a
 gold reward model (paper App. D.3).
 
-    python experiments/fig7_dpo.py --preset tiny --workdir /tmp/deranj/figs
+    python experiments/fig7_dpo.py --preset tiny --workdir /tmp/deranj/figs [--seeds 0,1,2]
 
 Offline stand-in for human labels: the paper's DPO learns from human comparisons
 (Stiennon et al. 2020) and PaLM 2 judges the samples. Here a *gold* reward model, trained
@@ -17,6 +17,11 @@ Stages (each training run skipped when already finished; see experiments/summari
      eq. 14 pairwise accuracy; the optimum π*(β/λ) of the gold reward (DPO's implied
      one); fig7.json and fig7.png (panels a, b as the paper's Figure 7, c DeRa against
      retrained, d pairwise accuracy; the optimum in black; mean gold rewards bottom right).
+
+`--seeds 0,1,2` trains stage 4 once per seed (SEED = s, in scripts/sweep.py's directories
+`dpo_beta<β>_seed<s>`, seed 0 without the suffix) and repeats stage 5 per seed; fig7.json
+adds `per_seed` and `across_seeds` and panel (a) shades the range over seeds
+(experiments/summarization.py).
 """
 from __future__ import annotations
 
@@ -34,10 +39,12 @@ KIND = "dpo"
 RUN = "configs/runs/dpo.gin"
 
 
-def train_aligned(ctx: stages.Context, beta: float) -> bool:
-  return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta), [
+def train_aligned(ctx: stages.Context, beta: float, seed: Optional[int] = None) -> bool:
+  return ctx.train(RUN, common.run_dir(ctx.workdir, KIND, beta, seed or 0), [
       f"INIT_CHECKPOINT = '{ctx.sft_dir}'", *ctx.pair_bindings(),
-      *stages.beta_bindings(ctx.preset, KIND, beta), *stages.eval_bindings(ctx.preset, KIND)])
+      *stages.beta_bindings(ctx.preset, KIND, beta),
+      *([f"SEED = {seed}"] if seed is not None else []),
+      *stages.eval_bindings(ctx.preset, KIND)])
 
 
 def implied_reward(ctx: stages.Context, gold, batch_size: int):

@@ -139,6 +139,14 @@ def summarization_figure(result: dict, path: str) -> None:
       ax.set_title(f"{title}; judge: {name}", fontsize=10)
       ax.set_ylabel("win rate (95% CI)")
       if (judge, key) == ("gold", "vs_sft"):
+        if "per_seed" in result:  # behind the first seed's points: the range over seeds
+          spread = result["across_seeds"]
+          seeds = ",".join(map(str, spread["seeds"]))
+          for method in ("dera", "retrained"):
+            ax.fill_between(lams, [r[method]["min"] for r in spread["per_lam"]],
+                            [r[method]["max"] for r in spread["per_lam"]],
+                            color=STYLES[method][2], alpha=0.18, linewidth=0, zorder=0,
+                            label=f"{STYLES[method][1]}: range over seeds {seeds}")
         _plot_optimum(ax, lams, rows, "gold_vs_sft", min_ess)
         _mark_unconverged(ax, lams, [r["retrained"]["gold"]["vs_sft"]["rate"] for r in rows],
                           plateau)
@@ -164,6 +172,8 @@ def summarization_figure(result: dict, path: str) -> None:
                f"β = {result['beta']:g} ({result['preset']} preset). Optimum π*(β/λ) of the "
                f"{result['optimum']['reward'].split(',')[0].split(':')[0]}: "
                f"{result['optimum']['sft_samples_per_prompt']} SFT samples per prompt "
-               "reweighted")
+               "reweighted" + (f"; points: seed {result['seed']}, shaded on (a): min to max "
+                               f"over seeds {','.join(map(str, result['seeds']))}"
+                               if "per_seed" in result else ""))
   common.save_figure(fig, path)
   plt.close(fig)

@@ -33,6 +33,13 @@ when already finished; see common.py):
      evaluations, gap to the optimum, plateau test; a warning line per run not at a
      plateau);
   8. `figN.json` and `figN.png`.
+
+`--seeds 0,1,2` runs stage 4 once per seed (SEED = s, scripts/sweep.py's directories:
+`<kind>_beta<β>` for seed 0, `<kind>_beta<β>_seed<s>` otherwise) and stages 5-7 per seed
+with that seed's models and key; stages 1-3, the SFT samples and the optimum curve are the
+first seed's, shared. figN.json keeps the single-seed keys for the first seed and adds
+`per_seed` (each seed's gold win rates against SFT, gold rewards, accuracies, runs and
+agreement) and `across_seeds` (their spread); panel (a) shades the range over seeds.
 """
 from __future__ import annotations
 
@@ -68,7 +75,12 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
   parser.add_argument("--lams", default=None,
                       help="comma-separated λ grid (1 is added); default: the preset's "
                       "SUMMARIZATION_LAMS")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=None,
+                      help="one seed (default 0): the sampling, pair-labelling and judging "
+                      "key; the runs keep the run file's SEED")
+  parser.add_argument("--seeds", default=None,
+                      help="e.g. 0,1,2: aligned and retrained runs per seed (SEED = s, "
+                      "scripts/sweep.py's directories), the spread over seeds in the figure")
   parser.add_argument("--model_gin", default=None,
                       help="a model file read after the preset in every run, e.g. "
                       "configs/models/llama_tiny.gin (a decoder-only model)")
@@ -78,6 +90,11 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
   args = parser.parse_args(argv)
   if args.bootstrap_resamples < 100:
     parser.error(f"--bootstrap_resamples={args.bootstrap_resamples}: at least 100.")
+  if args.seed is not None and args.seeds is not None:
+    raise SystemExit("error: --seed and --seeds: give one (--seeds=0,1,2 trains every seed).")
+  args.seed_list = (common.parse_seeds(args.seeds) if args.seeds is not None
+                    else [args.seed or 0])
+  args.seed = args.seed_list[0]
   return args
 
 
@@ -128,8 +145,10 @@ def run(figure: str, aligner: str, kind: str, argv: Optional[Sequence[str]], des
     kind: the aligned runs' directory prefix (`common.run_dir(workdir, kind, beta)`).
     argv: command-line arguments (None: sys.argv).
     description: --help's.
-    train_aligned: `train_aligned(ctx, beta)` trains the aligned model at `beta` from
-      the SFT model through `ctx.train`, or skips it when finished (returns its bool).
+    train_aligned: `train_aligned(ctx, beta, seed)` trains the aligned model at `beta`
+      from the SFT model through `ctx.train` in `ctx.run_dir(kind, beta, seed)` (seed
+      None: the run file's SEED; else SEED = seed, as scripts/sweep.py --seeds), or skips
+      it when finished (returns its bool).
     prepare: (stage name, fn(ctx) -> bool): a training run after the pairs and before
       the aligned models (Figure 3's proxy reward model).
     optimum_reward: fn(ctx, gold judge, batch_size) -> (its name, a RewardModelJudge):
@@ -146,8 +165,9 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   lams = grid.lams
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
-  # sft, gold_rm, [prepare], the aligned model, one per other λ.
-  ctx = stages.Context(args.preset, workdir, stages.Runs(2 + bool(prepare) + len(lams)))
+  # sft, gold_rm, [prepare], then per seed the aligned model and one per other λ.
+  ctx = stages.Context(args.preset, workdir, stages.Runs(
+      2 + bool(prepare) + len(args.seed_list) * len(lams)))
   macros = common.preset_macros(args.preset, ["TASK", "INPUTS_LENGTH", "TARGETS_LENGTH"])
   max_len = macros["TARGETS_LENGTH"]
   lengths = {"inputs": macros["INPUTS_LENGTH"], "targets": max_len}
@@ -160,45 +180,116 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   if prepare:
     with timer(prepare[0]):
       trained.append(prepare[1](ctx))
-  with timer("aligned"):
-    trained.append(train_aligned(ctx, args.beta))
-  with timer("retrained"):
-    trained += [train_aligned(ctx, args.beta / lam) for lam in lams if lam != 1]
+  several = args.seeds is not None
+  seeds = args.seed_list
+  for seed in seeds:
+    run_seed = seed if several else None
+    with timer("aligned"):
+      trained.append(train_aligned(ctx, args.beta, run_seed))
+    with timer("retrained"):
+      trained += [train_aligned(ctx, args.beta / lam, run_seed) for lam in lams if lam != 1]
 
   test = pipeline.load(macros["TASK"], "test", lengths, max_examples=grid.prompts)
   prompts = test.features["prompts"]
   samples = grid.samples
-  run_dirs = [common.run_dir(workdir, kind, args.beta / lam) for lam in lams]
-  retrained_params = [common.load_policy(d)[1] for d in run_dirs]
-  aligned_params = retrained_params[lams.index(1.0)]
-  realigner = dera.Realigner(ref, sft_params, ref, aligned_params, max_decode_len=max_len)
-  sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
-                                  prompts, grid, max_len, rng)
-  tokens = sampled.tokens
-  with timer("sft_sampling"):
+  with timer("sft_sampling"):  # the SFT model's: one for every seed, the first seed's key
     sft_many = stages.sample_sft(ref, sft_params, prompts, grid, max_len, rng)
     sft_tokens = stages.first_samples(sft_many, len(prompts), samples)
-
   with timer("pairwise_accuracy"):
     pairs_task = f"fig{figure}_pairs"
     tasks.register_preference_pairs(pairs_task, ctx.pairs_dir)
     held_out = pipeline.load(pairs_task, "validation", lengths).features
     pair_batch = min(grid.chunk, len(held_out["prompts"]))
+    sft_acc = judging.model_pairwise_accuracy(ref, sft_params, held_out, pair_batch)
+  with timer("optimum"):
+    reward_name, reward_judge = (optimum_reward(ctx, gold, grid.chunk) if optimum_reward
+                                 else (GOLD_OPTIMUM, gold))
+    opt = optimum_curve(gold, reward_name, reward_judge, prompts, sft_many,
+                        [args.beta / lam for lam in lams])
+  points = opt.pop("points")
+  references = np.repeat(np.asarray(test.texts["targets"], object), samples).tolist()
+
+  realigner, results = None, []
+  for seed in seeds:
+    run_dirs = [common.run_dir(workdir, kind, args.beta / lam, seed if several else 0)
+                for lam in lams]
+    retrained_params = [common.load_policy(d)[1] for d in run_dirs]
+    aligned_params = retrained_params[lams.index(1.0)]
+    if realigner is None:
+      realigner = dera.Realigner(ref, sft_params, ref, aligned_params, max_decode_len=max_len)
+    else:  # the same models, this seed's parameters: the compiled sampler is reused
+      realigner.params = (sft_params, aligned_params)
+    if several:
+      common.log(f"-- seed {seed}")
+    judge = judging.Judging(gold, np.repeat(prompts, samples, axis=0), references, seed,
+                            samples, args.bootstrap_resamples)
+    results.append(seed_results(
+        timer, realigner, ref, run_dirs, retrained_params, prompts, grid, max_len,
+        jax.random.PRNGKey(seed), judge, sft_tokens, held_out, pair_batch, points,
+        reward_name, reward_judge, kind, args.beta, lams))
+    results[-1]["seed"] = seed
+  first = results[0]
+  result = {
+      "figure": figure, "aligner": aligner, "preset": args.preset, "beta": args.beta,
+      "lams": lams, "seed": seeds[0], "num_prompts": int(len(prompts)),
+      "samples_per_prompt": samples, "pairs": pair_stats,
+      "win_rate_interval": {"confidence": 0.95, "method": "percentile bootstrap over "
+                            "prompts (a prompt's samples resampled together)",
+                            "resamples": args.bootstrap_resamples},
+      "held_out_pairs": int(len(held_out["prompts"])),
+      "sft": {**judge.describe(sft_tokens), "pairwise_accuracy": sft_acc},
+      "optimum": {**opt, "metric": OPTIMUM_METRIC},
+      "per_lam": first["per_lam"],
+      "runs": first["runs"],
+      "plateau_rule": stages.PLATEAU_RULE,
+      "all_runs_at_plateau": first["all_runs_at_plateau"],
+      "agreement": first["agreement"],
+      "lam_picked": first["lam_picked"],
+      "dera_sweep_compiles": first["dera_sweep_compiles"],
+      "trained_runs": int(sum(bool(t) for t in trained)),
+      "wall_seconds": timer.seconds,
+  }
+  if several:
+    per_seed = [per_seed_entry(r) for r in results]
+    result.update(
+        seeds=seeds,
+        first_seed_note=(f"per_lam, runs, all_runs_at_plateau, agreement, lam_picked and "
+                         f"dera_sweep_compiles are seed {seeds[0]}'s (the first of seeds); "
+                         "per_seed has every seed's (win rates, gold rewards, accuracies, "
+                         "runs), across_seeds their spread; SFT samples, pairs and the "
+                         "optimum are shared (the first seed's key)"),
+        per_seed=per_seed, across_seeds=across_seeds(per_seed))
+  json_path = os.path.join(workdir, f"fig{figure}.json")
+  png_path = os.path.join(workdir, f"fig{figure}.png")
+  common.write_json(json_path, result)
+  plots.summarization_figure(result, png_path)
+  report(result)
+  stages.warn_unconverged([record for r in results for record in r["runs"]])
+  common.log(f"figure: {png_path}\nnumbers: {json_path}")
+  return result
+
+
+def seed_results(timer, realigner, ref, run_dirs, retrained_params, prompts, grid, max_len,
+                 rng, judge, sft_tokens, held_out, pair_batch, points, reward_name,
+                 reward_judge, kind, beta, lams) -> dict:
+  """One seed's numbers: samples of DeRa (the realigner holds this seed's aligned model),
+  SIR and each retrained model; both judges' win rates, eq. 14 accuracies, each run's
+  convergence record against the optimum's `points`, and DeRa's agreement with the
+  retrained models across λ."""
+  sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
+                                  prompts, grid, max_len, rng)
+  tokens = sampled.tokens
+  with timer("pairwise_accuracy"):
     dera_acc = win_rates.realigned_pairwise_accuracy(
         realigner, held_out["prompts"], held_out["chosen_responses"],
         held_out["rejected_responses"], lams, pair_batch)
     retrained_acc = [judging.model_pairwise_accuracy(ref, p, held_out, pair_batch)
                      for p in retrained_params]
-    sft_acc = judging.model_pairwise_accuracy(ref, sft_params, held_out, pair_batch)
-
   with timer("judging"):
-    references = np.repeat(np.asarray(test.texts["targets"], object), samples).tolist()
-    judge = judging.Judging(gold, np.repeat(prompts, samples, axis=0), references, args.seed,
-                            samples, args.bootstrap_resamples)
     beta_tokens = tokens["retrained"][lams.index(1.0)]
     per_lam = []
     for i, lam in enumerate(lams):
-      row = {"lam": lam, "beta_over_lam": args.beta / lam}
+      row = {"lam": lam, "beta_over_lam": beta / lam}
       for method in METHODS:
         m = tokens[method][i]
         vs_sft, vs_beta = judge.compare(m, sft_tokens), judge.compare(m, beta_tokens)
@@ -216,14 +307,9 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
       row["dera_resampled"]["mean_ess"] = float(sampled.ess[i].mean())
       row["dera_resampled"]["num_candidates"] = grid.candidates
       per_lam.append(row)
-
   with timer("optimum"):
-    reward_name, reward_judge = (optimum_reward(ctx, gold, grid.chunk) if optimum_reward
-                                 else (GOLD_OPTIMUM, gold))
-    opt = optimum_curve(gold, reward_name, reward_judge, prompts, sft_many,
-                        [args.beta / lam for lam in lams])
     records = []
-    for i, (row, point) in enumerate(zip(per_lam, opt.pop("points"))):
+    for i, (row, point) in enumerate(zip(per_lam, points)):
       row["optimum"] = point
       run_reward = float(reward_judge.rewards(judge.prompts, tokens["retrained"][i]).mean())
       record = stages.run_record(run_dirs[i], kind, row["beta_over_lam"], reward_name,
@@ -245,34 +331,39 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   agreement["pairwise_accuracy"] = common.agreement(
       lams, [dera_acc[float(x)] for x in lams], retrained_acc)
   picked = {m: float(lams[int(np.argmax(rates(m, "gold", "vs_sft")))]) for m in METHODS}
-  result = {
-      "figure": figure, "aligner": aligner, "preset": args.preset, "beta": args.beta,
-      "lams": lams, "seed": args.seed, "num_prompts": int(len(prompts)),
-      "samples_per_prompt": samples, "pairs": pair_stats,
-      "win_rate_interval": {"confidence": 0.95, "method": "percentile bootstrap over "
-                            "prompts (a prompt's samples resampled together)",
-                            "resamples": args.bootstrap_resamples},
-      "held_out_pairs": int(len(held_out["prompts"])),
-      "sft": {**judge.describe(sft_tokens), "pairwise_accuracy": sft_acc},
-      "optimum": {**opt, "metric": OPTIMUM_METRIC},
-      "per_lam": per_lam,
-      "runs": records,
-      "plateau_rule": stages.PLATEAU_RULE,
-      "all_runs_at_plateau": all(r["plateau"]["passed"] for r in records),
-      "agreement": agreement,
-      "lam_picked": {"by": "gold judge, win rate against SFT", **picked},
-      "dera_sweep_compiles": sampled.compiles,
-      "trained_runs": int(sum(bool(t) for t in trained)),
-      "wall_seconds": timer.seconds,
+  return {"per_lam": per_lam, "runs": records,
+          "all_runs_at_plateau": all(r["plateau"]["passed"] for r in records),
+          "agreement": agreement,
+          "lam_picked": {"by": "gold judge, win rate against SFT", **picked},
+          "dera_sweep_compiles": sampled.compiles}
+
+
+def per_seed_entry(results: dict) -> dict:
+  """A seed's results with, per λ and method, only the gold judge's win rate against
+  SFT, the mean gold reward and eq. 14's accuracy (per_seed stays small)."""
+  rows = [{"lam": row["lam"], "beta_over_lam": row["beta_over_lam"],
+           **{m: {"gold_vs_sft": row[m]["gold"]["vs_sft"],
+                  "mean_gold_reward": row[m]["mean_gold_reward"],
+                  "pairwise_accuracy": row[m]["pairwise_accuracy"]} for m in METHODS}}
+          for row in results["per_lam"]]
+  return {**results, "per_lam": rows}
+
+
+def across_seeds(per_seed: list[dict]) -> dict:
+  """The spread over seeds (common.spread: n, mean, sample std (n - 1), min, max): per λ
+  of each method's gold win rate against SFT, and of the per-seed Spearman ρ (DeRa against
+  the retrained models on it; seeds where it is undefined left out) and mean |Δ|."""
+  agree = [s["agreement"]["gold/vs_sft"] for s in per_seed]
+  rho = [a["spearman"] for a in agree]
+  mad = [a["mean_abs_difference"] for a in agree]
+  return {
+      "seeds": [s["seed"] for s in per_seed],
+      "per_lam": [{"lam": row["lam"], **{
+          m: common.spread([s["per_lam"][i][m]["gold_vs_sft"]["rate"] for s in per_seed])
+          for m in METHODS}} for i, row in enumerate(per_seed[0]["per_lam"])],
+      "spearman": {"per_seed": rho, **common.spread(rho)},
+      "mean_abs_difference": {"per_seed": mad, **common.spread(mad)},
   }
-  json_path = os.path.join(workdir, f"fig{figure}.json")
-  png_path = os.path.join(workdir, f"fig{figure}.png")
-  common.write_json(json_path, result)
-  plots.summarization_figure(result, png_path)
-  report(result)
-  stages.warn_unconverged(records)
-  common.log(f"figure: {png_path}\nnumbers: {json_path}")
-  return result
 
 
 def optimum_curve(gold, trained_name: str, trained, prompts: np.ndarray,
@@ -325,3 +416,17 @@ def report(result: dict) -> None:
              f"{ {k: v for k, v in result['lam_picked'].items() if k != 'by'} }; "
              f"trained {result['trained_runs']} runs; "
              f"wall {sum(result['wall_seconds'].values()):.0f} s")
+  if "per_seed" in result:
+    spread = result["across_seeds"]
+    seeds = ",".join(map(str, spread["seeds"]))
+    common.log(f"\nover seeds {seeds}: gold win rate vs SFT, mean ± sd (n - 1) [min, max]"
+               "\n\n| λ | DeRa | retrained | DeRa+SIR |\n|---|---|---|---|")
+    for r in spread["per_lam"]:
+      common.log(f"| {r['lam']:.4g} | {common.mean_sd_text(r['dera'])} | "
+                 f"{common.mean_sd_text(r['retrained'])} | "
+                 f"{common.mean_sd_text(r['dera_resampled'])} |")
+    rho, mad = spread["spearman"], spread["mean_abs_difference"]
+    rhos = ", ".join("n/a" if x is None else f"{x:.3f}" for x in rho["per_seed"])
+    common.log(f"\nper seed: Spearman ρ(DeRa, retrained) = {rhos} (mean "
+               f"{'n/a' if rho['mean'] is None else format(rho['mean'], '.3f')}); mean |Δ| = "
+               f"{', '.join(f'{x:.3f}' for x in mad['per_seed'])} (mean {mad['mean']:.3f})")

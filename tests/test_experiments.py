@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -175,6 +176,17 @@ def test_figure_smoke_run_then_rerun_skips_training(workdir, figure, capsys):
   assert again["trained_runs"] == 0  # every run finished: all training skipped
   assert np.isfinite(again["per_lam"][0]["dera"]["gold"]["vs_sft"]["rate"])
   assert again["runs"] == json.loads(json.dumps(result["runs"]))  # read back from the runs
+  if figure == "7":  # seeds: seed 0's runs reused, seed 1's trained, the spread reported
+    seeds = driver.main(argv + ["--seeds", "0,1"])
+    assert seeds["trained_runs"] == len(lams)
+    assert seeds["per_lam"] == json.loads(json.dumps(again["per_lam"]))  # seed 0 as before
+    assert [s["seed"] for s in seeds["per_seed"]] == [0, 1]
+    assert [r["run"] for r in seeds["per_seed"][1]["runs"]] == [
+        "dpo_beta0.2_seed1", "dpo_beta0.1_seed1", "dpo_beta0.05_seed1"]
+    spread = seeds["across_seeds"]["per_lam"][0]["dera"]
+    rates = [s["per_lam"][0]["dera"]["gold_vs_sft"]["rate"] for s in seeds["per_seed"]]
+    assert spread["n"] == 2 and (spread["min"], spread["max"]) == (min(rates), max(rates))
+    assert "over seeds 0,1" in capsys.readouterr().out
 
 
 def test_a_drivers_model_gin_does_not_outlive_its_run(monkeypatch):
@@ -338,3 +350,65 @@ def test_dpo_pairs_probe_trains_on_k_pairs_per_prompt(workdir):
                      match=r"holds 2 pair\(s\) per prompt, not --pairs_per_prompt 3"):
     dpo_pairs_probe.main(["--preset", "smoke", "--workdir", workdir, "--out", out,
                           "--pairs_per_prompt", "3"])
+
+
+class _Stop(Exception):
+  """Ends a summarization driver after its training runs."""
+
+
+def test_fig7_seeds_train_the_sweeps_runs_with_its_commands(tmp_path, monkeypatch, capsys):
+  """`fig7_dpo.py --seeds 0,1` trains each seed's DPO runs in scripts/sweep.py's
+  directories with the command lines `sweep.py --seeds 0,1` prints: either reuses the
+  other's runs."""
+  from experiments import fig7_dpo  # pylint: disable=g-import-not-at-top
+  from scripts import sweep  # pylint: disable=g-import-not-at-top
+  started = []
+
+  def train(run_gin, preset, model_dir, bindings=()):
+    started.append(common.train_command(run_gin, preset, model_dir, bindings))
+    return True
+
+  def stop(*args, **kwargs):
+    raise _Stop()
+
+  monkeypatch.setattr(common, "train", train)
+  monkeypatch.setattr(summarization, "base_stages", lambda *a, **k: (None, (None, None), {}))
+  monkeypatch.setattr(summarization.pipeline, "load", stop)  # after the training runs
+  workdir = tmp_path / "figs"
+  with pytest.raises(_Stop):
+    fig7_dpo.main(["--preset", "smoke", "--workdir", str(workdir), "--lams", "0.5,2",
+                   "--seeds", "0,1"])
+  # Of 8: SFT and the gold reward model (stubbed here, so not counted), 3 runs per seed.
+  assert "-- run 6 of 8: dpo_beta0.05_seed1" in capsys.readouterr().out
+  ctx = stages.Context("smoke", str(workdir))
+  expected = [r.command for r in sweep.plan(
+      "configs/runs/dpo.gin", "smoke", str(workdir), ctx.sft_dir,
+      [(0.1 / lam, lam) for lam in (1.0, 0.5, 2.0)], [0, 1], ctx.pair_bindings())]
+  # The same run file, preset, directory and bindings (the order may differ).
+  as_set = lambda commands: [sorted(shlex.split(c)) for c in commands]  # noqa: E731
+  assert as_set(started) == as_set(expected)
+  assert [os.path.basename(c.split("MODEL_DIR=")[1].split()[0].strip("\"'"))
+          for c in started] == ["dpo_beta0.1", "dpo_beta0.2", "dpo_beta0.05",
+                                "dpo_beta0.1_seed1", "dpo_beta0.2_seed1", "dpo_beta0.05_seed1"]
+  with pytest.raises(SystemExit, match="give one"):
+    fig7_dpo.main(["--preset", "smoke", "--workdir", str(workdir), "--seed", "1",
+                   "--seeds", "0,1"])
+
+
+def test_across_seeds_spreads_the_gold_win_rates_and_agreement():
+  def seed(s, dera, retrained, rho):
+    rows = [{"lam": lam, "beta_over_lam": 0.1 / lam,
+             **{m: {"gold_vs_sft": {"rate": v}, "mean_gold_reward": 0.0,
+                    "pairwise_accuracy": None}
+                for m, v in (("dera", d), ("retrained", r), ("dera_resampled", d))}}
+            for lam, d, r in zip((0.5, 1.0, 2.0), dera, retrained)]
+    return {"seed": s, "per_lam": rows,
+            "agreement": {"gold/vs_sft": {"spearman": rho, "mean_abs_difference": 0.1 * s}}}
+  spread = summarization.across_seeds([seed(0, (0.5, 0.6, 0.7), (0.5, 0.6, 0.8), 1.0),
+                                       seed(1, (0.4, 0.6, 0.9), (0.5, 0.7, 0.7), None)])
+  assert spread["seeds"] == [0, 1]
+  first = spread["per_lam"][0]["dera"]
+  assert first["n"] == 2 and first["min"] == 0.4 and first["max"] == 0.5
+  assert first["mean"] == pytest.approx(0.45) and first["std"] == pytest.approx(0.0707107)
+  assert spread["spearman"]["per_seed"] == [1.0, None] and spread["spearman"]["n"] == 1
+  assert spread["mean_abs_difference"]["mean"] == pytest.approx(0.05)

@@ -105,6 +105,22 @@ def run_dir(workdir: str, kind: str, beta: Optional[float] = None, seed: int = 0
   return os.path.join(workdir, name if seed == 0 else f"{name}_seed{seed}")
 
 
+def add_seed_flags(parser, single: str) -> None:
+  """--seed (one seed: `single` says what it keys) and --seeds (runs per seed)."""
+  parser.add_argument("--seed", type=int, default=None,
+                      help=f"one seed (default 0): {single}; the runs keep the run file's SEED")
+  parser.add_argument("--seeds", default=None,
+                      help="e.g. 0,1,2: aligned and retrained runs per seed (SEED = s, "
+                      "scripts/sweep.py's directories), the spread over seeds in the figure")
+
+
+def seed_list(args) -> list[int]:
+  """The seeds `add_seed_flags`' flags ask for; exits with one line when both are given."""
+  if args.seed is not None and args.seeds is not None:
+    raise SystemExit("error: --seed and --seeds: give one (--seeds=0,1,2 trains every seed).")
+  return parse_seeds(args.seeds) if args.seeds is not None else [args.seed or 0]
+
+
 def parse_seeds(text: str) -> list[int]:
   """`--seeds 0,1,2`; exits with one line on a bad or repeated seed."""
   try:

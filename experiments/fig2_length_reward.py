@@ -52,7 +52,6 @@ common.setup_path()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deranj import dera  # noqa: E402
 from deranj import rewards  # noqa: E402
 from deranj.data import pipeline  # noqa: E402
 from deranj.evaluation import win_rates  # noqa: E402
@@ -140,20 +139,8 @@ def per_seed_entry(results: dict) -> dict:
 
 
 def across_seeds(per_seed: list[dict]) -> dict:
-  """The spread over seeds (common.spread: n, mean, sample std (n - 1), min, max): per λ of
-  each method's mean length reward, and of the per-seed Spearman ρ (DeRa against the
-  retrained models across λ; seeds where it is undefined left out) and mean |Δ|."""
-  agree = [s["agreement"]["length_reward"] for s in per_seed]
-  rho = [a["spearman"] for a in agree]
-  mad = [a["mean_abs_difference"] for a in agree]
-  return {
-      "seeds": [s["seed"] for s in per_seed],
-      "per_lam": [{"lam": row["lam"], **{
-          m: common.spread([s["per_lam"][i][m]["length_reward"] for s in per_seed])
-          for m in stages.METHODS}} for i, row in enumerate(per_seed[0]["per_lam"])],
-      "spearman": {"per_seed": rho, **common.spread(rho)},
-      "mean_abs_difference": {"per_seed": mad, **common.spread(mad)},
-  }
+  """The spread over seeds of the length reward (stages.across_seeds)."""
+  return stages.across_seeds(per_seed, lambda m: m["length_reward"], "length_reward")
 
 
 def report(result: dict) -> None:
@@ -178,18 +165,7 @@ def report(result: dict) -> None:
              f"{common.spearman_text(agree)}; mean |Δ| = {agree['mean_abs_difference']:.3f}; "
              f"wall {sum(result['wall_seconds'].values()):.0f} s")
   if "per_seed" in result:
-    spread = result["across_seeds"]
-    common.log(f"\nover seeds {','.join(map(str, spread['seeds']))}: mean length reward, "
-               "mean ± sd (n - 1) [min, max]\n\n| λ | DeRa | retrained | DeRa+SIR |\n"
-               "|---|---|---|---|")
-    for r in spread["per_lam"]:
-      common.log(f"| {r['lam']:g} | {common.mean_sd_text(r['dera'])} | {common.mean_sd_text(r['retrained'])} | "
-                 f"{common.mean_sd_text(r['dera_resampled'])} |")
-    rho, mad = spread["spearman"], spread["mean_abs_difference"]
-    rhos = ", ".join("n/a" if x is None else f"{x:.3f}" for x in rho["per_seed"])
-    common.log(f"\nper seed: Spearman ρ(DeRa, retrained) = {rhos} (mean "
-               f"{'n/a' if rho['mean'] is None else format(rho['mean'], '.3f')}); mean |Δ| = "
-               f"{', '.join(f'{x:.3f}' for x in mad['per_seed'])} (mean {mad['mean']:.3f})")
+    stages.report_across_seeds(result["across_seeds"], "mean length reward")
 
 
 def main(argv=None) -> dict:
@@ -202,17 +178,10 @@ def main(argv=None) -> dict:
                       help="default: the preset's FIG2_TRAINER")
   parser.add_argument("--lams", default=None,
                       help="comma-separated λ grid (1 is added); default: the preset's FIG2_LAMS")
-  parser.add_argument("--seed", type=int, default=None,
-                      help="one seed (default 0): the sampling key; the runs keep the run "
-                           "file's SEED")
-  parser.add_argument("--seeds", default=None,
-                      help="e.g. 0,1,2: aligned and retrained runs per seed (SEED = s, "
-                           "scripts/sweep.py's directories), the spread over seeds in the figure")
+  common.add_seed_flags(parser, "the sampling key")
   args = parser.parse_args(argv)
-  if args.seed is not None and args.seeds is not None:
-    raise SystemExit("error: --seed and --seeds: give one (--seeds=0,1,2 trains every seed).")
+  seeds = common.seed_list(args)
   several = args.seeds is not None
-  seeds = common.parse_seeds(args.seeds) if several else [args.seed or 0]
   grid = stages.read_grid(args.preset, "FIG2", args.lams)
   lams = grid.lams
   workdir = os.path.abspath(args.workdir)
@@ -271,12 +240,8 @@ def main(argv=None) -> dict:
   realigner, results = None, []
   for seed in seeds:
     run_dirs = [run_dir(lam, seed) for lam in lams]
-    retrained_params = [common.load_policy(d)[1] for d in run_dirs]
-    aligned_params = retrained_params[lams.index(1.0)]
-    if realigner is None:
-      realigner = dera.Realigner(ref, ref_params, ref, aligned_params, max_decode_len=max_len)
-    else:  # the same models, this seed's parameters: the compiled sampler is reused
-      realigner.params = (ref_params, aligned_params)
+    realigner, retrained_params = stages.seed_models(realigner, ref, ref_params, run_dirs,
+                                                     lams, max_len)
     if several:
       common.log(f"-- seed {seed}")
     # A seed samples with the key `--seed` gives it alone.
@@ -292,29 +257,16 @@ def main(argv=None) -> dict:
       "seed": seeds[0], "length_range": [l_min, l_max], "num_prompts": int(num_prompts),
       "samples_per_prompt": grid.samples, "histogram_bins": bins.tolist(),
       "optimum": {k: v for k, v in optimum.items() if k != "points"},
-      "per_lam": first["per_lam"],
-      "runs": first["runs"],
-      "plateau_rule": stages.PLATEAU_RULE,
-      "all_runs_at_plateau": first["all_runs_at_plateau"],
-      "agreement": first["agreement"],
-      "dera_sweep_compiles": first["dera_sweep_compiles"],
+      **stages.seed_fields(first),
       "wall_seconds": timer.seconds,
   }
   if several:
     per_seed = [per_seed_entry(r) for r in results]
-    result.update(
-        seeds=seeds,
-        first_seed_note=(f"per_lam, runs, all_runs_at_plateau, agreement and "
-                         f"dera_sweep_compiles are seed {seeds[0]}'s (the first of seeds); "
-                         "per_seed has every seed's (without per-sample lengths), "
-                         "across_seeds their spread; the optimum (of the SFT model) is shared"),
-        per_seed=per_seed, across_seeds=across_seeds(per_seed))
-  json_path, png_path = (os.path.join(workdir, f"fig2.{x}") for x in ("json", "png"))
-  common.write_json(json_path, result)
-  plots.figure2(result, png_path)
-  report(result)
-  stages.warn_unconverged([record for r in results for record in r["runs"]])
-  common.log(f"figure: {png_path}\nnumbers: {json_path}")
+    result.update(stages.seeds_fields(
+        seeds, per_seed, across_seeds(per_seed), "without per-sample lengths",
+        "the optimum (of the SFT model) is shared"))
+  stages.write_figure(workdir, "fig2", result, plots.figure2, report,
+                      [record for r in results for record in r["runs"]])
   return result
 
 

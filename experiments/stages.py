@@ -13,12 +13,13 @@ import dataclasses
 import json
 import os
 import zlib
-from typing import Optional, Sequence, TYPE_CHECKING
+from typing import Callable, Optional, Sequence, TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from deranj import decoding
+from deranj import dera
 from deranj import profiling
 from deranj import progress as progress_lib
 from deranj.data import batching
@@ -528,3 +529,87 @@ def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array
   for path, pairs in zip(paths, labelled):
     preferences.write_pairs(path, pairs)
   return labels
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def across_seeds(per_seed: Sequence[dict], value: Callable[[dict], float],
+                 agreement: str) -> dict:
+  """The spread over seeds (common.spread: n, mean, sample std (n - 1), min, max) of a
+  figure's per-seed results: per λ of `value(row[method])` for each method, and of each
+  seed's Spearman ρ (undefined ones left out) and mean |Δ| in `agreement[agreement]`."""
+  agree = [s["agreement"][agreement] for s in per_seed]
+  rho = [a["spearman"] for a in agree]
+  mad = [a["mean_abs_difference"] for a in agree]
+  return {
+      "seeds": [s["seed"] for s in per_seed],
+      "per_lam": [{"lam": row["lam"], **{
+          m: common.spread([value(s["per_lam"][i][m]) for s in per_seed]) for m in METHODS}}
+          for i, row in enumerate(per_seed[0]["per_lam"])],
+      "spearman": {"per_seed": rho, **common.spread(rho)},
+      "mean_abs_difference": {"per_seed": mad, **common.spread(mad)},
+  }
+
+
+def report_across_seeds(spread: dict, what: str) -> None:
+  """Prints `across_seeds`: a table of `what` per λ and method, then ρ and mean |Δ| per seed."""
+  seeds = ",".join(map(str, spread["seeds"]))
+  common.log(f"\nover seeds {seeds}: {what}, mean ± sd (n - 1) [min, max]\n\n"
+             "| λ | DeRa | retrained | DeRa+SIR |\n|---|---|---|---|")
+  for r in spread["per_lam"]:
+    common.log(f"| {r['lam']:.4g} | {common.mean_sd_text(r['dera'])} | "
+               f"{common.mean_sd_text(r['retrained'])} | "
+               f"{common.mean_sd_text(r['dera_resampled'])} |")
+  rho, mad = spread["spearman"], spread["mean_abs_difference"]
+  rhos = ", ".join("n/a" if x is None else f"{x:.3f}" for x in rho["per_seed"])
+  common.log(f"\nper seed: Spearman ρ(DeRa, retrained) = {rhos} (mean "
+             f"{'n/a' if rho['mean'] is None else format(rho['mean'], '.3f')}); mean |Δ| = "
+             f"{', '.join(f'{x:.3f}' for x in mad['per_seed'])} (mean {mad['mean']:.3f})")
+
+
+# The keys of a figure's JSON that are one seed's (the first seed's with --seeds).
+SEED_KEYS = ("per_lam", "runs", "all_runs_at_plateau", "agreement", "lam_picked",
+             "dera_sweep_compiles")
+
+
+def seed_fields(first: dict) -> dict:
+  """A figure's JSON fields from one seed's results (SEED_KEYS it has), and the plateau rule."""
+  return {**{k: first[k] for k in SEED_KEYS if k in first}, "plateau_rule": PLATEAU_RULE}
+
+
+def seeds_fields(seeds: Sequence[int], per_seed: list[dict], spread: dict,
+                 per_seed_has: str, shared: str) -> dict:
+  """The fields `--seeds` adds: the seeds, a note on what is whose, `per_seed`, `across_seeds`."""
+  kept = ", ".join(k for k in SEED_KEYS if k in per_seed[0])
+  return {"seeds": list(seeds),
+          "first_seed_note": (f"{kept} are seed {seeds[0]}'s (the first of seeds); per_seed "
+                              f"has every seed's ({per_seed_has}), across_seeds their "
+                              f"spread; {shared}"),
+          "per_seed": per_seed, "across_seeds": spread}
+
+
+def seed_models(realigner: Optional[dera.Realigner], ref, ref_params, run_dirs: Sequence[str],
+                lams: Sequence[float], max_len: int) -> tuple[dera.Realigner, list]:
+  """One seed's retrained params (per λ of `run_dirs`; λ = 1 is the aligned model) and the
+  realigner of (SFT, aligned): built on the first call, later given this seed's params
+  (the same models: its compiled sampler is reused)."""
+  retrained = [common.load_policy(d)[1] for d in run_dirs]
+  aligned = retrained[list(lams).index(1.0)]
+  if realigner is None:
+    realigner = dera.Realigner(ref, ref_params, ref, aligned, max_decode_len=max_len)
+  else:
+    realigner.params = (ref_params, aligned)
+  return realigner, retrained
+
+
+def write_figure(workdir: str, name: str, result: dict, plot: Callable[[dict, str], None],
+                 report: Callable[[dict], None], records: Sequence[dict]) -> None:
+  """`<workdir>/<name>.json` and `.png`, the printed table, a warning per run of
+  `records` not at a plateau, and where the files are."""
+  json_path, png_path = (os.path.join(workdir, f"{name}.{x}") for x in ("json", "png"))
+  common.write_json(json_path, result)
+  plot(result, png_path)
+  report(result)
+  warn_unconverged(records)
+  common.log(f"figure: {png_path}\nnumbers: {json_path}")

@@ -54,7 +54,6 @@ common.setup_path()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deranj import dera  # noqa: E402
 from deranj.data import pipeline  # noqa: E402
 from deranj.data import tasks  # noqa: E402
 from deranj.evaluation import judges  # noqa: E402
@@ -75,12 +74,7 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
   parser.add_argument("--lams", default=None,
                       help="comma-separated λ grid (1 is added); default: the preset's "
                       "SUMMARIZATION_LAMS")
-  parser.add_argument("--seed", type=int, default=None,
-                      help="one seed (default 0): the sampling, pair-labelling and judging "
-                      "key; the runs keep the run file's SEED")
-  parser.add_argument("--seeds", default=None,
-                      help="e.g. 0,1,2: aligned and retrained runs per seed (SEED = s, "
-                      "scripts/sweep.py's directories), the spread over seeds in the figure")
+  common.add_seed_flags(parser, "the sampling, pair-labelling and judging key")
   parser.add_argument("--model_gin", default=None,
                       help="a model file read after the preset in every run, e.g. "
                       "configs/models/llama_tiny.gin (a decoder-only model)")
@@ -90,10 +84,7 @@ def parse_args(argv: Optional[Sequence[str]], description: str) -> argparse.Name
   args = parser.parse_args(argv)
   if args.bootstrap_resamples < 100:
     parser.error(f"--bootstrap_resamples={args.bootstrap_resamples}: at least 100.")
-  if args.seed is not None and args.seeds is not None:
-    raise SystemExit("error: --seed and --seeds: give one (--seeds=0,1,2 trains every seed).")
-  args.seed_list = (common.parse_seeds(args.seeds) if args.seeds is not None
-                    else [args.seed or 0])
+  args.seed_list = common.seed_list(args)
   args.seed = args.seed_list[0]
   return args
 
@@ -213,12 +204,8 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   for seed in seeds:
     run_dirs = [common.run_dir(workdir, kind, args.beta / lam, seed if several else 0)
                 for lam in lams]
-    retrained_params = [common.load_policy(d)[1] for d in run_dirs]
-    aligned_params = retrained_params[lams.index(1.0)]
-    if realigner is None:
-      realigner = dera.Realigner(ref, sft_params, ref, aligned_params, max_decode_len=max_len)
-    else:  # the same models, this seed's parameters: the compiled sampler is reused
-      realigner.params = (sft_params, aligned_params)
+    realigner, retrained_params = stages.seed_models(realigner, ref, sft_params, run_dirs,
+                                                     lams, max_len)
     if several:
       common.log(f"-- seed {seed}")
     judge = judging.Judging(gold, np.repeat(prompts, samples, axis=0), references, seed,
@@ -239,33 +226,18 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
       "held_out_pairs": int(len(held_out["prompts"])),
       "sft": {**judge.describe(sft_tokens), "pairwise_accuracy": sft_acc},
       "optimum": {**opt, "metric": OPTIMUM_METRIC},
-      "per_lam": first["per_lam"],
-      "runs": first["runs"],
-      "plateau_rule": stages.PLATEAU_RULE,
-      "all_runs_at_plateau": first["all_runs_at_plateau"],
-      "agreement": first["agreement"],
-      "lam_picked": first["lam_picked"],
-      "dera_sweep_compiles": first["dera_sweep_compiles"],
+      **stages.seed_fields(first),
       "trained_runs": int(sum(bool(t) for t in trained)),
       "wall_seconds": timer.seconds,
   }
   if several:
     per_seed = [per_seed_entry(r) for r in results]
-    result.update(
-        seeds=seeds,
-        first_seed_note=(f"per_lam, runs, all_runs_at_plateau, agreement, lam_picked and "
-                         f"dera_sweep_compiles are seed {seeds[0]}'s (the first of seeds); "
-                         "per_seed has every seed's (win rates, gold rewards, accuracies, "
-                         "runs), across_seeds their spread; SFT samples, pairs and the "
-                         "optimum are shared (the first seed's key)"),
-        per_seed=per_seed, across_seeds=across_seeds(per_seed))
-  json_path = os.path.join(workdir, f"fig{figure}.json")
-  png_path = os.path.join(workdir, f"fig{figure}.png")
-  common.write_json(json_path, result)
-  plots.summarization_figure(result, png_path)
-  report(result)
-  stages.warn_unconverged([record for r in results for record in r["runs"]])
-  common.log(f"figure: {png_path}\nnumbers: {json_path}")
+    result.update(stages.seeds_fields(
+        seeds, per_seed, across_seeds(per_seed),
+        "gold win rates against SFT, gold rewards, accuracies", "SFT samples, pairs and the "
+        "optimum are shared (the first seed's key)"))
+  stages.write_figure(workdir, f"fig{figure}", result, plots.summarization_figure, report,
+                      [record for r in results for record in r["runs"]])
   return result
 
 
@@ -350,20 +322,8 @@ def per_seed_entry(results: dict) -> dict:
 
 
 def across_seeds(per_seed: list[dict]) -> dict:
-  """The spread over seeds (common.spread: n, mean, sample std (n - 1), min, max): per λ
-  of each method's gold win rate against SFT, and of the per-seed Spearman ρ (DeRa against
-  the retrained models on it; seeds where it is undefined left out) and mean |Δ|."""
-  agree = [s["agreement"]["gold/vs_sft"] for s in per_seed]
-  rho = [a["spearman"] for a in agree]
-  mad = [a["mean_abs_difference"] for a in agree]
-  return {
-      "seeds": [s["seed"] for s in per_seed],
-      "per_lam": [{"lam": row["lam"], **{
-          m: common.spread([s["per_lam"][i][m]["gold_vs_sft"]["rate"] for s in per_seed])
-          for m in METHODS}} for i, row in enumerate(per_seed[0]["per_lam"])],
-      "spearman": {"per_seed": rho, **common.spread(rho)},
-      "mean_abs_difference": {"per_seed": mad, **common.spread(mad)},
-  }
+  """The spread over seeds of the gold judge's win rate against SFT (stages.across_seeds)."""
+  return stages.across_seeds(per_seed, lambda m: m["gold_vs_sft"]["rate"], "gold/vs_sft")
 
 
 def optimum_curve(gold, trained_name: str, trained, prompts: np.ndarray,
@@ -417,16 +377,4 @@ def report(result: dict) -> None:
              f"trained {result['trained_runs']} runs; "
              f"wall {sum(result['wall_seconds'].values()):.0f} s")
   if "per_seed" in result:
-    spread = result["across_seeds"]
-    seeds = ",".join(map(str, spread["seeds"]))
-    common.log(f"\nover seeds {seeds}: gold win rate vs SFT, mean ± sd (n - 1) [min, max]"
-               "\n\n| λ | DeRa | retrained | DeRa+SIR |\n|---|---|---|---|")
-    for r in spread["per_lam"]:
-      common.log(f"| {r['lam']:.4g} | {common.mean_sd_text(r['dera'])} | "
-                 f"{common.mean_sd_text(r['retrained'])} | "
-                 f"{common.mean_sd_text(r['dera_resampled'])} |")
-    rho, mad = spread["spearman"], spread["mean_abs_difference"]
-    rhos = ", ".join("n/a" if x is None else f"{x:.3f}" for x in rho["per_seed"])
-    common.log(f"\nper seed: Spearman ρ(DeRa, retrained) = {rhos} (mean "
-               f"{'n/a' if rho['mean'] is None else format(rho['mean'], '.3f')}); mean |Δ| = "
-               f"{', '.join(f'{x:.3f}' for x in mad['per_seed'])} (mean {mad['mean']:.3f})")
+    stages.report_across_seeds(result["across_seeds"], "gold win rate against SFT")

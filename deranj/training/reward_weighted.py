@@ -102,8 +102,8 @@ class RewardWeightedLikelihood(rollouts.RolloutObjective):
     if estimator not in ESTIMATORS:
       raise objectives.ObjectiveError(
           f"{owner}.estimator={estimator!r}: expected one of {ESTIMATORS}.")
-    if not 1 <= num_resampled <= (num_candidates if estimator == "control_variate"
-                                  else num_resampled):
+    without_replacement = estimator == "control_variate"
+    if num_resampled < 1 or (without_replacement and num_resampled > num_candidates):
       raise objectives.ObjectiveError(
           f"{owner}.num_resampled={num_resampled}: must be >= 1 (and, for the "
           f"control_variate estimator, <= num_candidates={num_candidates}).")

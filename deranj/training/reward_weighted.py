@@ -8,8 +8,9 @@ weights):
 
   before the loop   y_1..y_M ~ pi_ref(.|x) for every training prompt x (the "pool"),
                     w_m = softmax_m(r(x, y_m) / beta)
-  each step         a step on an unbiased estimate of -sum_m w_m log pi_theta(y_m | x)
-                    (log-probs summed over the response's tokens), by `estimator`:
+  each step         a step on an estimate of the gradient of
+                    -sum_m w_m log pi_theta(y_m | x) (log-probs summed over the response's
+                    tokens), by `estimator`:
 
   'control_variate' (default): K = `num_resampled` of the M candidates drawn uniformly
     without replacement, and
@@ -17,9 +18,11 @@ weights):
                     + 1 / K * sum_t KL(pi_ref(.|x, y_k,<t) || pi_theta(.|x, y_k,<t))]
     -sum_m w_m log pi = -sum_m (w_m - 1/M) log pi - mean_m log pi, and the last term's
     expectation over the reference's tokens is the per-token KL from pi_ref (plus its
-    entropy, a constant): the same expected gradient, but a sample enters only through
-    how far its weight is from uniform, and the pull back towards pi_ref is exact. At
-    the reference, a step over flat weights is zero, not a random walk.
+    entropy, a constant): the same expected gradient over the pool's draws (for one
+    fixed pool it is unbiased for the pool with that term so replaced), but a sample
+    enters only through how far its weight is from uniform, and the pull back towards
+    pi_ref is exact. At the reference, a step over flat weights is zero, not a random
+    walk.
   'resampled': K candidates drawn with probabilities w (importance resampling) and
       loss = -mean_k log pi_theta(y_k | x)
     every step fits whole samples, so at flat weights Adam random-walks the policy away

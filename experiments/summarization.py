@@ -211,10 +211,9 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
     judge = judging.Judging(gold, np.repeat(prompts, samples, axis=0), references, seed,
                             samples, args.bootstrap_resamples)
     results.append(seed_results(
-        timer, realigner, ref, run_dirs, retrained_params, prompts, grid, max_len,
-        jax.random.PRNGKey(seed), judge, sft_tokens, held_out, pair_batch, points,
-        reward_name, reward_judge, kind, args.beta, lams))
-    results[-1]["seed"] = seed
+        seed, timer, realigner, ref, run_dirs, retrained_params, prompts, grid, max_len,
+        judge, sft_tokens, held_out, pair_batch, points, reward_name, reward_judge, kind,
+        args.beta, lams))
   first = results[0]
   result = {
       "figure": figure, "aligner": aligner, "preset": args.preset, "beta": args.beta,
@@ -241,15 +240,15 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   return result
 
 
-def seed_results(timer, realigner, ref, run_dirs, retrained_params, prompts, grid, max_len,
-                 rng, judge, sft_tokens, held_out, pair_batch, points, reward_name,
+def seed_results(seed, timer, realigner, ref, run_dirs, retrained_params, prompts, grid,
+                 max_len, judge, sft_tokens, held_out, pair_batch, points, reward_name,
                  reward_judge, kind, beta, lams) -> dict:
-  """One seed's numbers: samples of DeRa (the realigner holds this seed's aligned model),
-  SIR and each retrained model; both judges' win rates, eq. 14 accuracies, each run's
-  convergence record against the optimum's `points`, and DeRa's agreement with the
-  retrained models across λ."""
+  """One seed's numbers, sampled with the key `--seed seed` gives: samples of DeRa (the
+  realigner holds this seed's aligned model), SIR and each retrained model; both judges'
+  win rates, eq. 14 accuracies, each run's convergence record against the optimum's
+  `points`, and DeRa's agreement with the retrained models across λ."""
   sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
-                                  prompts, grid, max_len, rng)
+                                  prompts, grid, max_len, jax.random.PRNGKey(seed))
   tokens = sampled.tokens
   with timer("pairwise_accuracy"):
     dera_acc = win_rates.realigned_pairwise_accuracy(
@@ -303,7 +302,7 @@ def seed_results(timer, realigner, ref, run_dirs, retrained_params, prompts, gri
   agreement["pairwise_accuracy"] = common.agreement(
       lams, [dera_acc[float(x)] for x in lams], retrained_acc)
   picked = {m: float(lams[int(np.argmax(rates(m, "gold", "vs_sft")))]) for m in METHODS}
-  return {"per_lam": per_lam, "runs": records,
+  return {"seed": seed, "per_lam": per_lam, "runs": records,
           "all_runs_at_plateau": all(r["plateau"]["passed"] for r in records),
           "agreement": agreement,
           "lam_picked": {"by": "gold judge, win rate against SFT", **picked},

@@ -445,7 +445,7 @@ def decode_all(tokens: np.ndarray) -> list[str]:
   return [tokenizer.decode(row) for row in np.asarray(tokens)]
 
 
-def _check_labels_file(pairs_dir: str) -> dict:
+def check_labels_file(pairs_dir: str) -> dict:
   """The reused pairs' labels.json; a one-line error when they were labelled otherwise."""
   path = os.path.join(pairs_dir, LABELS_FILE)
   labels = {}
@@ -501,7 +501,7 @@ def make_pairs(ctx: Context, macros: dict, grid: Grid, sft, gold, rng: jax.Array
             ("validation", grid.val_pair_prompts, 1))
   paths = [os.path.join(ctx.pairs_dir, f"{split}.jsonl") for split, _, _ in splits]
   if all(os.path.isfile(p) for p in paths):
-    labels = _check_labels_file(ctx.pairs_dir)
+    labels = check_labels_file(ctx.pairs_dir)
     made = labels.get("train", {}).get("pairs_per_prompt", 1)
     if made != grid.pairs_per_prompt:
       raise SystemExit(

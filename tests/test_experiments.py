@@ -352,6 +352,67 @@ def test_dpo_pairs_probe_trains_on_k_pairs_per_prompt(workdir):
                           "--pairs_per_prompt", "3"])
 
 
+def test_proxy_probe_orders_as_gold_by_hand():
+  from experiments import proxy_rm_probe  # pylint: disable=g-import-not-at-top
+  gold = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]
+  proxy = [[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]]
+  # Prompt 0: (0,1) and (0,2) ordered as gold, (1,2) not; prompt 1: (0,1) has equal gold
+  # rewards (left out), (0,2) and (1,2) are proxy ties (a half each). 3 of 5 pairs.
+  # Spearman: prompt 0 ranks (1,2,3) vs (1,3,2): 1 - 6 * 2 / (3 * 8) = 0.5; prompt 1's
+  # proxy is constant (left out).
+  assert proxy_rm_probe.ordering_agreement(gold, proxy) == {
+      "pairs": 5, "agreement": 0.6, "mean_spearman": 0.5, "prompts_with_spearman": 1}
+
+
+def test_proxy_probe_keeps_the_first_k_pairs_of_each_prompt(tmp_path):
+  from deranj.data import preferences  # pylint: disable=g-import-not-at-top
+  from experiments import proxy_rm_probe  # pylint: disable=g-import-not-at-top
+  figures = stages.Context("smoke", str(tmp_path / "figs"))
+  os.makedirs(figures.pairs_dir)
+  pairs = [preferences.PreferencePair(f"doc {i}", f"c{i}.{j}", f"r{i}.{j}")
+           for i in range(2) for j in range(3)]
+  preferences.write_pairs(os.path.join(figures.pairs_dir, "train.jsonl"), pairs)
+  preferences.write_pairs(os.path.join(figures.pairs_dir, "validation.jsonl"), pairs[:1])
+  common.write_json(os.path.join(figures.pairs_dir, stages.LABELS_FILE), {
+      "rule": stages.LABEL_RULE, "train": {"prompts": 2, "pairs": 6, "pairs_per_prompt": 3}})
+  probe = stages.Context("smoke", str(tmp_path / "probe"))
+  stats = proxy_rm_probe.first_pairs(figures, probe, 2)
+  assert stats == {"from": figures.pairs_dir, "prompts": 2, "pairs": 4, "pairs_per_prompt": 2}
+  read = lambda split: preferences.read_pairs(os.path.join(probe.pairs_dir, f"{split}.jsonl"))
+  assert [p.chosen for p in read("train")] == ["c0.0", "c0.1", "c1.0", "c1.1"]
+  assert read("validation") == pairs[:1]
+  assert stages.check_labels_file(probe.pairs_dir)["train"] == stats
+  assert proxy_rm_probe.first_pairs(figures, probe, 2) == {**stats, "reused": True}
+  with pytest.raises(SystemExit, match=r"holds 2 pair\(s\) per prompt .*not --pairs_per_prompt 1"):
+    proxy_rm_probe.first_pairs(figures, probe, 1)
+  with pytest.raises(SystemExit, match=r"holds 3 pair\(s\) per training prompt; give 1..3"):
+    proxy_rm_probe.first_pairs(figures, stages.Context("smoke", str(tmp_path / "p4")), 4)
+
+
+@pytest.mark.slow
+def test_proxy_rm_probe_trains_and_scores_against_gold(workdir):
+  """The Figure 3 diagnostic on the figures' work directory (made here when this test runs
+  alone): a proxy reward model on their pairs, its gold agreement on fresh SFT samples."""
+  from experiments import fig7_dpo  # pylint: disable=g-import-not-at-top
+  from experiments import proxy_rm_probe  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(workdir, "pairs", "validation.jsonl")):
+    fig7_dpo.main(["--preset", "smoke", "--workdir", workdir])
+  argv = ["--preset", "smoke", "--workdir", workdir, "--steps", "4", "--eval_samples", "3"]
+  result = proxy_rm_probe.main(argv)
+  out = os.path.join(workdir, "proxy_rm_probe_k1")
+  prompts = common.preset_macros("smoke", ["SUMMARIZATION_PROMPTS"])["SUMMARIZATION_PROMPTS"]
+  agreement = result["gold_agreement"]
+  assert agreement["prompts"] == prompts and agreement["samples_per_prompt"] == 3
+  assert 0 < agreement["pairs"] <= 3 * prompts and 0 <= agreement["agreement"] <= 1
+  assert [e["step"] for e in result["held_out"]] == [1, 2, 3, 4]
+  assert all(0 <= e["accuracy"] <= 1 and np.isfinite(e["loss"]) for e in result["held_out"])
+  with open(os.path.join(out, "probe.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(result))
+  again = proxy_rm_probe.main(argv)  # pairs and the finished run reused, same samples
+  assert again["pairs"] == {**result["pairs"], "reused": True}
+  assert again["gold_agreement"] == agreement
+
+
 class _Stop(Exception):
   """Ends a summarization driver after its training runs."""
 

@@ -44,6 +44,7 @@ agreement) and `across_seeds` (their spread); panel (a) shades the range over se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Callable, Optional, Sequence
 
@@ -200,6 +201,8 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   points = opt.pop("points")
   references = np.repeat(np.asarray(test.texts["targets"], object), samples).tolist()
 
+  shared = SeedShared(timer, ref, prompts, grid, max_len, sft_tokens, held_out, pair_batch,
+                      points, reward_name, reward_judge, kind, args.beta, lams)
   realigner, results = None, []
   for seed in seeds:
     run_dirs = [common.run_dir(workdir, kind, args.beta / lam, seed if several else 0)
@@ -210,10 +213,7 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
       common.log(f"-- seed {seed}")
     judge = judging.Judging(gold, np.repeat(prompts, samples, axis=0), references, seed,
                             samples, args.bootstrap_resamples)
-    results.append(seed_results(
-        seed, timer, realigner, ref, run_dirs, retrained_params, prompts, grid, max_len,
-        judge, sft_tokens, held_out, pair_batch, points, reward_name, reward_judge, kind,
-        args.beta, lams))
+    results.append(seed_results(shared, seed, realigner, run_dirs, retrained_params, judge))
   first = results[0]
   result = {
       "figure": figure, "aligner": aligner, "preset": args.preset, "beta": args.beta,
@@ -240,30 +240,54 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   return result
 
 
-def seed_results(seed, timer, realigner, ref, run_dirs, retrained_params, prompts, grid,
-                 max_len, judge, sft_tokens, held_out, pair_batch, points, reward_name,
-                 reward_judge, kind, beta, lams) -> dict:
+@dataclasses.dataclass(frozen=True)
+class SeedShared:
+  """What every seed's `seed_results` reads and no seed changes: the reference model, the
+  test prompts and their SFT samples, the held-out pairs, the optimum's points per λ and
+  the reward they are of (`reward_name`, `reward_judge`), the aligned runs' kind, β, λs."""
+  timer: common.Timer
+  ref: object
+  prompts: np.ndarray
+  grid: stages.Grid
+  max_len: int
+  sft_tokens: np.ndarray
+  held_out: dict
+  pair_batch: int
+  points: list
+  reward_name: str
+  reward_judge: object
+  kind: str
+  beta: float
+  lams: list
+
+
+def seed_results(shared: SeedShared, seed: int, realigner, run_dirs: list[str],
+                 retrained_params: list, judge: judging.Judging) -> dict:
   """One seed's numbers, sampled with the key `--seed seed` gives: samples of DeRa (the
-  realigner holds this seed's aligned model), SIR and each retrained model; both judges'
-  win rates, eq. 14 accuracies, each run's convergence record against the optimum's
-  `points`, and DeRa's agreement with the retrained models across λ."""
-  sampled = stages.sample_methods(timer, realigner, ref, list(zip(run_dirs, retrained_params)),
-                                  prompts, grid, max_len, jax.random.PRNGKey(seed))
+  realigner holds this seed's aligned model), SIR and each retrained model (in
+  `run_dirs`, one per λ); both judges' win rates, eq. 14 accuracies, each run's
+  convergence record against the optimum's points, and DeRa's agreement with the
+  retrained models across λ."""
+  s = shared
+  lams = s.lams
+  sampled = stages.sample_methods(s.timer, realigner, s.ref,
+                                  list(zip(run_dirs, retrained_params)), s.prompts, s.grid,
+                                  s.max_len, jax.random.PRNGKey(seed))
   tokens = sampled.tokens
-  with timer("pairwise_accuracy"):
+  with s.timer("pairwise_accuracy"):
     dera_acc = win_rates.realigned_pairwise_accuracy(
-        realigner, held_out["prompts"], held_out["chosen_responses"],
-        held_out["rejected_responses"], lams, pair_batch)
-    retrained_acc = [judging.model_pairwise_accuracy(ref, p, held_out, pair_batch)
+        realigner, s.held_out["prompts"], s.held_out["chosen_responses"],
+        s.held_out["rejected_responses"], lams, s.pair_batch)
+    retrained_acc = [judging.model_pairwise_accuracy(s.ref, p, s.held_out, s.pair_batch)
                      for p in retrained_params]
-  with timer("judging"):
+  with s.timer("judging"):
     beta_tokens = tokens["retrained"][lams.index(1.0)]
     per_lam = []
     for i, lam in enumerate(lams):
-      row = {"lam": lam, "beta_over_lam": beta / lam}
+      row = {"lam": lam, "beta_over_lam": s.beta / lam}
       for method in METHODS:
         m = tokens[method][i]
-        vs_sft, vs_beta = judge.compare(m, sft_tokens), judge.compare(m, beta_tokens)
+        vs_sft, vs_beta = judge.compare(m, s.sft_tokens), judge.compare(m, beta_tokens)
         vs_ret = (judge.compare(m, tokens["retrained"][i]) if method != "retrained" else None)
         row[method] = {
             j: {"vs_sft": vs_sft[j], "vs_beta": vs_beta[j],
@@ -276,14 +300,14 @@ def seed_results(seed, timer, realigner, ref, run_dirs, retrained_params, prompt
       # unknown, so resampled DeRa has no pairwise accuracy.
       row["dera_resampled"]["pairwise_accuracy"] = None
       row["dera_resampled"]["mean_ess"] = float(sampled.ess[i].mean())
-      row["dera_resampled"]["num_candidates"] = grid.candidates
+      row["dera_resampled"]["num_candidates"] = s.grid.candidates
       per_lam.append(row)
-  with timer("optimum"):
+  with s.timer("optimum"):
     records = []
-    for i, (row, point) in enumerate(zip(per_lam, points)):
+    for i, (row, point) in enumerate(zip(per_lam, s.points)):
       row["optimum"] = point
-      run_reward = float(reward_judge.rewards(judge.prompts, tokens["retrained"][i]).mean())
-      record = stages.run_record(run_dirs[i], kind, row["beta_over_lam"], reward_name,
+      run_reward = float(s.reward_judge.rewards(judge.prompts, tokens["retrained"][i]).mean())
+      record = stages.run_record(run_dirs[i], s.kind, row["beta_over_lam"], s.reward_name,
                                  point["mean_trained_reward"], run_reward)
       records.append(record)
       row["retrained"]["run"] = record["run"]

@@ -201,8 +201,10 @@ def _run(figure, aligner, kind, args, train_aligned, prepare, optimum_reward) ->
   points = opt.pop("points")
   references = np.repeat(np.asarray(test.texts["targets"], object), samples).tolist()
 
-  shared = SeedShared(timer, ref, prompts, grid, max_len, sft_tokens, held_out, pair_batch,
-                      points, reward_name, reward_judge, kind, args.beta, lams)
+  shared = SeedShared(timer=timer, ref=ref, prompts=prompts, grid=grid, max_len=max_len,
+                      sft_tokens=sft_tokens, held_out=held_out, pair_batch=pair_batch,
+                      points=points, reward_name=reward_name, reward_judge=reward_judge,
+                      kind=kind, beta=args.beta, lams=lams)
   realigner, results = None, []
   for seed in seeds:
     run_dirs = [common.run_dir(workdir, kind, args.beta / lam, seed if several else 0)

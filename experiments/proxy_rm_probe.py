@@ -9,8 +9,7 @@ experiments/fig7_dpo.py or fig3_policy_gradient.py), writes OUT/pairs/train.json
 first --pairs_per_prompt of its pairs per training prompt (at most the directory's own
 count; the same held-out pairs), trains the proxy reward model on them as Figure 3 does
 (configs/runs/reward_model.gin from the SFT model, --steps steps, five evaluations) and
-writes
-OUT/probe.json:
+writes OUT/probe.json:
   - each evaluation's accuracy on the held-out pairs (their noisy labels);
   - gold agreement: --eval_samples fresh SFT samples for each test prompt, scored by the
     gold and the proxy reward models; the share of same-prompt sample pairs of distinct

@@ -15,7 +15,6 @@ its pairs are unseen, a second held-out measure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -62,22 +61,6 @@ def make_pairs(figures: stages.Context, probe: stages.Context, pairs_per_prompt:
   return stats
 
 
-def reused_pairs(probe: stages.Context, pairs_per_prompt: int) -> dict:
-  """The statistics of pairs made by an earlier call; exits when they were made with
-  another --pairs_per_prompt (the run trained on them would be skipped as finished)."""
-  path = os.path.join(probe.pairs_dir, stages.LABELS_FILE)
-  if not os.path.isfile(path):
-    raise SystemExit(f"error: {probe.pairs_dir} has pairs but no {stages.LABELS_FILE}: "
-                     "give another --out.")
-  with open(path) as f:
-    stats = json.load(f)["train"]
-  if stats["pairs_per_prompt"] != pairs_per_prompt:
-    raise SystemExit(f"error: {probe.pairs_dir} holds {stats['pairs_per_prompt']} pair(s) "
-                     f"per prompt, not --pairs_per_prompt {pairs_per_prompt}: give another "
-                     "--out.")
-  return {**stats, "reused": True}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(common.PRESET_FILES), default="tiny")
@@ -94,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   out = args.out or os.path.join(args.workdir, "dpo_pairs_probe")
   figures, probe = stages.Context(args.preset, args.workdir), stages.Context(args.preset, out)
   made = os.path.isfile(os.path.join(probe.pairs_dir, "train.jsonl"))
-  stats = (reused_pairs(probe, args.pairs_per_prompt) if made
+  stats = (stages.reused_probe_pairs(probe.pairs_dir, args.pairs_per_prompt) if made
            else make_pairs(figures, probe, args.pairs_per_prompt, args.seed))
   run_dir = common.run_dir(out, "dpo", args.beta)
   common.train("configs/runs/dpo.gin", args.preset, run_dir, [

@@ -21,7 +21,6 @@ Policy gradient can only raise the gold reward through what the proxy shares wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -49,13 +48,7 @@ def first_pairs(figures: stages.Context, probe: stages.Context, pairs_per_prompt
                      f"holds {made} pair(s) per training prompt; give 1..{made}.")
   path = os.path.join(probe.pairs_dir, stages.LABELS_FILE)
   if os.path.isfile(path):
-    with open(path) as f:
-      stats = json.load(f)["train"]
-    if stats["pairs_per_prompt"] != pairs_per_prompt or stats["from"] != figures.pairs_dir:
-      raise SystemExit(f"error: {probe.pairs_dir} holds {stats['pairs_per_prompt']} pair(s) "
-                       f"per prompt from {stats['from']}, not --pairs_per_prompt "
-                       f"{pairs_per_prompt} from {figures.pairs_dir}: give another --out.")
-    return {**stats, "reused": True}
+    return stages.reused_probe_pairs(probe.pairs_dir, pairs_per_prompt, figures.pairs_dir)
   pairs = preferences.read_pairs(os.path.join(figures.pairs_dir, "train.jsonl"))
   kept = [p for i, p in enumerate(pairs) if i % made < pairs_per_prompt]  # prompt-major
   stats = {"from": figures.pairs_dir, "prompts": labels["train"]["prompts"],

@@ -445,6 +445,25 @@ def decode_all(tokens: np.ndarray) -> list[str]:
   return [tokenizer.decode(row) for row in np.asarray(tokens)]
 
 
+def reused_probe_pairs(pairs_dir: str, pairs_per_prompt: int,
+                       source: Optional[str] = None) -> dict:
+  """The training split's statistics of pairs a probe made earlier in `pairs_dir`, marked
+  reused; exits when they were made with another pair count (or from another `source`
+  directory): the run trained on them would be skipped as finished."""
+  path = os.path.join(pairs_dir, LABELS_FILE)
+  if not os.path.isfile(path):
+    raise SystemExit(f"error: {pairs_dir} has pairs but no {LABELS_FILE}: give another --out.")
+  with open(path) as f:
+    stats = json.load(f)["train"]
+  if stats["pairs_per_prompt"] != pairs_per_prompt or stats.get("from") != source:
+    made_from, asked_from = ((f" from {stats.get('from')}", f" from {source}") if source
+                             else ("", ""))
+    raise SystemExit(f"error: {pairs_dir} holds {stats['pairs_per_prompt']} pair(s) per "
+                     f"prompt{made_from}, not --pairs_per_prompt {pairs_per_prompt}"
+                     f"{asked_from}: give another --out.")
+  return {**stats, "reused": True}
+
+
 def check_labels_file(pairs_dir: str) -> dict:
   """The reused pairs' labels.json; a one-line error when they were labelled otherwise."""
   path = os.path.join(pairs_dir, LABELS_FILE)
